@@ -1,0 +1,84 @@
+"""Jobs: their states and allowed transitions, what a worker is handed, and what it reports back."""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import BaseModel, ConfigDict
+
+from schemas.errors import StaleStateError
+
+
+class JobStatus(enum.StrEnum):
+    """Where a job stands. Only `TRANSITIONS` may move it, always as a compare-and-set."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    DEAD = "dead"
+    CANCELLED = "cancelled"
+
+
+Q, R, S, F, D, C = (JobStatus.QUEUED, JobStatus.RUNNING, JobStatus.SUCCEEDED, JobStatus.FAILED,
+                    JobStatus.DEAD, JobStatus.CANCELLED)
+TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
+    Q: frozenset({R, C}),
+    # running -> queued: its worker was interrupted or went silent; the attempt is recorded as lost.
+    R: frozenset({S, F, D, Q, C}),
+    S: frozenset(),  # a good image is never re-rendered or overwritten
+    # failed, dead and cancelled jobs go back to the queue when their manifest is submitted again.
+    F: frozenset({Q, D}),
+    D: frozenset({Q}),
+    C: frozenset({Q}),
+}
+ACTIVE = frozenset({Q, R})
+REQUEUEABLE = frozenset(s for s, targets in TRANSITIONS.items() if Q in targets and s is not R)
+
+
+def check_transition(current: JobStatus, target: JobStatus) -> None:
+    """Raise StaleStateError unless the state machine allows moving from `current` to `target`."""
+    if target not in TRANSITIONS[current]:
+        raise StaleStateError(f"a job cannot go from {current} to {target}")
+
+
+class JobSpec(BaseModel):
+    """Everything a worker needs to render one image, and nothing that opens the database."""
+
+    model_config = ConfigDict(frozen=True)
+
+    job_id: str
+    attempt: int
+    batch_id: str
+    manifest: str
+    manifest_row: int
+    row_id: str
+    model: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    output_key: str
+    reference: str | None = None
+
+    @property
+    def shape(self) -> tuple[str, int, int, int, float, str | None]:
+        """Jobs with equal shapes can share one pipeline call."""
+        return (self.model, self.width, self.height, self.steps, self.guidance, self.reference)
+
+
+class RenderResult(BaseModel):
+    """What a worker reports for one attempt at one job."""
+
+    job_id: str
+    attempt: int
+    ok: bool
+    worker: str
+    seconds: float
+    uri: str | None = None
+    sha256: str | None = None
+    bytes: int | None = None
+    error: str | None = None
+    error_kind: str | None = None  # "oom", "nan", "bad_input", "error"

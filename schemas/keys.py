@@ -1,0 +1,28 @@
+"""Output keys: the one rule for what a storage key may look like, checked by both sides."""
+
+from __future__ import annotations
+
+MAX_KEY_BYTES = 1024  # S3's own limit
+
+
+def key_problem(key: str) -> str | None:
+    """Say why `key` could escape or break its storage prefix, or return None when it is safe.
+
+    A key is relative, uses '/' between parts, and no part is empty, '.', '..' or holds a control character.
+    """
+    if not key:
+        return "is empty"
+    if len(key.encode("utf-8")) > MAX_KEY_BYTES:
+        return f"is longer than {MAX_KEY_BYTES} bytes"
+    if "\\" in key:
+        return "contains a backslash: use '/' between folders"
+    if key.startswith("/"):
+        return "is absolute: keys are relative to the storage prefix"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+        return "contains a control character"
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        return "has an empty, '.' or '..' folder: keys must stay inside their prefix"
+    if parts[0].endswith(":"):
+        return "starts with a drive or scheme name"
+    return None

@@ -1,0 +1,45 @@
+"""What the dispatcher needs from a renderer it runs in its own process (the embedded default)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from schemas.job import JobSpec, RenderResult
+from schemas.models import ModelSpec
+
+StepCallback = Callable[[int, int], None]  # (steps done, steps in all) of the call in progress
+
+
+class Renderer(Protocol):
+    """Turns jobs into stored images; `worker.render.LocalRenderer` is the one Kiln ships."""
+
+    worker: str
+
+    @property
+    def storage_uri(self) -> str:
+        """Where the images go, as a URI."""
+        ...
+
+    @property
+    def device_name(self) -> str:
+        """What renders, in words."""
+        ...
+
+    @property
+    def vram_mb(self) -> int | None:
+        """GPU memory in MiB, if any."""
+        ...
+
+    @property
+    def loaded_model(self) -> str | None:
+        """The model in memory, so the dispatcher can hand out more of the same."""
+        ...
+
+    def prepare(self, models: Sequence[ModelSpec]) -> None:
+        """Have every model's weights on this machine, or raise ModelError saying how to get them."""
+        ...
+
+    def render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None) -> list[RenderResult]:
+        """Render jobs of one shape; failures come back as results, not exceptions."""
+        ...

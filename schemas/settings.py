@@ -1,0 +1,54 @@
+"""Kiln's one settings object, read from KILN_* environment variables and overridden by CLI options."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.errors import ConfigError
+from schemas.manifest import MAX_JOBS
+
+
+class KilnSettings(BaseSettings):
+    """Every knob Kiln reads from its environment; built once at the entry point and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="KILN_", extra="forbid", validate_default=True)
+
+    database_url: str = Field("sqlite:///kiln.db", description="SQLAlchemy URL; SQLite file in the working "
+                                                               "directory by default, postgresql+psycopg://... "
+                                                               "in production")
+    storage_url: str = Field("renders", description="where images go: a folder, file:///path, "
+                                                    "or s3://bucket/prefix (fleet)")
+    cache_dir: Path = Field(Path("~/.cache/kiln"), description="where the tiny model is built once")
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="torch device for rendering")
+    batch_size: int = Field(1, ge=1, le=64, description="images per pipeline call (same model and size)")
+    max_jobs: int = Field(MAX_JOBS, ge=1, description="refuse manifests that expand to more jobs than this")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, url: str) -> str:
+        if not url.startswith(("sqlite:", "postgresql")):
+            raise ValueError("must be sqlite:///FILE or postgresql+psycopg://USER@HOST/DB")
+        return url
+
+    @field_validator("cache_dir")
+    @classmethod
+    def _expand(cls, path: Path) -> Path:
+        return path.expanduser()
+
+
+def load_settings(**overrides: Any) -> KilnSettings:
+    """Build the settings from the environment plus explicit overrides, or raise one clear ConfigError."""
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return KilnSettings(**given)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = str(err["loc"][0]) if err["loc"] else "?"
+            source = f"--{name.replace('_', '-')}" if name in given else f"KILN_{name.upper()}"
+            lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}; got {err.get('input')!r}")
+        raise ConfigError("; ".join(lines)) from None

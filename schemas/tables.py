@@ -1,0 +1,144 @@
+"""The database tables (SQLAlchemy 2). Alembic migrations in schemas/migrations create them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from schemas.job import JobStatus
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# Timestamps are naive UTC everywhere: SQLite keeps no zone, and one convention beats two.
+Timestamp = DateTime(timezone=False)
+
+
+class Base(DeclarativeBase):
+    """Declarative base with constraint names fixed, so migrations are the same on every database."""
+
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Batch(Base):
+    """One submission of one manifest."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    manifest: Mapped[str] = mapped_column(Text)  # the file as given
+    manifest_sha256: Mapped[str] = mapped_column(String(64))
+    non_commercial: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class Job(Base):
+    """One image to make. Its id is a hash of everything that decides the image, so it is the same
+    on every machine and a manifest submitted twice names the same jobs."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    model: Mapped[str] = mapped_column(String(300))
+    prompt: Mapped[str] = mapped_column(Text)
+    width: Mapped[int] = mapped_column(Integer)
+    height: Mapped[int] = mapped_column(Integer)
+    steps: Mapped[int] = mapped_column(Integer)
+    guidance: Mapped[float] = mapped_column(Float)
+    seed: Mapped[int] = mapped_column(BigInteger)  # up to 2**32 - 1
+    output_key: Mapped[str] = mapped_column(String(1024))
+    reference: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[JobStatus] = mapped_column(
+        Enum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e],
+             name="job_status", create_constraint=True))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200))
+    error: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    updated_at: Mapped[datetime] = mapped_column(Timestamp)
+
+    __table_args__ = (Index("ix_jobs_status_model", "status", "model"),)
+
+
+class BatchJob(Base):
+    """A job as one batch asked for it: the manifest row it came from and that row's values."""
+
+    __tablename__ = "batch_jobs"
+
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), primary_key=True, index=True)
+    position: Mapped[int] = mapped_column(Integer)  # order of the job in the expanded manifest
+    manifest_row: Mapped[int] = mapped_column(Integer)  # 1-based record number
+    manifest_line: Mapped[int] = mapped_column(Integer)  # 1-based line where the record starts
+    row_id: Mapped[str] = mapped_column(String(200))
+    variant: Mapped[int] = mapped_column(Integer)
+    row_data: Mapped[dict[str, object]] = mapped_column(JSON)  # the row's values, for exports
+
+
+class Attempt(Base):
+    """One try at one job by one worker."""
+
+    __tablename__ = "attempts"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))  # running, succeeded, failed, lost
+    error: Mapped[str | None] = mapped_column(Text)
+    error_kind: Mapped[str | None] = mapped_column(String(16))
+    seconds: Mapped[float | None] = mapped_column(Float)
+    started_at: Mapped[datetime] = mapped_column(Timestamp)
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
+
+
+class Output(Base):
+    """The one stored image of a succeeded job, and where it came from."""
+
+    __tablename__ = "outputs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id"), index=True)
+    manifest: Mapped[str] = mapped_column(Text)
+    manifest_row: Mapped[int] = mapped_column(Integer)
+    key: Mapped[str] = mapped_column(String(1024), index=True)
+    uri: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str] = mapped_column(String(64))
+    bytes: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str] = mapped_column(String(200))
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+
+
+class Worker(Base):
+    """A process that renders: the embedded renderer, or a fleet worker."""
+
+    __tablename__ = "workers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    device: Mapped[str] = mapped_column(String(200))
+    vram_mb: Mapped[int | None] = mapped_column(Integer)
+    first_seen: Mapped[datetime] = mapped_column(Timestamp)
+    last_seen: Mapped[datetime] = mapped_column(Timestamp)
