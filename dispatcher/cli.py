@@ -1,0 +1,333 @@
+"""The `kiln` command line. Every Kiln error ends as one line on stderr (a traceback only with --debug)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from dispatcher import exporter, runner, store
+from dispatcher.expand import Expansion, Options, expand
+from dispatcher.reader import read_manifest
+from schemas.errors import ConfigError, KilnError, ManifestError
+from schemas.job import JobSpec, RenderResult
+from schemas.models import REGISTRY, known_names, resolve_model, weights_location
+from schemas.settings import KilnSettings, load_settings
+from schemas.tables import Batch
+
+out = Console()
+err = Console(stderr=True)
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the database's convention."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class KilnGroup(click.Group):
+    """Turns KilnError into a one-line message and a non-zero exit; --debug keeps the traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KilnError as exc:
+            if ctx.find_root().params.get("debug"):
+                raise
+            code = 2 if isinstance(exc, ManifestError | ConfigError) else 1
+            for line in str(exc).splitlines():
+                err.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+            ctx.exit(code)
+
+
+@click.group(cls=KilnGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, envvar="KILN_DEBUG", help="Show tracebacks and debug logs.")
+@click.option("-v", "--verbose", is_flag=True, help="Show what the worker is doing.")
+@click.version_option("0.1.0", prog_name="kiln")
+def cli(debug: bool, verbose: bool) -> None:
+    """Kiln renders product catalogs with FLUX.2 [klein]: a manifest in, one tracked PNG per job out.
+
+    \b
+    kiln render catalog.csv --model tiny    render here (SQLite + ./renders), no services needed
+    kiln submit catalog.csv --dry-run       check a manifest and see what it would render
+    kiln status [BATCH]                     job counts, failures and their reasons
+    kiln export BATCH -o results.csv        one row per job: its manifest row, output and how it was made
+    kiln models list                        models, licences, defaults, and whether weights are here
+
+    Settings come from KILN_* environment variables (KILN_DATABASE_URL, KILN_STORAGE_URL, KILN_DEVICE,
+    KILN_CACHE_DIR, KILN_BATCH_SIZE, KILN_MAX_JOBS) or the matching options.
+    """
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    for noisy in ("diffusers", "transformers", "huggingface_hub", "httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
+def manifest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The options that decide how a manifest expands, shared by render and submit."""
+    options = [
+        click.option("--model", help="Model for every row (overrides the manifest): " + ", ".join(REGISTRY)
+                     + ", tiny:NAME, or a local diffusers folder."),
+        click.option("--prompt", help='Prompt template for every row, e.g. "Studio photo of {Title} by {Vendor}".'),
+        click.option("--output", "output_template",
+                     help="Output key template for every row, e.g. '{Vendor}/{id}.png'."),
+        click.option("--name", help="Batch name, used in default output keys [default: the manifest's file name]."),
+        click.option("--non-commercial", is_flag=True,
+                     help="Declare this batch non-commercial (needed for 9B models)."),
+        click.option("--skip-incomplete", is_flag=True,
+                     help="Skip rows whose placeholders are empty, and say how many."),
+        click.option("--max-jobs", type=int,
+                     help="Refuse manifests that expand to more jobs [env KILN_MAX_JOBS; 100000]."),
+        click.option("--database-url", help="SQLAlchemy URL [env KILN_DATABASE_URL; sqlite:///kiln.db]."),
+        click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts."),
+        click.argument("manifest", type=click.Path(path_type=Path)),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _plan(manifest: Path, settings: KilnSettings, params: dict[str, Any]) -> Expansion:
+    raw = read_manifest(manifest)
+    options = Options(batch=params.get("name") or manifest.stem, base_dir=manifest.resolve().parent,
+                      prompt=params.get("prompt"), model=params.get("model"), output=params.get("output_template"),
+                      non_commercial=params["non_commercial"], skip_incomplete=params["skip_incomplete"],
+                      max_jobs=settings.max_jobs)
+    return expand(raw, options)
+
+
+def _record(manifest: Path, settings: KilnSettings, expansion: Expansion, params: dict[str, Any]) -> store.Recorded:
+    sessions = store.open_database(settings.database_url)
+    batch = Batch(id=uuid.uuid4().hex[:12], name=params.get("name") or manifest.stem, manifest=str(manifest),
+                  manifest_sha256=_sha256(manifest), non_commercial=params["non_commercial"], created_at=utcnow())
+    with sessions.begin() as session:  # all or nothing
+        return store.record_batch(session, batch, expansion, utcnow())
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@cli.command()
+@manifest_options
+@click.option("--out", "storage_url", help="Folder (or file:// URL) for the images [env KILN_STORAGE_URL; ./renders].")
+@click.option("--device", type=click.Choice(["auto", "cuda", "mps", "cpu"]), help="[env KILN_DEVICE; auto]")
+@click.option("--batch-size", type=int, help="Images per pipeline call [env KILN_BATCH_SIZE; 1].")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="[env KILN_CACHE_DIR; ~/.cache/kiln]")
+def render(manifest: Path, as_json: bool, **params: Any) -> None:
+    """Render MANIFEST here, in this process: expand, record, render, and summarize.
+
+    Rendering a manifest again renders only what is not done yet.
+    """
+    settings = load_settings(**{k: params.get(k) for k in
+                                ("database_url", "storage_url", "device", "batch_size", "cache_dir", "max_jobs")})
+    expansion = _plan(manifest, settings, params)
+    renderer = runner.load_renderer(settings, runner.local_worker_name())
+    renderer.prepare(list(expansion.models.values()))  # missing weights fail before anything is written
+    recorded = _record(manifest, settings, expansion, params)
+    sessions = store.open_database(settings.database_url)
+    with sessions.begin() as session:
+        runner.recover_orphans(session, utcnow())
+    queued = recorded.new + recorded.requeued + recorded.in_progress
+    failures: list[str] = []
+    with _progress(queued, quiet=as_json or not queued) as (on_step, on_result):
+        def record(job: JobSpec, result: RenderResult) -> None:
+            on_result(job, result)
+            if not result.ok:
+                failures.append(f"row {job.row_id}: {result.error}")
+
+        summary = runner.run_batch(sessions, renderer, recorded.batch_id, utcnow, settings.batch_size,
+                                   on_step, record)
+    with sessions.begin() as session:
+        counts = store.batch_counts(session, recorded.batch_id)
+    report = {"batch_id": recorded.batch_id, "jobs": recorded.jobs, "rendered": summary.rendered,
+              "failed": summary.failed, "already_done": recorded.already_done,
+              "skipped_rows": expansion.skipped_rows, "counts": counts, "wall_seconds": round(summary.seconds, 3),
+              "seconds_per_image": summary.seconds_per_image and round(summary.seconds_per_image, 3),
+              "storage": renderer.storage_uri, "device": renderer.device_name}
+    if as_json:
+        out.print_json(data=report)
+    else:
+        _print_summary(report, failures)
+    if summary.failed:
+        sys.exit(1)
+
+
+def _progress(total: int, quiet: bool) -> Any:
+    """A progress bar over images, advancing per denoising step; silent for --json."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def bar() -> Any:
+        progress = Progress(TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                            TimeRemainingColumn(), console=err, disable=quiet, transient=False)
+        task = progress.add_task("render", total=total)
+        done = 0
+
+        def on_step(step: int, steps: int) -> None:
+            progress.update(task, completed=done + min(step / steps, 0.99))
+
+        def on_result(_job: JobSpec, _result: RenderResult) -> None:
+            nonlocal done
+            done += 1
+            progress.update(task, completed=done)
+
+        with progress:
+            yield on_step, on_result
+
+    return bar()
+
+
+def _print_summary(report: dict[str, Any], failures: list[str]) -> None:
+    spi = report["seconds_per_image"]
+    out.print(f"batch [bold]{report['batch_id']}[/]: {report['rendered']} rendered, {report['failed']} failed, "
+              f"{report['already_done']} already done, of {report['jobs']} jobs"
+              + (f"; {report['skipped_rows']} incomplete rows skipped" if report["skipped_rows"] else ""))
+    out.print(f"wall time {report['wall_seconds']:.1f} s" + (f", {spi:.2f} s per image" if spi else "")
+              + f" on {report['device']}; images in {report['storage']}")
+    for line in failures[:10]:
+        out.print(f"  [red]failed[/] {line}", highlight=False)
+    if report["failed"]:
+        out.print(f"see every failure with `kiln status {report['batch_id']}`")
+
+
+@cli.command()
+@manifest_options
+@click.option("--dry-run", is_flag=True, help="Only validate and summarize; write nothing.")
+def submit(manifest: Path, as_json: bool, dry_run: bool, **params: Any) -> None:
+    """Validate MANIFEST and record it as a batch of queued jobs (with --dry-run, write nothing)."""
+    settings = load_settings(database_url=params.get("database_url"), max_jobs=params.get("max_jobs"))
+    expansion = _plan(manifest, settings, params)
+    jobs = expansion.jobs
+    per_model = Counter(j.model for j in jobs)
+    summary: dict[str, Any] = {
+        "jobs": len(jobs), "per_model": dict(per_model), "skipped_rows": expansion.skipped_rows,
+        "megapixels": round(sum(j.width * j.height for j in jobs) / 1e6, 2),
+        "examples": [{"id": j.row_id, "prompt": j.prompt, "output": j.output_key, "seed": j.seed}
+                     for j in jobs[:3]]}
+    if not dry_run:
+        recorded = _record(manifest, settings, expansion, params)
+        summary |= {"batch_id": recorded.batch_id, "queued": recorded.new + recorded.requeued,
+                    "already_done": recorded.already_done, "in_progress": recorded.in_progress}
+    if as_json:
+        out.print_json(data=summary)
+        return
+    out.print(f"[bold]{manifest.name}[/]: {len(jobs)} jobs, {summary['megapixels']} megapixels"
+              + (f", {expansion.skipped_rows} incomplete rows skipped" if expansion.skipped_rows else ""))
+    for model, n in per_model.most_common():
+        out.print(f"  {model}: {n} jobs")
+    for ex in summary["examples"]:
+        out.print(f"  row {ex['id']} -> {ex['output']} (seed {ex['seed']}): {ex['prompt']}", highlight=False)
+    if dry_run:
+        out.print("dry run: nothing was written")
+    else:
+        out.print(f"recorded batch [bold]{summary['batch_id']}[/]: {summary['queued']} queued, "
+                  f"{summary['already_done']} already done; render here with `kiln render {manifest}`")
+
+
+def _database(database_url: str | None) -> Any:
+    return store.open_database(load_settings(database_url=database_url).database_url)
+
+
+@cli.command()
+@click.argument("batch", required=False)
+@click.option("--database-url", help="[env KILN_DATABASE_URL]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def status(batch: str | None, database_url: str | None, as_json: bool) -> None:
+    """Job counts of BATCH (an id or unique prefix) with its failures, or of the recent batches."""
+    with _database(database_url).begin() as session:
+        if batch is None:
+            rows = [(b, store.batch_counts(session, b.id)) for b in store.recent_batches(session)]
+            if as_json:
+                out.print_json(data=[_batch_json(b, c) for b, c in rows])
+                return
+            if not rows:
+                out.print("no batches yet: start one with `kiln render MANIFEST`")
+            for b, counts in rows:
+                out.print(f"{b.id}  {b.created_at:%Y-%m-%d %H:%M}  {b.name}: {_counts_text(counts)}", highlight=False)
+            return
+        found = store.find_batch(session, batch)
+        if found is None:
+            raise KilnError(f"no batch {batch!r}: `kiln status` lists the recent ones")
+        counts = store.batch_counts(session, found.id)
+        failures = store.batch_failures(session, found.id)
+    if as_json:
+        out.print_json(data=_batch_json(found, counts) | {"failures": [
+            {"row_id": r, "status": s, "error": e} for r, s, e in failures]})
+        return
+    out.print(f"batch [bold]{found.id}[/] {found.name!r} from {found.manifest}, {found.created_at:%Y-%m-%d %H:%M} UTC")
+    out.print(f"  {_counts_text(counts)}", highlight=False)
+    for row_id, state, error in failures:
+        out.print(f"  [red]{state}[/] row {row_id}: {error}", highlight=False)
+
+
+def _counts_text(counts: dict[str, int]) -> str:
+    shown = ", ".join(f"{state} {n}" for state, n in counts.items() if n)
+    return f"{sum(counts.values())} jobs" + (f": {shown}" if shown else "")
+
+
+def _batch_json(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
+    return {"batch_id": batch.id, "name": batch.name, "manifest": batch.manifest,
+            "created_at": batch.created_at.isoformat() + "Z", "jobs": sum(counts.values()), "counts": counts}
+
+
+@cli.command()
+@click.argument("batch")
+@click.option("-o", "--output", "target", type=click.Path(path_type=Path),
+              help="results.csv or results.jsonl (by extension) [default: CSV on stdout].")
+@click.option("--database-url", help="[env KILN_DATABASE_URL]")
+def export(batch: str, target: Path | None, database_url: str | None) -> None:
+    """Write one row per job of BATCH: its manifest row, then status, output, seed, model, worker, attempts, error."""
+    with _database(database_url).begin() as session:
+        found = store.find_batch(session, batch)
+        if found is None:
+            raise KilnError(f"no batch {batch!r}: `kiln status` lists the recent ones")
+        rows = list(store.export_rows(session, found.id))
+    exporter.write(rows, target, sys.stdout)
+    if target:
+        err.print(f"wrote {len(rows)} rows to {target}")
+
+
+@cli.group()
+def models() -> None:
+    """The model registry."""
+
+
+@models.command("list")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="[env KILN_CACHE_DIR; ~/.cache/kiln]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def models_list(cache_dir: Path | None, as_json: bool) -> None:
+    """Each model with its licence, call defaults, and where its weights are on this machine."""
+    settings = load_settings(cache_dir=cache_dir)
+    rows = []
+    for name in known_names():
+        spec = resolve_model(name)
+        where = weights_location(spec, settings.cache_dir)
+        rows.append({"name": name, "source": spec.source, "licence": spec.licence, "commercial_use": spec.commercial,
+                     "steps": spec.default_steps, "guidance": spec.default_guidance,
+                     "weights": str(where) if where else None, "description": spec.description})
+    if as_json:
+        out.print_json(data=rows)
+        return
+    table = Table("model", "licence", "steps", "guidance", "weights here", "about")
+    for r in rows:
+        table.add_row(r["name"], r["licence"], str(r["steps"]), f"{r['guidance']:g}",
+                      r["weights"] or ("built on first use" if r["source"] == "kiln:tiny" else "not downloaded"),
+                      r["description"])
+    out.print(table)
+
+
+def main() -> None:
+    """Console entry point."""
+    cli(prog_name="kiln")

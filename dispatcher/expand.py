@@ -1,0 +1,263 @@
+"""Expansion: a parsed manifest becomes a list of fully specified, deterministic jobs, or one ManifestError.
+
+Pure: no database, no files written. The same manifest gives the same job ids, seeds and output keys on
+every machine, because each comes from a hash of the row, never from time or randomness.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from dispatcher.reader import RawManifest, Record
+from dispatcher.template import TemplateError, placeholders, render
+from schemas.errors import ManifestError, ModelError, Problem
+from schemas.keys import key_problem
+from schemas.manifest import DEFAULT_SIDE, FIELDS, MAX_PIXELS, MAX_PROMPT_CHARS, RowFields, describe
+from schemas.models import DEFAULT_MODEL, ModelSpec, resolve_model
+
+REFERENCE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
+MAX_REFERENCE_BYTES = 20 * 2**20
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user said besides the manifest itself."""
+
+    batch: str  # the batch name, used in default output keys
+    base_dir: Path  # folder that relative references and model folders are resolved against
+    prompt: str | None = None  # --prompt: overrides every row's prompt
+    model: str | None = None  # --model: overrides every row's model
+    output: str | None = None  # --output: overrides every row's output template
+    non_commercial: bool = False
+    skip_incomplete: bool = False
+    max_jobs: int = 100_000
+
+
+@dataclass(frozen=True)
+class PlannedJob:
+    """One job as the manifest asks for it, before it is recorded."""
+
+    job_id: str
+    model: str
+    prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    seed: int
+    output_key: str
+    reference: str | None
+    manifest_row: int
+    manifest_line: int
+    row_id: str
+    variant: int
+    row_data: dict[str, Any]
+
+
+@dataclass
+class Expansion:
+    """The jobs of a manifest, and how many incomplete rows were skipped."""
+
+    jobs: list[PlannedJob]
+    skipped_rows: int = 0
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+
+
+class _Problems:
+    """Collects problems; the same message on many rows is reported once with a count."""
+
+    def __init__(self) -> None:
+        self._first: dict[str, Problem] = {}
+        self._count: dict[str, int] = {}
+
+    def add(self, where: str, message: str) -> None:
+        self._count[message] = self._count.get(message, 0) + 1
+        self._first.setdefault(message, Problem(where, message))
+
+    def __bool__(self) -> bool:
+        return bool(self._first)
+
+    def error(self) -> ManifestError:
+        out = []
+        for message, problem in self._first.items():
+            more = self._count[message] - 1
+            out.append(Problem(problem.where, message + (f" (and {more} more rows)" if more else "")))
+        return ManifestError(out)
+
+
+def derive_seed(row_id: str, index: int) -> int:
+    """A seed from a row id and an image index: stable everywhere, different for every row and index."""
+    digest = hashlib.sha256(f"kiln-seed\0{row_id}\0{index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def job_id(*parts: Any) -> str:
+    """A job id: a hash of everything that decides the image and where it goes."""
+    blob = json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def expand(manifest: RawManifest, options: Options) -> Expansion:
+    """Validate every row and expand it into jobs; raise one ManifestError listing every problem found."""
+    problems = _Problems()
+    expansion = Expansion(jobs=[])
+    seen_ids: dict[str, str] = {}
+    seen_keys: dict[str, str] = {}
+    combos = _combinations(manifest.matrix)
+    for record in manifest.records:
+        row = _validate(record, manifest, problems)
+        if row is None:
+            continue
+        row_id = row.id or str(record.number)
+        if row_id in seen_ids:
+            problems.add(record.where, f'column "id": {row_id!r} is also the id of {seen_ids[row_id]}; '
+                                       "ids must be unique")
+            continue
+        seen_ids[row_id] = record.where
+        try:
+            jobs = list(_row_jobs(record, row, row_id, combos, manifest, options, expansion))
+        except _RowProblem as exc:
+            if exc.incomplete and options.skip_incomplete:
+                expansion.skipped_rows += 1
+            else:
+                problems.add(record.where, str(exc))
+            continue
+        for job in jobs:
+            if job.output_key in seen_keys:
+                problems.add(record.where, f"output key {job.output_key!r} is also written by "
+                                           f"{seen_keys[job.output_key]}: make the output template unique "
+                                           "per image (add {id} or {variant})")
+            seen_keys.setdefault(job.output_key, record.where)
+        expansion.jobs.extend(jobs)
+        if len(expansion.jobs) > options.max_jobs:
+            problems.add(manifest.name, f"expands to more than {options.max_jobs} jobs (the --max-jobs cap): "
+                                        "split the manifest or raise --max-jobs")
+            break
+    if problems:
+        raise problems.error()
+    return expansion
+
+
+class _RowProblem(Exception):
+    def __init__(self, message: str, incomplete: bool = False) -> None:
+        super().__init__(message)
+        self.incomplete = incomplete
+
+
+def _validate(record: Record, manifest: RawManifest, problems: _Problems) -> RowFields | None:
+    values = {**manifest.defaults, **record.values}
+    # An empty cell means "not given" for a field; for a variable it stays an empty value.
+    values = {k: v for k, v in values.items() if not (k in FIELDS and (v is None or v == ""))}
+    try:
+        return RowFields.model_validate(values)
+    except ValidationError as exc:
+        for err in exc.errors():
+            column = str(err["loc"][0]) if err["loc"] else "?"
+            if column in FIELDS:
+                problems.add(record.where, f'column "{column}": must be {describe(column)}, '
+                                           f"got {err.get('input')!r}")
+            else:
+                problems.add(record.where, f'column "{column}": variables must be text or numbers, '
+                                           f"got {err.get('input')!r}")
+        return None
+
+
+def _combinations(matrix: dict[str, list[Any]]) -> list[dict[str, str]]:
+    names = list(matrix)
+    return [dict(zip(names, (_text(v) for v in values), strict=True))
+            for values in itertools.product(*(matrix[n] for n in names))]
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str, str]],
+              manifest: RawManifest, options: Options, expansion: Expansion) -> Iterator[PlannedJob]:
+    spec = _model(options.model or row.model or DEFAULT_MODEL, options, expansion)
+    width, height = row.width or DEFAULT_SIDE, row.height or DEFAULT_SIDE
+    if width * height > MAX_PIXELS:
+        raise _RowProblem(f'columns "width" and "height": {width}x{height} is above the {MAX_PIXELS:,} pixel cap '
+                          f"(about 1.1 MP, e.g. 1024x1072): larger sizes switch klein to an untested schedule")
+    steps = row.steps or spec.default_steps
+    guidance = row.guidance if row.guidance is not None else spec.default_guidance
+    count = row.count or 1
+    prompt_template = options.prompt or row.prompt or manifest.prompt
+    if not prompt_template:
+        raise _RowProblem('no prompt: add a "prompt" column or pass --prompt "TEMPLATE with {Column}"')
+    output_template = options.output or row.output or (
+        "{batch}/{id}.png" if len(combos) * count == 1 else "{batch}/{id}-{variant}.png")
+    variables = {k: _text(v) for k, v in (row.model_extra or {}).items()}
+    row_data = {k: v for k, v in {**manifest.defaults, **record.values}.items()}
+    for c, combo in enumerate(combos):
+        for n in range(count):
+            variant = c * count + n
+            seed = (row.seed + n) % 2**32 if row.seed is not None else derive_seed(row_id, n)
+            values = {**variables, **combo, "id": row_id, "n": str(n), "variant": str(variant),
+                      "seed": str(seed), "model": spec.name, "width": str(width), "height": str(height),
+                      "batch": options.batch}
+            prompt = _fill("prompt", prompt_template, values)
+            if len(prompt) > MAX_PROMPT_CHARS:
+                raise _RowProblem(f"the prompt is {len(prompt)} characters after filling in the template; "
+                                  f"the limit is {MAX_PROMPT_CHARS}")
+            key = _fill("output", output_template, values)
+            key = key if key.lower().endswith(".png") else key + ".png"
+            problem = key_problem(key)
+            if problem:
+                raise _RowProblem(f'column "output": the output key {key!r} {problem}')
+            reference = _reference(_fill("reference", row.reference, values), options) if row.reference else None
+            yield PlannedJob(job_id(spec.name, prompt, width, height, steps, guidance, seed, key, reference),
+                             spec.name, prompt, width, height, steps, guidance, seed, key, reference,
+                             record.number, record.line, row_id, variant, {**row_data, **combo})
+
+
+def _model(name: str, options: Options, expansion: Expansion) -> ModelSpec:
+    if name not in expansion.models:
+        try:
+            expansion.models[name] = resolve_model(name, options.base_dir)
+        except ModelError as exc:
+            raise _RowProblem(f'column "model": {exc}') from None
+    spec = expansion.models[name]
+    if not spec.commercial and not options.non_commercial:
+        raise _RowProblem(f'column "model": {spec.name} is under the {spec.licence} licence, which forbids '
+                          "commercial use such as product catalogs. Use klein-4b or klein-base-4b (Apache-2.0), "
+                          "or pass --non-commercial to declare this batch non-commercial")
+    return spec
+
+
+def _fill(column: str, template: str, values: dict[str, str]) -> str:
+    try:
+        names = placeholders(template)
+        empty = [n for n in names if n in values and not values[n].strip()]
+        if empty:
+            raise _RowProblem(f"placeholder {{{empty[0]}}} in \"{column}\" is empty in this row: fill it in, "
+                              "or pass --skip-incomplete to skip such rows", incomplete=True)
+        return render(template, values)
+    except TemplateError as exc:
+        raise _RowProblem(f'column "{column}": the template {exc}') from None
+
+
+def _reference(path_text: str, options: Options) -> str:
+    path = Path(path_text).expanduser()
+    path = path if path.is_absolute() else options.base_dir / path
+    if path.suffix.lower() not in REFERENCE_TYPES:
+        raise _RowProblem(f'column "reference": {path_text!r} is not a {", ".join(REFERENCE_TYPES)} image')
+    if not path.is_file():
+        raise _RowProblem(f'column "reference": {path_text!r} does not exist (paths are relative to the manifest)')
+    if path.stat().st_size > MAX_REFERENCE_BYTES:
+        raise _RowProblem(f'column "reference": {path_text!r} is over {MAX_REFERENCE_BYTES // 2**20} MiB')
+    return str(path.resolve())

@@ -1,0 +1,116 @@
+"""The embedded default: claim, render and record in this one process, on SQLite and a local folder."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from importlib.metadata import entry_points
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dispatcher import store
+from schemas.errors import ConfigError, StaleStateError
+from schemas.job import JobSpec, JobStatus, RenderResult
+from schemas.renderer import Renderer, StepCallback
+from schemas.settings import KilnSettings
+
+Clock = Callable[[], datetime]
+# An embedded job holds its lease while it renders; a process that dies is noticed sooner by its pid (below).
+LEASE = timedelta(hours=1)
+
+
+def local_worker_name() -> str:
+    """This process as a worker: host and pid, so a later run on this host can tell whether it still lives."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def load_renderer(settings: KilnSettings, worker: str) -> Renderer:
+    """The renderer registered under the `kiln.renderers` entry point; the dispatcher never imports it."""
+    found = entry_points(group="kiln.renderers", name="local")
+    if not found:
+        raise ConfigError("no renderer is installed: rendering needs Kiln's worker package and torch "
+                          "(pip install -e . in a Kiln checkout)")
+    factory = next(iter(found)).load()
+    renderer: Renderer = factory(settings, worker)
+    return renderer
+
+
+def recover_orphans(session: Session, now: datetime, host: str = socket.gethostname()) -> int:
+    """Requeue running jobs whose worker is gone: a dead process on this host, or an expired lease."""
+    recovered = 0
+    for job_id, attempt, worker, lease_until in store.running_jobs(session):
+        dead_here = worker is not None and worker.rpartition(":")[0] == host and not _alive(worker)
+        if dead_here or (lease_until is not None and lease_until < now):
+            try:
+                store.release(session, job_id, attempt, now, f"worker {worker} stopped before finishing")
+                recovered += 1
+            except StaleStateError:
+                pass  # it finished meanwhile
+    return recovered
+
+
+def _alive(worker: str) -> bool:
+    pid = worker.rpartition(":")[2]
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class RunSummary:
+    """What one embedded run did."""
+
+    rendered: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+    @property
+    def seconds_per_image(self) -> float | None:
+        """Wall seconds per attempted image, or None when nothing ran."""
+        done = self.rendered + self.failed
+        return self.seconds / done if done else None
+
+
+def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str, clock: Clock,
+              batch_size: int = 1, on_step: StepCallback | None = None,
+              on_result: Callable[[JobSpec, RenderResult], None] | None = None) -> RunSummary:
+    """Render every queued job of a batch here, recording each result as it comes. On Ctrl-C the jobs in hand
+    go back to the queue, so the next run picks them up."""
+    summary = RunSummary()
+    started = time.perf_counter()
+    with sessions.begin() as session:
+        store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
+    while True:
+        with sessions.begin() as session:
+            jobs = store.claim(session, renderer.worker, clock(), LEASE, batch_id=batch_id, limit=batch_size,
+                               prefer_model=renderer.loaded_model)
+        if not jobs:
+            break
+        try:
+            results = renderer.render(jobs, on_step)
+        except BaseException:
+            with sessions.begin() as session:
+                for job in jobs:
+                    store.release(session, job.job_id, job.attempt, clock(), "interrupted")
+            raise
+        with sessions.begin() as session:
+            for job, result in zip(jobs, results, strict=True):
+                status = store.record_result(session, job, result, clock())
+                summary.rendered += status is JobStatus.SUCCEEDED
+                summary.failed += status is JobStatus.FAILED
+            store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
+        for job, result in zip(jobs, results, strict=True):
+            if on_result:
+                on_result(job, result)
+    summary.seconds = time.perf_counter() - started
+    return summary

@@ -1,0 +1,257 @@
+"""The database adapter: the only module that talks SQL. Sessions are passed in; callers own transactions.
+
+Every status change is a compare-and-set on (id, status, attempts), so a late or duplicate writer changes
+nothing and gets StaleStateError instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from dispatcher.expand import Expansion
+from schemas.errors import ConfigError, StaleStateError
+from schemas.job import ACTIVE, REQUEUEABLE, JobSpec, JobStatus, RenderResult, check_transition
+from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
+CHUNK = 500  # ids per IN (...) query, well under every database's parameter limit
+
+
+def open_database(url: str) -> sessionmaker[Session]:
+    """Connect, bring the schema up to date with Alembic, and return a session factory."""
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # the driver Kiln installs
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "sqlite":
+        _sqlite_pragmas(engine)
+    try:
+        with engine.begin() as conn:
+            config = Config()
+            config.set_main_option("script_location", str(MIGRATIONS))
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+    except OperationalError as exc:
+        raise ConfigError(f"KILN_DATABASE_URL: cannot open {engine.url.render_as_string(hide_password=True)}: "
+                          f"{str(exc.orig).strip().splitlines()[0]}") from None
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _sqlite_pragmas(engine: Engine) -> None:
+    # WAL lets readers run beside the writer; BEGIN IMMEDIATE takes the write lock up front, which avoids
+    # the "database is locked" errors that read-then-write transactions hit under contention.
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording a batch did with each of its jobs."""
+
+    batch_id: str
+    jobs: int
+    new: int
+    requeued: int
+    already_done: int
+    in_progress: int
+
+
+def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
+    for i in range(0, len(items), CHUNK):
+        yield items[i:i + CHUNK]
+
+
+def record_batch(session: Session, batch: Batch, expansion: Expansion, now: datetime) -> Recorded:
+    """Record a batch and its jobs. Jobs that already exist are linked, not copied: succeeded ones are not
+    rendered again, failed, dead and cancelled ones go back to the queue, and active ones stay as they are."""
+    session.add(batch)
+    ids = [j.job_id for j in expansion.jobs]
+    existing: dict[str, Job] = {}
+    for chunk in _chunks(ids):
+        existing.update({j.id: j for j in session.scalars(select(Job).where(Job.id.in_(chunk)))})
+    new = requeued = done = active = 0
+    links = []
+    for position, planned in enumerate(expansion.jobs):
+        job = existing.get(planned.job_id)
+        if job is None:
+            session.add(Job(id=planned.job_id, model=planned.model, prompt=planned.prompt, width=planned.width,
+                            height=planned.height, steps=planned.steps, guidance=planned.guidance, seed=planned.seed,
+                            output_key=planned.output_key, reference=planned.reference, status=JobStatus.QUEUED,
+                            attempts=0, created_at=now, updated_at=now))
+            new += 1
+        elif job.status in REQUEUEABLE:
+            _move(session, job.id, job.status, JobStatus.QUEUED, job.attempts, now, error=None)
+            requeued += 1
+        elif job.status is JobStatus.SUCCEEDED:
+            done += 1
+        else:
+            active += 1
+        links.append(BatchJob(batch_id=batch.id, job_id=planned.job_id, position=position,
+                              manifest_row=planned.manifest_row, manifest_line=planned.manifest_line,
+                              row_id=planned.row_id, variant=planned.variant, row_data=planned.row_data))
+    session.flush()  # jobs before the links that point at them
+    session.add_all(links)
+    session.flush()
+    return Recorded(batch.id, len(ids), new, requeued, done, active)
+
+
+def _move(session: Session, job_id: str, current: JobStatus, target: JobStatus, attempt: int, now: datetime,
+          **values: Any) -> None:
+    """Compare-and-set one job's status; raise StaleStateError when someone else moved it first."""
+    check_transition(current, target)
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.status == current, Job.attempts == attempt)
+        .values(status=target, updated_at=now, **values).execution_options(synchronize_session=False))
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        raise StaleStateError(f"job {job_id} is no longer {current} at attempt {attempt}")
+
+
+def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, batch_id: str | None = None,
+          limit: int = 1, prefer_model: str | None = None) -> list[JobSpec]:
+    """Take up to `limit` queued jobs of one shape (same model, size, steps, guidance and reference) for
+    `worker`, marking them running with a lease. Concurrent claimers skip each other's rows."""
+    query = (select(Job, BatchJob, Batch).join(BatchJob, BatchJob.job_id == Job.id)
+             .join(Batch, Batch.id == BatchJob.batch_id).where(Job.status == JobStatus.QUEUED))
+    if batch_id:
+        query = query.where(BatchJob.batch_id == batch_id)
+    order = [BatchJob.position]
+    if prefer_model:
+        order.insert(0, (Job.model != prefer_model))
+    first = session.execute(query.order_by(*order).limit(1).with_for_update(skip_locked=True, of=Job)).first()
+    if first is None:
+        return []
+    lead: Job = first[0]
+    rows = [first]
+    if limit > 1:
+        same = query.where(Job.id != lead.id, Job.model == lead.model, Job.width == lead.width,
+                           Job.height == lead.height, Job.steps == lead.steps, Job.guidance == lead.guidance,
+                           Job.reference.is_(None) if lead.reference is None else Job.reference == lead.reference)
+        rows += session.execute(same.order_by(*order).limit(limit - 1).with_for_update(skip_locked=True, of=Job))
+    specs = []
+    seen: set[str] = set()
+    for job, link, batch in rows:
+        if job.id in seen:  # a job in two batches appears once per batch
+            continue
+        seen.add(job.id)
+        attempt = job.attempts + 1
+        _move(session, job.id, JobStatus.QUEUED, JobStatus.RUNNING, job.attempts, now, attempts=attempt,
+              worker=worker, lease_until=now + lease)
+        session.add(Attempt(job_id=job.id, number=attempt, worker=worker, status="running", started_at=now))
+        specs.append(JobSpec(job_id=job.id, attempt=attempt, batch_id=batch.id, manifest=batch.manifest,
+                             manifest_row=link.manifest_row, row_id=link.row_id, model=job.model, prompt=job.prompt,
+                             width=job.width, height=job.height, steps=job.steps, guidance=job.guidance,
+                             seed=job.seed, output_key=job.output_key, reference=job.reference))
+    return specs
+
+
+def record_result(session: Session, spec: JobSpec, result: RenderResult, now: datetime) -> JobStatus:
+    """Record a worker's report on one attempt; the job becomes succeeded (with its one output row) or failed."""
+    target = JobStatus.SUCCEEDED if result.ok else JobStatus.FAILED
+    _move(session, spec.job_id, JobStatus.RUNNING, target, spec.attempt, now, lease_until=None,
+          error=None if result.ok else result.error)
+    _finish_attempt(session, spec.job_id, spec.attempt, "succeeded" if result.ok else "failed", now,
+                    error=result.error, error_kind=result.error_kind, seconds=result.seconds)
+    if result.ok:
+        assert result.uri and result.sha256 and result.bytes is not None, "a good result names its object"
+        session.add(Output(job_id=spec.job_id, batch_id=spec.batch_id, manifest=spec.manifest,
+                           manifest_row=spec.manifest_row, key=spec.output_key, uri=result.uri, sha256=result.sha256,
+                           bytes=result.bytes, worker=result.worker, seconds=result.seconds, created_at=now))
+    return target
+
+
+def release(session: Session, job_id: str, attempt: int, now: datetime, reason: str) -> None:
+    """Put a running job back in the queue (its worker stopped or vanished); the attempt is marked lost."""
+    _move(session, job_id, JobStatus.RUNNING, JobStatus.QUEUED, attempt, now, lease_until=None, worker=None)
+    _finish_attempt(session, job_id, attempt, "lost", now, error=reason)
+
+
+def _finish_attempt(session: Session, job_id: str, number: int, status: str, now: datetime, **values: Any) -> None:
+    session.execute(update(Attempt).where(Attempt.job_id == job_id, Attempt.number == number,
+                                          Attempt.status == "running")
+                    .values(status=status, finished_at=now, **values))
+
+
+def running_jobs(session: Session) -> list[tuple[str, int, str | None, datetime | None]]:
+    """(id, attempt, worker, lease_until) of every running job, for finding orphans."""
+    rows = session.execute(select(Job.id, Job.attempts, Job.worker, Job.lease_until)
+                           .where(Job.status == JobStatus.RUNNING))
+    return [(r[0], r[1], r[2], r[3]) for r in rows]
+
+
+def see_worker(session: Session, name: str, device: str, vram_mb: int | None, now: datetime) -> None:
+    """Register a worker or refresh its last-seen time."""
+    worker = session.get(Worker, name)
+    if worker is None:
+        session.add(Worker(name=name, device=device, vram_mb=vram_mb, first_seen=now, last_seen=now))
+    else:
+        worker.device, worker.vram_mb, worker.last_seen = device, vram_mb, now
+
+
+def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
+    """How many of a batch's jobs are in each status (every status listed, zeros included)."""
+    rows = session.execute(select(Job.status, func.count()).join(BatchJob, BatchJob.job_id == Job.id)
+                           .where(BatchJob.batch_id == batch_id).group_by(Job.status))
+    counts = {s.value: 0 for s in JobStatus}
+    counts.update({status.value: n for status, n in rows})
+    return counts
+
+
+def find_batch(session: Session, batch_id: str | None) -> Batch | None:
+    """A batch by id or unique id prefix; the newest batch when `batch_id` is None."""
+    if batch_id is None:
+        return session.scalars(select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(1)).first()
+    found = list(session.scalars(select(Batch).where(Batch.id.startswith(batch_id, autoescape=True)).limit(2)))
+    return found[0] if len(found) == 1 else None
+
+
+def recent_batches(session: Session, limit: int = 20) -> list[Batch]:
+    """The newest batches first."""
+    return list(session.scalars(select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
+
+
+def batch_failures(session: Session, batch_id: str, limit: int = 10) -> list[tuple[str, str, str | None]]:
+    """(row id, status, error) of a batch's failed and dead jobs."""
+    rows = session.execute(select(BatchJob.row_id, Job.status, Job.error).join(Job, BatchJob.job_id == Job.id)
+                           .where(BatchJob.batch_id == batch_id,
+                                  Job.status.in_([JobStatus.FAILED, JobStatus.DEAD]))
+                           .order_by(BatchJob.position).limit(limit))
+    return [(r[0], r[1].value, r[2]) for r in rows]
+
+
+def export_rows(session: Session, batch_id: str) -> Iterable[dict[str, Any]]:
+    """One dict per job of the batch, in manifest order: the manifest row's values, then Kiln's columns."""
+    query = (select(BatchJob, Job, Output).join(Job, BatchJob.job_id == Job.id)
+             .outerjoin(Output, Output.job_id == Job.id)
+             .where(BatchJob.batch_id == batch_id).order_by(BatchJob.position))
+    for link, job, output in session.execute(query).yield_per(1000):
+        yield {**link.row_data, "kiln_job_id": job.id, "kiln_row": link.manifest_row, "kiln_variant": link.variant,
+               "kiln_status": job.status.value, "kiln_output_uri": output.uri if output else None,
+               "kiln_output_key": job.output_key, "kiln_sha256": output.sha256 if output else None,
+               "kiln_seed": job.seed, "kiln_model": job.model, "kiln_steps": job.steps, "kiln_guidance": job.guidance,
+               "kiln_width": job.width, "kiln_height": job.height, "kiln_prompt": job.prompt,
+               "kiln_worker": job.worker, "kiln_attempts": job.attempts, "kiln_error": job.error}
+
+
+def active_jobs(session: Session, batch_id: str) -> int:
+    """How many of a batch's jobs are still queued or running."""
+    return session.scalar(select(func.count()).select_from(BatchJob).join(Job, BatchJob.job_id == Job.id)
+                          .where(BatchJob.batch_id == batch_id, Job.status.in_(list(ACTIVE)))) or 0
