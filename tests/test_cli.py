@@ -1,0 +1,234 @@
+"""The `kiln` command end to end, as a user runs it: real tiny pipeline, real files, real databases."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+KILN = str(Path(sys.executable).with_name("kiln"))
+CATALOG = ROOT / "examples" / "catalog.csv"
+
+
+def kiln(*args: str, cwd: Path, env: dict[str, str], check: int | None = 0) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([KILN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    if check is not None:
+        assert done.returncode == check, f"exit {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    return done
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def sql(db: Path, query: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(query).fetchall()
+
+
+def wait_for_jobs(db: Path, status: str, at_least: int, proc: subprocess.Popen[str], seconds: float = 120) -> None:
+    """Wait until the render in `proc` has `at_least` jobs in `status`, or fail the test."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if sql(db, f"SELECT count(*) FROM jobs WHERE status = '{status}'")[0][0] >= at_least:
+                return
+        except sqlite3.OperationalError:
+            pass  # the database is still being created
+        time.sleep(0.02)
+    proc.kill()
+    pytest.fail(f"the render never had {at_least} {status} jobs")
+
+
+def test_catalog_renders_records_exports_and_renders_nothing_new_the_second_time(
+        tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    first = json.loads(kiln("render", str(CATALOG), "--model", "tiny", "--json", cwd=tmp_path, env=kiln_env).stdout)
+    assert (first["jobs"], first["rendered"], first["failed"], first["already_done"]) == (24, 24, 0, 0)
+    images = sorted((tmp_path / "renders" / "catalog").glob("*.png"))
+    assert len(images) == 24 and Image.open(images[0]).size == (1024, 1024)
+    db = tmp_path / "kiln.db"
+    outputs = sql(db, "SELECT o.batch_id, o.manifest, o.manifest_row, o.key, j.status FROM outputs o "
+                      "JOIN jobs j ON j.id = o.job_id ORDER BY o.manifest_row")
+    assert len(outputs) == 24
+    assert outputs[0] == (first["batch_id"], str(CATALOG), 1, "catalog/trail-runner-01.png", "succeeded")
+    mtimes = {p: p.stat().st_mtime_ns for p in images}
+
+    second = json.loads(kiln("render", str(CATALOG), "--model", "tiny", "--json", cwd=tmp_path, env=kiln_env).stdout)
+    assert (second["rendered"], second["already_done"]) == (0, 24)
+    assert {p: p.stat().st_mtime_ns for p in images} == mtimes
+    assert sql(db, "SELECT count(*) FROM outputs") == [(24,)]
+
+    kiln("export", first["batch_id"], "-o", "results.csv", cwd=tmp_path, env=kiln_env)
+    with open(tmp_path / "results.csv", newline="", encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 24
+    assert rows[10]["Title"] == "Chef's Knife 8\"" and rows[10]["kiln_status"] == "succeeded"
+    assert rows[10]["kiln_output_uri"] == (tmp_path / "renders" / "catalog" / "knife-01.png").as_uri()
+    assert rows[10]["kiln_model"] == "tiny" and rows[10]["kiln_attempts"] == "1" and rows[10]["kiln_error"] == ""
+    kiln("export", second["batch_id"][:6], "-o", "results.jsonl", cwd=tmp_path, env=kiln_env)
+    lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["kiln_job_id"] for r in lines] == [r["kiln_job_id"] for r in rows]
+
+    status = json.loads(kiln("status", first["batch_id"], "--json", cwd=tmp_path, env=kiln_env).stdout)
+    assert status["counts"]["succeeded"] == 24 and status["jobs"] == 24
+
+
+def test_renders_on_postgresql_through_the_same_setting(tmp_path: Path, kiln_env: dict[str, str],
+                                                        postgres_url: str) -> None:
+    manifest = write(tmp_path / "m.csv", "id,prompt,width,height\na,red shoe,256,256\nb,blue bag,256,256\n")
+    env = {**kiln_env, "KILN_DATABASE_URL": postgres_url}
+    report = json.loads(kiln("render", str(manifest), "--model", "tiny", "--json", cwd=tmp_path, env=env).stdout)
+    assert report["counts"]["succeeded"] == 2
+    assert not (tmp_path / "kiln.db").exists()
+    listed = json.loads(kiln("status", "--json", cwd=tmp_path, env=env).stdout)
+    assert [b["batch_id"] for b in listed] == [report["batch_id"]]
+
+
+BAD = [
+    ("empty.csv", "", "empty.csv: is empty"),
+    ("nohead.csv", "id,prompt\n", "has a header but no rows"),
+    ("steps.csv", "prompt,steps\nx,0\n", 'steps.csv line 2: column "steps": must be a whole number from 1 to 100'),
+    ("model.csv", "prompt,model\nx,klein-3b\n", "unknown model 'klein-3b': use one of klein-4b"),
+    ("nc.csv", "prompt,model\nx,klein-9b\n", "FLUX Non-Commercial licence"),
+    ("esc.csv", "prompt,output\nx,../../etc/x\n", "must stay inside their prefix"),
+    ("bad.json", '[{"prompt": "x",}]', "bad.json line 1: is not valid JSON"),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), BAD)
+def test_bad_manifests_exit_nonzero_with_one_clear_message_and_write_nothing(
+        tmp_path: Path, kiln_env: dict[str, str], name: str, text: str, message: str) -> None:
+    manifest = write(tmp_path / name, text)
+    for command in (["render", str(manifest)], ["submit", str(manifest)]):
+        done = kiln(*command, cwd=tmp_path, env=kiln_env, check=2)
+        assert message in done.stderr
+        assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no database, no renders folder
+
+
+def test_non_ascii_bytes_get_a_fix_it_message(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    (tmp_path / "latin1.csv").write_bytes("id,prompt\n1,Café au lait mug\n".encode("latin-1"))
+    done = kiln("submit", "latin1.csv", cwd=tmp_path, env=kiln_env, check=2)
+    assert "latin1.csv line 2: is not valid UTF-8" in done.stderr and "CSV UTF-8" in done.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    done = kiln("--debug", "submit", str(write(tmp_path / "m.csv", "prompt,steps\nx,0\n")), cwd=tmp_path,
+                env=kiln_env, check=None)
+    assert done.returncode != 0 and "Traceback" in done.stderr
+
+
+def test_a_real_model_without_weights_fails_clearly_before_writing_anything(
+        tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    manifest = write(tmp_path / "m.csv", "prompt\na red shoe\n")
+    env = {**kiln_env, "HF_HOME": str(tmp_path / "hf")}
+    done = kiln("render", str(manifest), "--model", "klein-4b", cwd=tmp_path, env=env, check=1)
+    assert done.stderr.count("\n") <= 3 and "Traceback" not in done.stderr
+    assert "black-forest-labs/FLUX.2-klein-4B" in done.stderr and "hf download" in done.stderr
+    assert "--model tiny" in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.csv"] or sorted(
+        p.name for p in tmp_path.iterdir()) == ["m.csv"]
+
+
+def test_dry_run_summarizes_and_writes_nothing(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    done = kiln("submit", str(ROOT / "examples" / "lookbook.json"), "--dry-run", "--json", cwd=tmp_path, env=kiln_env)
+    summary = json.loads(done.stdout)
+    assert summary["jobs"] == 18 and summary["per_model"] == {"klein-4b": 18}
+    assert summary["megapixels"] == round((12 * 1024 * 1024 + 6 * 768 * 1024) / 1e6, 2)
+    assert summary["examples"][0]["prompt"].startswith("Catalog photo of the Arc Desk Lamp by Lumen Works")
+    assert "batch_id" not in summary and list(tmp_path.iterdir()) == []
+    text = kiln("submit", str(ROOT / "examples" / "lookbook.json"), "--dry-run", cwd=tmp_path, env=kiln_env).stdout
+    assert "18 jobs" in text and "klein-4b: 18 jobs" in text and "nothing was written" in text
+
+
+def test_submit_records_a_batch_that_render_then_completes(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    manifest = write(tmp_path / "m.csv", "id,prompt,width,height\na,x,256,256\nb,y,256,256\n")
+    submitted = json.loads(kiln("submit", str(manifest), "--model", "tiny", "--json", cwd=tmp_path,
+                                env=kiln_env).stdout)
+    assert submitted["queued"] == 2
+    status = json.loads(kiln("status", submitted["batch_id"], "--json", cwd=tmp_path, env=kiln_env).stdout)
+    assert status["counts"]["queued"] == 2
+    rendered = json.loads(kiln("render", str(manifest), "--model", "tiny", "--json", cwd=tmp_path,
+                               env=kiln_env).stdout)
+    assert rendered["rendered"] == 2
+    status = json.loads(kiln("status", submitted["batch_id"], "--json", cwd=tmp_path, env=kiln_env).stdout)
+    assert status["counts"]["succeeded"] == 2
+
+
+def test_a_failing_job_is_recorded_and_the_batch_goes_on(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    (tmp_path / "broken.png").write_bytes(b"this is not an image")
+    manifest = write(tmp_path / "m.csv", "id,prompt,reference,width,height\n"
+                                         "a,x,,256,256\nb,y,broken.png,256,256\nc,z,,256,256\n")
+    done = kiln("render", str(manifest), "--model", "tiny", cwd=tmp_path, env=kiln_env, check=1)
+    assert "2 rendered, 1 failed" in done.stdout and "row b:" in done.stdout
+    status = json.loads(kiln("status", "--json", cwd=tmp_path, env=kiln_env).stdout)[0]
+    assert status["counts"] == {"queued": 0, "running": 0, "succeeded": 2, "failed": 1, "dead": 0, "cancelled": 0}
+    detail = json.loads(kiln("status", status["batch_id"], "--json", cwd=tmp_path, env=kiln_env).stdout)
+    assert detail["failures"][0]["row_id"] == "b" and "cannot be read" in detail["failures"][0]["error"]
+
+
+def test_interrupting_a_render_requeues_its_job_and_the_next_run_finishes(
+        tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    manifest = write(tmp_path / "m.csv", "prompt,width,height\n" + "".join(f"shoe {i},512,512\n" for i in range(30)))
+    proc = subprocess.Popen([KILN, "render", str(manifest), "--model", "tiny"], cwd=tmp_path, env=kiln_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "kiln.db"
+    wait_for_jobs(db, "succeeded", 2, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) != 0
+    counts = dict(sql(db, "SELECT status, count(*) FROM jobs GROUP BY status"))
+    assert "running" not in counts and counts["queued"] >= 1
+    assert sql(db, "SELECT count(*) FROM attempts WHERE status = 'running'") == [(0,)]
+    report = json.loads(kiln("render", str(manifest), "--model", "tiny", "--json", cwd=tmp_path, env=kiln_env).stdout)
+    assert report["rendered"] == counts["queued"] and report["counts"]["succeeded"] == 30
+    assert sql(db, "SELECT count(*) FROM outputs") == [(30,)]
+
+
+def test_a_killed_render_leaves_running_jobs_that_the_next_run_recovers(
+        tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    manifest = write(tmp_path / "m.csv", "prompt,width,height\n" + "".join(f"bag {i},512,512\n" for i in range(20)))
+    proc = subprocess.Popen([KILN, "render", str(manifest), "--model", "tiny"], cwd=tmp_path, env=kiln_env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    db = tmp_path / "kiln.db"
+    wait_for_jobs(db, "running", 1, proc)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    report = json.loads(kiln("render", str(manifest), "--model", "tiny", "--json", cwd=tmp_path, env=kiln_env).stdout)
+    assert report["counts"]["succeeded"] == 20
+    assert sql(db, "SELECT count(*) FROM outputs") == [(20,)]
+    assert sql(db, "SELECT count(*) FROM attempts WHERE status = 'lost'")[0][0] >= 1
+
+
+def test_models_list_shows_licences_defaults_and_local_weights(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    models = {m["name"]: m for m in json.loads(kiln("models", "list", "--json", cwd=tmp_path, env=kiln_env).stdout)}
+    assert models["klein-9b"]["licence"] == "FLUX Non-Commercial" and not models["klein-9b"]["commercial_use"]
+    assert (models["klein-base-4b"]["steps"], models["klein-base-4b"]["guidance"]) == (50, 4.0)
+    assert models["tiny"]["weights"] == str(Path(kiln_env["KILN_CACHE_DIR"]) / "models" / "tiny-klein-v1")
+    assert models["klein-4b"]["weights"] is None
+
+
+def test_export_refuses_unknown_formats_and_batches(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    manifest = write(tmp_path / "m.csv", "prompt,width,height\nx,256,256\n")
+    batch = json.loads(kiln("submit", str(manifest), "--json", cwd=tmp_path, env=kiln_env).stdout)["batch_id"]
+    assert "name the file .csv or .jsonl" in kiln("export", batch, "-o", "r.xlsx", cwd=tmp_path, env=kiln_env,
+                                                  check=1).stderr
+    assert "no batch 'zzz'" in kiln("export", "zzz", cwd=tmp_path, env=kiln_env, check=1).stderr
+    assert not (tmp_path / "r.xlsx").exists()
+
+
+def test_help_explains_every_command(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    text = kiln("--help", cwd=tmp_path, env=kiln_env).stdout
+    for command in ("render", "submit", "status", "export", "models"):
+        assert command in text
+    assert len(text.splitlines()) < 40

@@ -1,0 +1,155 @@
+"""Expansion: deterministic jobs from rows, model defaults, licences, and every row-level rejection."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dispatcher.expand import Options, derive_seed, expand
+from dispatcher.reader import parse_manifest
+from schemas.errors import ManifestError
+
+
+def jobs_of(data: str, name: str = "m.csv", **options: object):  # type: ignore[no-untyped-def]
+    opts = Options(batch="cat", base_dir=Path.cwd(), **options)  # type: ignore[arg-type]
+    return expand(parse_manifest(data.encode(), name), opts)
+
+
+def rejection(data: str, name: str = "m.csv", **options: object) -> str:
+    with pytest.raises(ManifestError) as info:
+        jobs_of(data, name, **options)
+    return str(info.value)
+
+
+def test_same_manifest_gives_same_ids_seeds_and_keys() -> None:
+    data = "id,prompt,count\nshoe,red shoe,2\nbag,blue bag,1\n"
+    first, second = jobs_of(data).jobs, jobs_of(data).jobs
+    assert [(j.job_id, j.seed, j.output_key) for j in first] == [(j.job_id, j.seed, j.output_key) for j in second]
+    assert [j.output_key for j in first] == ["cat/shoe-0.png", "cat/shoe-1.png", "cat/bag.png"]
+    assert first[0].seed == derive_seed("shoe", 0) != first[1].seed
+    assert len({j.job_id for j in first}) == 3
+
+
+def test_changing_what_decides_an_image_changes_its_job_id() -> None:
+    base = jobs_of("id,prompt\na,red shoe\n").jobs[0]
+    assert jobs_of("id,prompt\na,red shoe\n", model="tiny").jobs[0].job_id != base.job_id
+    assert jobs_of("id,prompt,seed\na,red shoe,5\n").jobs[0].job_id != base.job_id
+    assert jobs_of("id,prompt\na,blue shoe\n").jobs[0].job_id != base.job_id
+
+
+def test_distilled_and_base_models_get_their_own_defaults() -> None:
+    distilled, base = jobs_of("prompt,model\nx,klein-4b\ny,klein-base-4b\n").jobs
+    assert (distilled.steps, distilled.guidance, distilled.width, distilled.height) == (4, 1.0, 1024, 1024)
+    assert (base.steps, base.guidance) == (50, 4.0)
+    explicit = jobs_of("prompt,steps,guidance\nx,8,2.5\n").jobs[0]
+    assert (explicit.steps, explicit.guidance) == (8, 2.5)
+
+
+def test_explicit_seed_counts_up_per_image() -> None:
+    assert [j.seed for j in jobs_of("prompt,seed,count\nx,41,3\n").jobs] == [41, 42, 43]
+
+
+def test_rows_without_id_are_numbered_and_prompt_templates_use_columns_with_spaces() -> None:
+    jobs = jobs_of("Product Title,Vendor\nRunner,Northpeak\n", prompt="Photo of {Product Title} by {Vendor}").jobs
+    assert (jobs[0].prompt, jobs[0].row_id, jobs[0].output_key) == ("Photo of Runner by Northpeak", "1", "cat/1.png")
+
+
+def test_cli_prompt_overrides_row_prompt_which_stays_a_variable() -> None:
+    job = jobs_of("id,prompt\na,red shoe\n", prompt="{prompt}, studio light").jobs[0]
+    assert job.prompt == "red shoe, studio light"
+
+
+def test_json_document_multiplies_items_by_the_matrix_with_defaults() -> None:
+    doc = ('{"defaults": {"width": 512, "height": 768, "count": 2}, "prompt": "{name} on {bg}",'
+           ' "matrix": {"bg": ["white", "oak"]}, "items": [{"id": "mug", "name": "a mug"}]}')
+    jobs = jobs_of(doc, "m.json").jobs
+    assert [(j.prompt, j.variant, j.output_key) for j in jobs] == [
+        ("a mug on white", 0, "cat/mug-0.png"), ("a mug on white", 1, "cat/mug-1.png"),
+        ("a mug on oak", 2, "cat/mug-2.png"), ("a mug on oak", 3, "cat/mug-3.png")]
+    assert {(j.width, j.height) for j in jobs} == {(512, 768)}
+    # the same image index gets the same seed across the matrix, so variants compare like with like
+    assert jobs[0].seed == jobs[2].seed != jobs[1].seed
+    assert jobs[2].row_data["bg"] == "oak"
+
+
+def test_output_templates_and_png_suffix() -> None:
+    job = jobs_of("id,Vendor,prompt\nx1,North Peak,p\n", output="{Vendor}/{id}-{seed}").jobs[0]
+    assert job.output_key == f"North Peak/x1-{job.seed}.png"
+
+
+def test_skip_incomplete_skips_and_counts_rows_with_empty_placeholders() -> None:
+    data = "id,Title\na,Shoe\nb,\nc,Bag\n"
+    assert "placeholder {Title} in \"prompt\" is empty in this row" in rejection(data, prompt="{Title}")
+    expansion = jobs_of(data, prompt="{Title}", skip_incomplete=True)
+    assert [j.row_id for j in expansion.jobs] == ["a", "c"]
+    assert expansion.skipped_rows == 1
+
+
+def test_nine_b_models_need_a_declared_non_commercial_batch() -> None:
+    message = rejection("prompt,model\nx,klein-9b\n")
+    assert "FLUX Non-Commercial" in message and "klein-4b" in message and "--non-commercial" in message
+    assert jobs_of("prompt,model\nx,klein-9b\n", non_commercial=True).jobs[0].model == "klein-9b"
+    assert "--non-commercial" in rejection("prompt,model\nx,tiny:klein-base-9b\n")
+
+
+def test_max_jobs_caps_the_expansion() -> None:
+    assert "more than 3 jobs (the --max-jobs cap)" in rejection("prompt,count\nx,2\ny,2\n", max_jobs=3)
+
+
+def test_every_problem_is_reported_at_once_and_repeats_are_folded() -> None:
+    message = rejection("id,prompt,steps\na,x,0\nb,y,0\nc,z,abc\n")
+    assert 'm.csv line 2: column "steps": must be a whole number from 1 to 100, got \'0\' (and 1 more rows)' in message
+    assert "m.csv line 4: column \"steps\"" in message
+
+
+@pytest.mark.parametrize(("data", "options", "expected"), [
+    ("id,Title\na,Shoe\n", {}, 'm.csv line 2: no prompt: add a "prompt" column or pass --prompt'),
+    ("id,Title\na,Shoe\n", {"prompt": "{Titel}"}, "placeholder {Titel} is not a column"),
+    ("prompt\nx {0.__class__}\n", {}, "placeholder {0.__class__} is not a column"),
+    ("prompt\nx {a!r}\n", {}, "has a format or conversion"),
+    ("prompt\nx {\n", {}, "unbalanced"),
+    ("prompt,width\nx,500\n", {}, 'column "width": must be a multiple of 16 from 256 to 2048, got \'500\''),
+    ("prompt,width\nx,128\n", {}, 'column "width": must be a multiple of 16'),
+    ("prompt,height\nx,4096\n", {}, 'column "height": must be a multiple of 16'),
+    ("prompt,width,height\nx,1088,1088\n", {}, "above the 1,100,800 pixel cap"),
+    ("prompt,steps\nx,0\n", {}, 'column "steps": must be a whole number from 1 to 100'),
+    ("prompt,steps\nx,four\n", {}, 'column "steps": must be a whole number from 1 to 100, got \'four\''),
+    ("prompt,guidance\nx,-1\n", {}, 'column "guidance": must be a number from 0 to 30'),
+    ("prompt,guidance\nx,nan\n", {}, 'column "guidance": must be a number from 0 to 30'),
+    ("prompt,seed\nx,-5\n", {}, 'column "seed": must be a whole number from 0 to 4294967295'),
+    ("prompt,seed\nx,4294967296\n", {}, 'column "seed"'),
+    ("prompt,count\nx,0\n", {}, 'column "count": must be a whole number from 1 to 64'),
+    ("prompt,count\nx,65\n", {}, 'column "count"'),
+    ("prompt,model\nx,klein-5b\n", {}, "unknown model 'klein-5b': use one of klein-4b, klein-9b"),
+    ("prompt,model\nx,./no/such/folder\n", {}, "has no model_index.json"),
+    ("id,prompt\na,x\na,y\n", {}, "m.csv line 3: column \"id\": 'a' is also the id of m.csv line 2"),
+    ("id,prompt,output\na,x,same.png\nb,y,same.png\n", {}, "output key 'same.png' is also written by m.csv line 2"),
+    ("prompt,output\nx,../escape\n", {}, "has an empty, '.' or '..' folder"),
+    ("prompt,output\nx,/etc/passwd\n", {}, "is absolute"),
+    ("prompt,output\nx,a\\b\n", {}, "contains a backslash"),
+    ("prompt,output\nx,a//b\n", {}, "has an empty, '.' or '..' folder"),
+    ("prompt,output,v\nx,{v}/a,..\n", {}, "has an empty, '.' or '..' folder"),
+    ("prompt,output,v\nx,{v},\"a\x01b\"\n", {}, "contains a control character"),
+    ("prompt,output\nx," + "k" * 1100 + "\n", {}, "is longer than 1024 bytes"),
+    ("prompt,output\nx,c:/windows\n", {}, "starts with a drive or scheme name"),
+    ("prompt\n" + "x" * 2001 + "\n", {}, 'column "prompt": must be prompt or prompt template of at most 2000'),
+    ("p\n" + "x" * 1500 + "\n", {"prompt": "{p} {p}"}, "the prompt is 3001 characters after filling in"),
+    ("prompt,reference\nx,missing.png\n", {}, "'missing.png' does not exist (paths are relative to the manifest)"),
+    ("prompt,reference\nx,doc.pdf\n", {}, "is not a .png, .jpg, .jpeg, .webp image"),
+])
+def test_bad_rows_are_rejected_with_row_column_and_what_is_allowed(data: str, options: dict[str, object],
+                                                                   expected: str) -> None:
+    assert expected in rejection(data, **options)
+
+
+def test_json_variables_must_be_scalars() -> None:
+    assert 'column "tags": variables must be text or numbers' in rejection('[{"prompt": "x", "tags": ["a"]}]',
+                                                                         "m.json")
+
+
+def test_reference_paths_resolve_against_the_manifest_folder(tmp_path: Path) -> None:
+    (tmp_path / "ref.png").write_bytes(b"\x89PNG")
+    opts = Options(batch="b", base_dir=tmp_path)
+    job = expand(parse_manifest(b"prompt,reference\nx,ref.png\n", "m.csv"), opts).jobs[0]
+    assert job.reference == str((tmp_path / "ref.png").resolve())

@@ -1,0 +1,112 @@
+"""The worker with the real Flux2KleinPipeline at tiny size: images, metadata, seeds and failures."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from schemas.job import JobSpec
+from schemas.settings import load_settings
+from worker.pipeline import TEXT_ENCODER_LAYERS, load_text_encoder
+from worker.render import LocalRenderer
+from worker.tiny import build_tiny_pipeline
+
+
+def spec(**changes: object) -> JobSpec:
+    base = dict(job_id="j1", attempt=1, batch_id="b1", manifest="catalog.csv", manifest_row=3, row_id="shoe",
+                model="tiny", prompt="a red shoe, studio light", width=512, height=384, steps=4, guidance=1.0,
+                seed=1234, output_key="cat/shoe.png")
+    return JobSpec(**{**base, **changes})  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def renderer(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> LocalRenderer:
+    out = tmp_path_factory.mktemp("renders")
+    return LocalRenderer(load_settings(cache_dir=cache_dir, storage_url=str(out), device="cpu"), "test:1")
+
+
+def pixels(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(uri.removeprefix("file://")))
+
+
+def test_renders_a_png_of_the_asked_size_with_readable_parameters(renderer: LocalRenderer) -> None:
+    [result] = renderer.render([spec()])
+    assert result.ok, result.error
+    data = Path(result.uri.removeprefix("file://")).read_bytes()  # type: ignore[union-attr]
+    assert result.sha256 == hashlib.sha256(data).hexdigest() and result.bytes == len(data)
+    image = Image.open(io.BytesIO(data))
+    assert (image.format, image.size, image.mode) == ("PNG", (512, 384), "RGB")
+    assert image.info["parameters"] == ("a red shoe, studio light\nSteps: 4, Sampler: Euler (flow matching), "
+                                        "CFG scale: 1, Seed: 1234, Size: 512x384, Model: tiny, Version: kiln")
+    assert json.loads(image.info["kiln"]) == {"job_id": "j1", "batch_id": "b1", "manifest": "catalog.csv",
+                                              "manifest_row": 3, "row_id": "shoe", "attempt": 1}
+    assert np.asarray(image).std() > 1  # an image, not a flat fill
+
+
+def test_unicode_prompts_are_kept_in_the_png(renderer: LocalRenderer) -> None:
+    [result] = renderer.render([spec(prompt="Чайник — 茶壶 ☕", output_key="cat/teapot.png")])
+    assert Image.open(result.uri.removeprefix("file://")).info["parameters"].startswith("Чайник — 茶壶 ☕\n")  # type: ignore[union-attr]
+
+
+def test_the_seed_alone_decides_the_image_batched_or_not(renderer: LocalRenderer) -> None:
+    a, b = spec(job_id="a", seed=7, output_key="s/a.png"), spec(job_id="b", seed=8, output_key="s/b.png")
+    alone = renderer.render([a])[0]
+    batched = renderer.render([spec(job_id="a2", seed=7, output_key="s/a2.png"), b])
+    assert all(r.ok for r in batched)
+    np.testing.assert_allclose(pixels(alone.uri).astype(int), pixels(batched[0].uri).astype(int), atol=2)  # type: ignore[arg-type]
+    assert np.abs(pixels(batched[0].uri).astype(int) - pixels(batched[1].uri).astype(int)).mean() > 5  # type: ignore[arg-type]
+
+
+def test_nan_output_is_a_failed_job_and_nothing_is_stored(renderer: LocalRenderer) -> None:
+    pipe = renderer._pipeline("tiny")
+    original = pipe.vae.decoder.conv_out.bias.data.clone()
+    pipe.vae.decoder.conv_out.bias.data.fill_(float("nan"))
+    try:
+        [result] = renderer.render([spec(output_key="cat/nan.png")])
+    finally:
+        pipe.vae.decoder.conv_out.bias.data.copy_(original)
+    assert (result.ok, result.error_kind, result.uri) == (False, "nan", None)
+    assert "NaN" in (result.error or "")
+    assert not (Path(renderer.storage_uri.removeprefix("file://")) / "cat" / "nan.png").exists()
+
+
+def test_a_bad_reference_image_fails_its_job_with_the_reason(renderer: LocalRenderer, tmp_path: Path) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    [result] = renderer.render([spec(reference=str(bad), output_key="cat/ref.png")])
+    assert (result.ok, result.error_kind) == (False, "bad_input")
+    assert "broken.png cannot be read" in (result.error or "")
+
+
+def test_a_reference_image_conditions_the_render(renderer: LocalRenderer, tmp_path: Path) -> None:
+    ref = tmp_path / "ref.png"
+    Image.fromarray(np.full((256, 256, 3), 200, dtype=np.uint8)).save(ref)
+    [result] = renderer.render([spec(reference=str(ref), output_key="cat/with-ref.png")])
+    assert result.ok, result.error
+
+
+def test_loading_28_text_encoder_layers_keeps_the_hidden_states_the_pipeline_reads(tmp_path: Path) -> None:
+    full = build_tiny_pipeline(text_layers=36).text_encoder
+    full.save_pretrained(tmp_path)
+    cut = load_text_encoder(tmp_path, torch.float32)
+    assert cut.config.num_hidden_layers == TEXT_ENCODER_LAYERS == 28
+    ids = torch.randint(0, 250, (1, 32))
+    with torch.no_grad():
+        want = full(input_ids=ids, output_hidden_states=True).hidden_states
+        got = cut(input_ids=ids, output_hidden_states=True).hidden_states
+    for layer in (9, 18, 27):
+        assert torch.equal(want[layer], got[layer])
+
+
+def test_tiny_keeps_the_real_geometry(renderer: LocalRenderer) -> None:
+    pipe = renderer._pipeline("tiny")
+    assert pipe.vae_scale_factor == 8
+    assert pipe.transformer.config.in_channels == 128 and pipe.vae.config.latent_channels == 32
+    assert pipe.config.is_distilled is True

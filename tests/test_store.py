@@ -1,0 +1,148 @@
+"""The database adapter on SQLite and PostgreSQL: recording, claiming, compare-and-set, migrations."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import select
+
+from dispatcher import store
+from dispatcher.expand import Options, expand
+from dispatcher.reader import parse_manifest
+from schemas.errors import StaleStateError
+from schemas.job import RenderResult
+from schemas.tables import Attempt, Base, Batch, Job, Output
+
+T0 = datetime(2026, 1, 1, 12, 0, 0)
+LEASE = timedelta(minutes=10)
+
+
+def expansion(rows: str = "id,prompt\na,x\nb,y\nc,z\n"):  # type: ignore[no-untyped-def]
+    return expand(parse_manifest(rows.encode(), "m.csv"), Options(batch="b", base_dir=Path.cwd(), model="tiny"))
+
+
+def record(sessions, batch_id: str = "b1", rows: str = "id,prompt\na,x\nb,y\nc,z\n"):  # type: ignore[no-untyped-def]
+    with sessions.begin() as s:
+        return store.record_batch(s, Batch(id=batch_id, name="b", manifest="m.csv", manifest_sha256="0" * 64,
+                                           created_at=T0), expansion(rows), T0)
+
+
+def ok(spec, worker: str = "w1") -> RenderResult:  # type: ignore[no-untyped-def]
+    return RenderResult(job_id=spec.job_id, attempt=spec.attempt, ok=True, worker=worker, seconds=0.5,
+                        uri=f"file:///out/{spec.output_key}", sha256="a" * 64, bytes=10)
+
+
+def test_migrations_create_exactly_the_models_tables(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    with sessions.begin() as s:
+        diff = compare_metadata(MigrationContext.configure(s.connection()), Base.metadata)
+    assert diff == []
+
+
+def test_recording_is_idempotent_and_resubmission_only_queues_what_is_missing(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    first = record(sessions)
+    assert (first.jobs, first.new, first.already_done) == (3, 3, 0)
+    with sessions.begin() as s:
+        [spec] = store.claim(s, "w1", T0, LEASE, batch_id="b1")
+        store.record_result(s, spec, ok(spec), T0)
+        [spec2] = store.claim(s, "w1", T0, LEASE, batch_id="b1")
+        store.record_result(s, spec2, RenderResult(job_id=spec2.job_id, attempt=1, ok=False, worker="w1",
+                                                   seconds=1, error="boom", error_kind="error"), T0)
+    again = record(sessions, "b2")
+    assert (again.new, again.requeued, again.already_done, again.in_progress) == (0, 1, 1, 1)
+    with sessions.begin() as s:
+        assert store.batch_counts(s, "b2") == {"queued": 2, "running": 0, "succeeded": 1, "failed": 0, "dead": 0,
+                                               "cancelled": 0}
+        assert s.scalar(select(Job.error).where(Job.id == spec2.job_id)) is None
+
+
+def test_a_late_or_duplicate_result_is_rejected_and_changes_nothing(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    record(sessions)
+    with sessions.begin() as s:
+        [spec] = store.claim(s, "w1", T0, LEASE)
+        store.release(s, spec.job_id, spec.attempt, T0, "lease expired")
+        [again] = store.claim(s, "w2", T0, LEASE)
+    assert (again.job_id, again.attempt) == (spec.job_id, 2)
+    with pytest.raises(StaleStateError), sessions.begin() as s:
+        store.record_result(s, spec, ok(spec, "w1"), T0)  # attempt 1 came back late
+    with sessions.begin() as s:
+        store.record_result(s, again, ok(again, "w2"), T0)
+    with pytest.raises(StaleStateError), sessions.begin() as s:
+        store.record_result(s, again, ok(again, "w2"), T0)  # the same report twice
+    with sessions.begin() as s:
+        outputs = list(s.scalars(select(Output).where(Output.job_id == spec.job_id)))
+        attempts = {a.number: a.status for a in s.scalars(select(Attempt).where(Attempt.job_id == spec.job_id))}
+    assert [o.worker for o in outputs] == ["w2"]
+    assert attempts == {1: "lost", 2: "succeeded"}
+
+
+def test_claim_batches_jobs_of_one_shape_in_manifest_order(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    record(sessions, rows="id,prompt,width\na,x,512\nb,y,768\nc,z,512\nd,w,512\n")
+    with sessions.begin() as s:
+        first = store.claim(s, "w1", T0, LEASE, limit=3)
+        second = store.claim(s, "w1", T0, LEASE, limit=3)
+    assert [j.row_id for j in first] == ["a", "c", "d"]
+    assert [j.row_id for j in second] == ["b"]
+
+
+def test_concurrent_claimers_never_get_the_same_job(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    rows = "id,prompt\n" + "".join(f"r{i},p{i}\n" for i in range(40))
+    record(sessions, rows=rows)
+    claimed: list[str] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while True:
+            with sessions.begin() as s:
+                jobs = store.claim(s, name, T0, LEASE)
+            if not jobs:
+                return
+            with lock:
+                claimed.extend(j.job_id for j in jobs)
+
+    threads = [threading.Thread(target=worker, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(claimed) == 40 == len(set(claimed))
+
+
+def test_export_rows_mirror_the_manifest_row_and_say_how_each_image_was_made(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    record(sessions, rows="id,prompt,Vendor\na,x,North\n")
+    with sessions.begin() as s:
+        [spec] = store.claim(s, "w1", T0, LEASE)
+        store.record_result(s, spec, ok(spec), T0)
+        [row] = list(store.export_rows(s, "b1"))
+    assert row["id"] == "a" and row["Vendor"] == "North"
+    assert (row["kiln_status"], row["kiln_output_uri"], row["kiln_worker"], row["kiln_attempts"]) == (
+        "succeeded", "file:///out/b/a.png", "w1", 1)
+    assert row["kiln_seed"] == spec.seed and row["kiln_model"] == "tiny"
+
+
+def test_find_batch_by_prefix_and_newest(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    record(sessions, "abc111")
+    with sessions.begin() as s:
+        s.add(Batch(id="abd222", name="n", manifest="m", manifest_sha256="0", created_at=T0 + LEASE))
+    with sessions.begin() as s:
+        assert store.find_batch(s, "abc").id == "abc111"  # type: ignore[union-attr]
+        assert store.find_batch(s, "ab") is None  # ambiguous
+        assert store.find_batch(s, None).id == "abd222"  # type: ignore[union-attr]
+
+
+def test_unreachable_database_is_a_config_error_naming_the_variable() -> None:
+    from schemas.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="KILN_DATABASE_URL: cannot open"):
+        store.open_database("postgresql+psycopg://nobody@127.0.0.1:1/none")
