@@ -310,7 +310,7 @@ def models() -> None:
 def models_list(cache_dir: Path | None, as_json: bool) -> None:
     """Each model with its licence, call defaults, and where its weights are on this machine."""
     settings = load_settings(cache_dir=cache_dir)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in known_names():
         spec = resolve_model(name)
         where = weights_location(spec, settings.cache_dir)

@@ -201,8 +201,9 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
         raise _RowProblem('no prompt: add a "prompt" column or pass --prompt "TEMPLATE with {Column}"')
     output_template = options.output or row.output or (
         "{batch}/{id}.png" if len(combos) * count == 1 else "{batch}/{id}-{variant}.png")
-    variables = {k: _text(v) for k, v in (row.model_extra or {}).items()}
-    row_data = {k: v for k, v in {**manifest.defaults, **record.values}.items()}
+    row_data = {**manifest.defaults, **record.values}
+    # Every column is a variable, the fields included: `--prompt "{prompt}, studio light"` extends a row's prompt.
+    variables = {k: _text(v) for k, v in row_data.items()}
     for c, combo in enumerate(combos):
         for n in range(count):
             variant = c * count + n

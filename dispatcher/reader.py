@@ -53,15 +53,15 @@ def read_manifest(path: Path, fmt: str | None = None) -> RawManifest:
         raise _fail(name, "is a folder: give a .csv, .tsv, .json or .jsonl file") from None
     except OSError as exc:
         raise _fail(name, f"cannot be read: {exc.strerror}") from None
-    return parse_manifest(data, name, fmt or FORMATS.get(path.suffix.lower()))
+    return parse_manifest(data, name, fmt)
 
 
 def parse_manifest(data: bytes, name: str, fmt: str | None = None) -> RawManifest:
-    """Parse manifest bytes; the format comes from `fmt` (by extension) or, failing that, the content."""
+    """Parse manifest bytes; the format comes from `fmt`, else the name's extension, else the content."""
     text = _decode(data, name)
     if not text.strip():
         raise _fail(name, "is empty: a manifest needs a header row and at least one row")
-    fmt = fmt or _sniff(text)
+    fmt = fmt or FORMATS.get(Path(name).suffix.lower()) or _sniff(text)
     if fmt in ("csv", "tsv"):
         return _parse_table(text, name, fmt)
     if fmt == "jsonl":
@@ -136,7 +136,7 @@ def _load_json(text: str, name: str, line_offset: int = 0) -> Any:
 
 
 def _parse_jsonl(text: str, name: str) -> RawManifest:
-    records = []
+    records: list[Record] = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue

@@ -133,9 +133,9 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
              .join(Batch, Batch.id == BatchJob.batch_id).where(Job.status == JobStatus.QUEUED))
     if batch_id:
         query = query.where(BatchJob.batch_id == batch_id)
-    order = [BatchJob.position]
+    order: list[Any] = [BatchJob.position]
     if prefer_model:
-        order.insert(0, (Job.model != prefer_model))
+        order.insert(0, Job.model != prefer_model)  # the loaded model's jobs first: no reload
     first = session.execute(query.order_by(*order).limit(1).with_for_update(skip_locked=True, of=Job)).first()
     if first is None:
         return []

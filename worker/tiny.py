@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from schemas.models import tiny_path
 
@@ -51,10 +52,10 @@ def ensure_tiny(cache_dir: Path) -> Path:
     return target
 
 
-def build_tokenizer():  # type: ignore[no-untyped-def]
+def build_tokenizer() -> Any:
     """A byte-level BPE tokenizer with Qwen's special tokens and chat template, made without the hub."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import Qwen2TokenizerFast
+    from transformers import Qwen2TokenizerFast  # type: ignore[attr-defined]  # lazily exported
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     tokenizer = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
@@ -65,7 +66,7 @@ def build_tokenizer():  # type: ignore[no-untyped-def]
                               chat_template=CHAT_TEMPLATE)
 
 
-def build_tiny_pipeline(text_layers: int = 28):  # type: ignore[no-untyped-def]
+def build_tiny_pipeline(text_layers: int = 28) -> Any:
     """The tiny pipeline in memory, with seeded random weights."""
     import torch
     from diffusers import (
