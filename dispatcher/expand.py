@@ -188,7 +188,9 @@ def _text(value: Any) -> str:
 
 def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str, str]],
               manifest: RawManifest, options: Options, expansion: Expansion) -> Iterator[PlannedJob]:
-    spec = _model(options.model or row.model or DEFAULT_MODEL, options, expansion)
+    # a folder named on the command line is relative to where the user stands; in a manifest, to the manifest
+    base = Path.cwd() if options.model else options.base_dir
+    spec = _model(options.model or row.model or DEFAULT_MODEL, base, options, expansion)
     width, height = row.width or DEFAULT_SIDE, row.height or DEFAULT_SIDE
     if width * height > MAX_PIXELS:
         raise _RowProblem(f'columns "width" and "height": {width}x{height} is above the {MAX_PIXELS:,} pixel cap '
@@ -226,10 +228,10 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                              record.number, record.line, row_id, variant, {**row_data, **combo})
 
 
-def _model(name: str, options: Options, expansion: Expansion) -> ModelSpec:
+def _model(name: str, base: Path, options: Options, expansion: Expansion) -> ModelSpec:
     if name not in expansion.models:
         try:
-            expansion.models[name] = resolve_model(name, options.base_dir)
+            expansion.models[name] = resolve_model(name, base)
         except ModelError as exc:
             raise _RowProblem(f'column "model": {exc}') from None
     spec = expansion.models[name]
