@@ -178,13 +178,20 @@ def test_a_failing_job_is_recorded_and_the_batch_goes_on(tmp_path: Path, kiln_en
     assert detail["failures"][0]["row_id"] == "b" and "cannot be read" in detail["failures"][0]["error"]
 
 
+def start_render(tmp_path: Path, env: dict[str, str], jobs: int, status: str, at_least: int
+                 ) -> tuple[Path, Path, subprocess.Popen[str]]:
+    """Start `kiln render` on `jobs` 512x512 tiny jobs and return once `at_least` of them are in `status`."""
+    manifest = write(tmp_path / "m.csv", "prompt,width,height\n" + "".join(f"shoe {i},512,512\n" for i in range(jobs)))
+    proc = subprocess.Popen([KILN, "render", str(manifest), "--model", "tiny"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+    db = tmp_path / "kiln.db"
+    wait_for_jobs(db, status, at_least, proc)
+    return manifest, db, proc
+
+
 def test_interrupting_a_render_requeues_its_job_and_the_next_run_finishes(
         tmp_path: Path, kiln_env: dict[str, str]) -> None:
-    manifest = write(tmp_path / "m.csv", "prompt,width,height\n" + "".join(f"shoe {i},512,512\n" for i in range(30)))
-    proc = subprocess.Popen([KILN, "render", str(manifest), "--model", "tiny"], cwd=tmp_path, env=kiln_env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    db = tmp_path / "kiln.db"
-    wait_for_jobs(db, "succeeded", 2, proc)
+    manifest, db, proc = start_render(tmp_path, kiln_env, 30, "succeeded", 2)
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) != 0
     counts = dict(sql(db, "SELECT status, count(*) FROM jobs GROUP BY status"))
@@ -197,11 +204,7 @@ def test_interrupting_a_render_requeues_its_job_and_the_next_run_finishes(
 
 def test_a_killed_render_leaves_running_jobs_that_the_next_run_recovers(
         tmp_path: Path, kiln_env: dict[str, str]) -> None:
-    manifest = write(tmp_path / "m.csv", "prompt,width,height\n" + "".join(f"bag {i},512,512\n" for i in range(20)))
-    proc = subprocess.Popen([KILN, "render", str(manifest), "--model", "tiny"], cwd=tmp_path, env=kiln_env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
-    db = tmp_path / "kiln.db"
-    wait_for_jobs(db, "running", 1, proc)
+    manifest, db, proc = start_render(tmp_path, kiln_env, 20, "running", 1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     report = json.loads(kiln("render", str(manifest), "--model", "tiny", "--json", cwd=tmp_path, env=kiln_env).stdout)
