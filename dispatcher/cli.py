@@ -8,6 +8,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from sqlalchemy import select
 
-from dispatcher import exporter, runner, store
+from dispatcher import exporter, fleet, runner, store
 from dispatcher.expand import Expansion, Options, expand
 from dispatcher.reader import read_manifest
 from schemas.errors import ConfigError, KilnError, ManifestError
@@ -36,7 +38,18 @@ def utcnow() -> datetime:
 
 
 class KilnGroup(click.Group):
-    """Turns KilnError into a one-line message and a non-zero exit; --debug keeps the traceback."""
+    """Turns KilnError into a one-line message and a non-zero exit; --debug keeps the traceback. Commands of
+    other packages (`kiln worker`) come from the `kiln.commands` entry point and load only when run."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *(ep.name for ep in entry_points(group="kiln.commands"))})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        command = super().get_command(ctx, name)
+        if command is None:
+            found = entry_points(group="kiln.commands", name=name)
+            command = next(iter(found)).load() if found else None
+        return command
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -63,9 +76,12 @@ def cli(debug: bool, verbose: bool) -> None:
     kiln status [BATCH]                     job counts, failures and their reasons
     kiln export BATCH -o results.csv        one row per job: its manifest row, output and how it was made
     kiln models list                        models, licences, defaults, and whether weights are here
+    kiln dispatcher / kiln worker           the fleet: coordinator, and one per GPU machine
+    kiln batch pause|resume|cancel|priority control a batch the fleet is rendering
 
     Settings come from KILN_* environment variables (KILN_DATABASE_URL, KILN_STORAGE_URL, KILN_DEVICE,
-    KILN_CACHE_DIR, KILN_BATCH_SIZE, KILN_MAX_JOBS) or the matching options.
+    KILN_CACHE_DIR, KILN_BATCH_SIZE, KILN_MAX_JOBS, KILN_BROKER_URL, KILN_S3_ENDPOINT_URL) or the
+    matching options.
     """
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
@@ -109,7 +125,8 @@ def _plan(manifest: Path, settings: KilnSettings, params: dict[str, Any]) -> Exp
 def _record(manifest: Path, settings: KilnSettings, expansion: Expansion, params: dict[str, Any]) -> store.Recorded:
     sessions = store.open_database(settings.database_url)
     batch = Batch(id=uuid.uuid4().hex[:12], name=params.get("name") or manifest.stem, manifest=str(manifest),
-                  manifest_sha256=_sha256(manifest), non_commercial=params["non_commercial"], created_at=utcnow())
+                  manifest_sha256=_sha256(manifest), non_commercial=params["non_commercial"], created_at=utcnow(),
+                  priority=params.get("priority") or 0, paused=False)
     with sessions.begin() as session:  # all or nothing
         return store.record_batch(session, batch, expansion, utcnow())
 
@@ -205,6 +222,7 @@ def _print_summary(report: dict[str, Any], failures: list[str]) -> None:
 @cli.command()
 @manifest_options
 @click.option("--dry-run", is_flag=True, help="Only validate and summarize; write nothing.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher batches are rendered first.")
 def submit(manifest: Path, as_json: bool, dry_run: bool, **params: Any) -> None:
     """Validate MANIFEST and record it as a batch of queued jobs (with --dry-run, write nothing)."""
     settings = load_settings(database_url=params.get("database_url"), max_jobs=params.get("max_jobs"))
@@ -262,14 +280,21 @@ def status(batch: str | None, database_url: str | None, as_json: bool) -> None:
             raise KilnError(f"no batch {batch!r}: `kiln status` lists the recent ones")
         counts = store.batch_counts(session, found.id)
         failures = store.batch_failures(session, found.id)
+        unfit = fleet.unfit_jobs(session, found.id)
     if as_json:
-        out.print_json(data=_batch_json(found, counts) | {"failures": [
-            {"row_id": r, "status": s, "error": e} for r, s, e in failures]})
+        out.print_json(data=_batch_json(found, counts) | {
+            "paused": found.paused, "priority": found.priority,
+            "failures": [{"row_id": r, "status": s, "error": e} for r, s, e in failures],
+            "unfit": [{"row_id": r, "reason": why} for r, why in unfit]})
         return
     out.print(f"batch [bold]{found.id}[/] {found.name!r} from {found.manifest}, {found.created_at:%Y-%m-%d %H:%M} UTC")
     out.print(f"  {_counts_text(counts)}", highlight=False)
     for row_id, state, error in failures:
         out.print(f"  [red]{state}[/] row {row_id}: {error}", highlight=False)
+    for row_id, why in unfit[:10]:
+        out.print(f"  [yellow]waiting, fits no worker[/] row {row_id}: {why}", highlight=False)
+    if len(unfit) > 10:
+        out.print(f"  ... and {len(unfit) - 10} more jobs that fit no registered worker")
 
 
 def _counts_text(counts: dict[str, int]) -> str:
@@ -287,16 +312,119 @@ def _batch_json(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
 @click.option("-o", "--output", "target", type=click.Path(path_type=Path),
               help="results.csv or results.jsonl (by extension) [default: CSV on stdout].")
 @click.option("--database-url", help="[env KILN_DATABASE_URL]")
-def export(batch: str, target: Path | None, database_url: str | None) -> None:
+@click.option("--presign", "presign_seconds", type=click.IntRange(1, 7 * 24 * 3600),
+              help="Add kiln_download_url: a signed link to each S3 image, valid this many seconds.")
+def export(batch: str, target: Path | None, database_url: str | None, presign_seconds: int | None) -> None:
     """Write one row per job of BATCH: its manifest row, then status, output, seed, model, worker, attempts, error."""
-    with _database(database_url).begin() as session:
+    settings = load_settings(database_url=database_url)
+    with store.open_database(settings.database_url).begin() as session:
         found = store.find_batch(session, batch)
         if found is None:
             raise KilnError(f"no batch {batch!r}: `kiln status` lists the recent ones")
         rows = list(store.export_rows(session, found.id))
+    if presign_seconds:
+        from dispatcher.bucket import Bucket, is_s3
+
+        if not is_s3(settings.storage_url):
+            raise ConfigError("--presign needs S3 storage: set KILN_STORAGE_URL=s3://bucket/prefix")
+        bucket = Bucket(settings.storage_url, settings.s3_endpoint_url)
+        for row in rows:
+            done = row["kiln_status"] == "succeeded"
+            row["kiln_download_url"] = bucket.download_url(row["kiln_output_key"], presign_seconds) if done else None
     exporter.write(rows, target, sys.stdout)
     if target:
         err.print(f"wrote {len(rows)} rows to {target}")
+
+
+@cli.command("dispatcher")
+@click.option("--database-url", help="[env KILN_DATABASE_URL]")
+@click.option("--broker-url", help="[env KILN_BROKER_URL] The fleet's Redis.")
+def dispatcher_command(database_url: str | None, broker_url: str | None) -> None:
+    """Coordinate the fleet: feed render queues from the database and record what workers report."""
+    from dispatcher import service
+
+    settings = load_settings(database_url=database_url, broker_url=broker_url)
+    service.serve(settings, store.open_database(settings.database_url), utcnow)
+
+
+@cli.group()
+def batch() -> None:
+    """Pause, resume, cancel or reprioritize a batch; the dispatcher acts on it within a second."""
+
+
+def _batch_change(batch_id: str, database_url: str | None, change: Callable[[Any, Batch], str]) -> None:
+    with _database(database_url).begin() as session:
+        found = store.find_batch(session, batch_id)
+        if found is None:
+            raise KilnError(f"no batch {batch_id!r}: `kiln status` lists the recent ones")
+        out.print(f"batch {found.id}: {change(session, found)}")
+
+
+def _database_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--database-url", help="[env KILN_DATABASE_URL]")(fn)
+
+
+@batch.command("pause")
+@click.argument("batch_id")
+@_database_option
+def batch_pause(batch_id: str, database_url: str | None) -> None:
+    """Publish no more jobs of BATCH (running ones finish)."""
+    def change(_s: Any, b: Batch) -> str:
+        b.paused = True
+        return "paused"
+    _batch_change(batch_id, database_url, change)
+
+
+@batch.command("resume")
+@click.argument("batch_id")
+@_database_option
+def batch_resume(batch_id: str, database_url: str | None) -> None:
+    """Publish BATCH's jobs again."""
+    def change(_s: Any, b: Batch) -> str:
+        b.paused = False
+        return "resumed"
+    _batch_change(batch_id, database_url, change)
+
+
+@batch.command("priority")
+@click.argument("batch_id")
+@click.argument("priority", type=int)
+@_database_option
+def batch_priority(batch_id: str, priority: int, database_url: str | None) -> None:
+    """Set BATCH's PRIORITY: higher batches are rendered first."""
+    def change(_s: Any, b: Batch) -> str:
+        b.priority = priority
+        return f"priority {priority}"
+    _batch_change(batch_id, database_url, change)
+
+
+@batch.command("cancel")
+@click.argument("batch_id")
+@_database_option
+def batch_cancel(batch_id: str, database_url: str | None) -> None:
+    """Cancel BATCH's queued jobs (running ones finish); submitting the manifest again brings them back."""
+    _batch_change(batch_id, database_url, lambda s, b: f"{store.cancel_queued(s, b.id, utcnow())} jobs cancelled")
+
+
+@cli.command()
+@_database_option
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+def workers(database_url: str | None, as_json: bool) -> None:
+    """Workers the database has heard from: card, queues, what each is doing, when it was last seen."""
+    from schemas.tables import Worker
+
+    with _database(database_url).begin() as session:
+        rows = [{"name": w.name, "device": w.device, "vram_gb": round((w.vram_mb or 0) / 1024, 1),
+                 "queues": w.queues, "loaded_model": w.loaded_model, "current_job": w.current_job, "step": w.step,
+                 "seconds_per_image": w.seconds_per_image, "last_seen": w.last_seen.isoformat() + "Z"}
+                for w in session.scalars(select(Worker).order_by(Worker.name))]
+    if as_json:
+        out.print_json(data=rows)
+        return
+    for r in rows:
+        doing = f"job {r['current_job']} step {r['step']}" if r["current_job"] else "idle"
+        out.print(f"{r['name']}: {r['device']} {r['vram_gb']} GB, {doing}, last seen {r['last_seen']}",
+                  highlight=False)
 
 
 @cli.group()

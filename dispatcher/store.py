@@ -19,6 +19,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.expand import Expansion
+from schemas.capacity import job_queue
 from schemas.errors import ConfigError, StaleStateError
 from schemas.job import ACTIVE, REQUEUEABLE, JobSpec, JobStatus, RenderResult, check_transition
 from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
@@ -93,13 +94,16 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
     for position, planned in enumerate(expansion.jobs):
         job = existing.get(planned.job_id)
         if job is None:
-            session.add(Job(id=planned.job_id, model=planned.model, prompt=planned.prompt, width=planned.width,
+            profile = expansion.models[planned.model].profile
+            session.add(Job(id=planned.job_id, queue=job_queue(profile, planned.width, planned.height), min_vram_gb=0,
+                            model=planned.model, prompt=planned.prompt, width=planned.width,
                             height=planned.height, steps=planned.steps, guidance=planned.guidance, seed=planned.seed,
                             output_key=planned.output_key, reference=planned.reference, status=JobStatus.QUEUED,
                             attempts=0, created_at=now, updated_at=now))
             new += 1
         elif job.status in REQUEUEABLE:
-            _move(session, job.id, job.status, JobStatus.QUEUED, job.attempts, now, error=None)
+            move(session, job.id, job.status, JobStatus.QUEUED, job.attempts, now, error=None, published_at=None,
+                  not_before=None)
             requeued += 1
         elif job.status is JobStatus.SUCCEEDED:
             done += 1
@@ -114,7 +118,7 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
     return Recorded(batch.id, len(ids), new, requeued, done, active)
 
 
-def _move(session: Session, job_id: str, current: JobStatus, target: JobStatus, attempt: int, now: datetime,
+def move(session: Session, job_id: str, current: JobStatus, target: JobStatus, attempt: int, now: datetime,
           **values: Any) -> None:
     """Compare-and-set one job's status; raise StaleStateError when someone else moved it first."""
     check_transition(current, target)
@@ -153,7 +157,7 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
             continue
         seen.add(job.id)
         attempt = job.attempts + 1
-        _move(session, job.id, JobStatus.QUEUED, JobStatus.RUNNING, job.attempts, now, attempts=attempt,
+        move(session, job.id, JobStatus.QUEUED, JobStatus.RUNNING, job.attempts, now, attempts=attempt,
               worker=worker, lease_until=now + lease)
         session.add(Attempt(job_id=job.id, number=attempt, worker=worker, status="running", started_at=now))
         specs.append(JobSpec(job_id=job.id, attempt=attempt, batch_id=batch.id, manifest=batch.manifest,
@@ -166,25 +170,26 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
 def record_result(session: Session, spec: JobSpec, result: RenderResult, now: datetime) -> JobStatus:
     """Record a worker's report on one attempt; the job becomes succeeded (with its one output row) or failed."""
     target = JobStatus.SUCCEEDED if result.ok else JobStatus.FAILED
-    _move(session, spec.job_id, JobStatus.RUNNING, target, spec.attempt, now, lease_until=None,
+    move(session, spec.job_id, JobStatus.RUNNING, target, spec.attempt, now, lease_until=None,
           error=None if result.ok else result.error)
-    _finish_attempt(session, spec.job_id, spec.attempt, "succeeded" if result.ok else "failed", now,
+    finish_attempt(session, spec.job_id, spec.attempt, "succeeded" if result.ok else "failed", now,
                     error=result.error, error_kind=result.error_kind, seconds=result.seconds)
     if result.ok:
         assert result.uri and result.sha256 and result.bytes is not None, "a good result names its object"
         session.add(Output(job_id=spec.job_id, batch_id=spec.batch_id, manifest=spec.manifest,
                            manifest_row=spec.manifest_row, key=spec.output_key, uri=result.uri, sha256=result.sha256,
-                           bytes=result.bytes, worker=result.worker, seconds=result.seconds, created_at=now))
+                           md5=result.md5, bytes=result.bytes, worker=result.worker, seconds=result.seconds,
+                           created_at=now))
     return target
 
 
 def release(session: Session, job_id: str, attempt: int, now: datetime, reason: str) -> None:
     """Put a running job back in the queue (its worker stopped or vanished); the attempt is marked lost."""
-    _move(session, job_id, JobStatus.RUNNING, JobStatus.QUEUED, attempt, now, lease_until=None, worker=None)
-    _finish_attempt(session, job_id, attempt, "lost", now, error=reason)
+    move(session, job_id, JobStatus.RUNNING, JobStatus.QUEUED, attempt, now, lease_until=None, worker=None)
+    finish_attempt(session, job_id, attempt, "lost", now, error=reason)
 
 
-def _finish_attempt(session: Session, job_id: str, number: int, status: str, now: datetime, **values: Any) -> None:
+def finish_attempt(session: Session, job_id: str, number: int, status: str, now: datetime, **values: Any) -> None:
     session.execute(update(Attempt).where(Attempt.job_id == job_id, Attempt.number == number,
                                           Attempt.status == "running")
                     .values(status=status, finished_at=now, **values))
@@ -255,3 +260,18 @@ def active_jobs(session: Session, batch_id: str) -> int:
     """How many of a batch's jobs are still queued or running."""
     return session.scalar(select(func.count()).select_from(BatchJob).join(Job, BatchJob.job_id == Job.id)
                           .where(BatchJob.batch_id == batch_id, Job.status.in_(list(ACTIVE)))) or 0
+
+
+def cancel_queued(session: Session, batch_id: str, now: datetime) -> int:
+    """Cancel a batch's queued jobs; running ones are left to finish."""
+    ids = session.scalars(select(Job.id).join(BatchJob, BatchJob.job_id == Job.id)
+                          .where(BatchJob.batch_id == batch_id, Job.status == JobStatus.QUEUED)).all()
+    cancelled = 0
+    for job_id in ids:
+        attempts = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
+        try:
+            move(session, job_id, JobStatus.QUEUED, JobStatus.CANCELLED, attempts, now, published_at=None)
+            cancelled += 1
+        except StaleStateError:
+            pass  # a worker took it meanwhile
+    return cancelled

@@ -79,6 +79,7 @@ class RenderResult(BaseModel):
     seconds: float
     uri: str | None = None
     sha256: str | None = None
+    md5: str | None = None
     bytes: int | None = None
     error: str | None = None
     error_kind: str | None = None  # "oom", "nan", "bad_input", "error"

@@ -26,6 +26,23 @@ class KilnSettings(BaseSettings):
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="torch device for rendering")
     batch_size: int = Field(1, ge=1, le=64, description="images per pipeline call (same model and size)")
     max_jobs: int = Field(MAX_JOBS, ge=1, description="refuse manifests that expand to more jobs than this")
+    # the fleet
+    broker_url: str | None = Field(None, description="Celery broker, redis://host:6379/0 or rediss://")
+    s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); unset for AWS")
+    backlog: int = Field(4, ge=1, le=1000, description="messages waiting per render queue")
+    heartbeat_seconds: float = Field(5.0, gt=0, description="how often a worker reports in")
+    worker_timeout_seconds: float = Field(60.0, gt=0, description="silence after which a worker's jobs go back")
+    message_ttl_seconds: float = Field(900.0, gt=0, description="a render message unclaimed this long is "
+                                                                  "dropped and the job republished")
+    max_attempts: int = Field(3, ge=1, le=20, description="attempts before a job is dead")
+    retry_base_seconds: float = Field(10.0, ge=0, description="backoff before retry n is base * 2**(n-1)")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("redis://", "rediss://")):
+            raise ValueError("must be redis://[:password@]host:port/db or rediss:// for TLS")
+        return url
 
     @field_validator("database_url")
     @classmethod

@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
 )
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from schemas.job import JobStatus
@@ -50,6 +51,8 @@ class Batch(Base):
     manifest_sha256: Mapped[str] = mapped_column(String(64))
     non_commercial: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(Timestamp)
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # higher goes first
+    paused: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
 
 
 class Job(Base):
@@ -77,6 +80,11 @@ class Job(Base):
     lease_until: Mapped[datetime | None] = mapped_column(Timestamp)
     created_at: Mapped[datetime] = mapped_column(Timestamp)
     updated_at: Mapped[datetime] = mapped_column(Timestamp)
+    # the fleet: which card the job needs, when it was last handed to the broker, and its retry backoff
+    min_vram_gb: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # raised after an OOM
+    queue: Mapped[str | None] = mapped_column(String(64))
+    published_at: Mapped[datetime | None] = mapped_column(Timestamp)
+    not_before: Mapped[datetime | None] = mapped_column(Timestamp)
 
     __table_args__ = (Index("ix_jobs_status_model", "status", "model"),)
 
@@ -125,7 +133,8 @@ class Output(Base):
     manifest_row: Mapped[int] = mapped_column(Integer)
     key: Mapped[str] = mapped_column(String(1024), index=True)
     uri: Mapped[str] = mapped_column(Text)
-    sha256: Mapped[str] = mapped_column(String(64))
+    sha256: Mapped[str | None] = mapped_column(String(64))  # unknown when an earlier attempt's upload stood
+    md5: Mapped[str | None] = mapped_column(String(32))  # what the storage verified (the S3 ETag)
     bytes: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str] = mapped_column(String(200))
     seconds: Mapped[float] = mapped_column(Float)
@@ -142,3 +151,8 @@ class Worker(Base):
     vram_mb: Mapped[int | None] = mapped_column(Integer)
     first_seen: Mapped[datetime] = mapped_column(Timestamp)
     last_seen: Mapped[datetime] = mapped_column(Timestamp)
+    queues: Mapped[list[str] | None] = mapped_column(JSON)
+    loaded_model: Mapped[str | None] = mapped_column(String(300))
+    current_job: Mapped[str | None] = mapped_column(String(32))
+    step: Mapped[str | None] = mapped_column(String(16))  # "3/4"
+    seconds_per_image: Mapped[float | None] = mapped_column(Float)

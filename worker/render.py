@@ -66,17 +66,20 @@ class LocalRenderer:
         for spec in models:
             weights_folder(spec, self.settings.cache_dir)
 
-    def render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None) -> list[RenderResult]:
-        """Render jobs of one shape in one pipeline call; a failure is reported per job, never raised."""
+    def render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None,
+               storage: Storage | None = None) -> list[RenderResult]:
+        """Render jobs of one shape in one pipeline call and store them (in `storage`, else the configured one);
+        a failure is reported per job, never raised."""
         started = time.perf_counter()
         try:
             images = self._generate(jobs, on_step)
         except RenderError as exc:
             if len(jobs) > 1 and exc.kind == "oom":  # find out which ones fit alone
-                return [r for job in jobs for r in self.render([job], on_step)]
+                return [r for job in jobs for r in self.render([job], on_step, storage)]
             return [self._failed(job, exc, time.perf_counter() - started) for job in jobs]
         seconds = (time.perf_counter() - started) / len(jobs)
-        return [self._store(job, image, seconds) for job, image in zip(jobs, images, strict=True)]
+        target = storage or self.storage
+        return [self._store(job, image, seconds, target) for job, image in zip(jobs, images, strict=True)]
 
     def _pipeline(self, name: str) -> Any:
         if self._loaded and self._loaded[0] == name:
@@ -117,16 +120,17 @@ class LocalRenderer:
                               "oom") from None
         return np.asarray(result.images)
 
-    def _store(self, job: JobSpec, pixels: np.ndarray, seconds: float) -> RenderResult:
+    def _store(self, job: JobSpec, pixels: np.ndarray, seconds: float, storage: Storage) -> RenderResult:
         if not np.isfinite(pixels).all():
             return self._failed(job, RenderError("the model produced NaN or infinite pixels", "nan"), seconds)
         try:
             data = encode_png(pixels, job)
-            uri = self.storage.put(job.output_key, data)
+            uri = storage.put(job.output_key, data)
         except KilnError as exc:
             return self._failed(job, RenderError(str(exc), "error"), seconds)
         return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=True, worker=self.worker, seconds=seconds,
-                            uri=uri, sha256=hashlib.sha256(data).hexdigest(), bytes=len(data))
+                            uri=uri, sha256=hashlib.sha256(data).hexdigest(), md5=hashlib.md5(data).hexdigest(),
+                            bytes=len(data))
 
     def _failed(self, job: JobSpec, exc: RenderError, seconds: float) -> RenderResult:
         log.warning("job %s (row %s) failed: %s", job.job_id, job.row_id, exc)

@@ -1,0 +1,104 @@
+"""S3-compatible storage on the dispatcher's side: the only holder of storage credentials.
+
+Workers get a signed, create-once PUT per job (If-None-Match: *), so a late upload from a timed-out attempt
+cannot replace a good image; the dispatcher then checks the object before recording it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+import boto3
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from schemas.errors import ConfigError, StorageError
+from schemas.keys import key_problem
+from schemas.messages import Upload
+
+JOB_META = "kiln-job"
+UPLOAD_SECONDS = 24 * 3600  # a signed PUT outlives any wait in a bounded queue
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    """What the bucket says about one object."""
+
+    md5: str  # the ETag of a single-part PUT
+    size: int
+    job_id: str | None
+
+
+def is_s3(url: str) -> bool:
+    """True for s3://bucket/prefix storage URLs."""
+    return url.startswith("s3://")
+
+
+class Bucket:
+    """One bucket and key prefix, reached with the usual AWS_* credentials."""
+
+    def __init__(self, storage_url: str, endpoint_url: str | None = None) -> None:
+        parsed = urlparse(storage_url)
+        if parsed.scheme != "s3" or not parsed.netloc:
+            raise ConfigError(f"KILN_STORAGE_URL: {storage_url!r} is not s3://bucket/prefix")
+        self.name = parsed.netloc
+        self.prefix = parsed.path.strip("/")
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+            signature_version="s3v4",
+            # MinIO and most S3-compatible services want path-style addressing.
+            s3={"addressing_style": "path" if endpoint_url else "auto"},
+            # boto3 1.36+ adds checksums that MinIO and R2 reject; we verify with Content-MD5 and the ETag.
+            request_checksum_calculation="when_required", response_checksum_validation="when_required",
+            retries={"total_max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30))
+
+    def key(self, output_key: str) -> str:
+        """The full object key of an output key."""
+        problem = key_problem(output_key)
+        if problem:
+            raise StorageError(f"output key {output_key!r} {problem}")
+        return f"{self.prefix}/{output_key}" if self.prefix else output_key
+
+    def uri(self, output_key: str) -> str:
+        """s3://bucket/key."""
+        return f"s3://{self.name}/{self.key(output_key)}"
+
+    def check(self) -> None:
+        """Fail at start, with what to do, when the bucket cannot be reached."""
+        try:
+            self.client.head_bucket(Bucket=self.name)
+        except (ClientError, BotoCoreError) as exc:
+            raise ConfigError(f"KILN_STORAGE_URL: cannot reach bucket {self.name!r} ({_reason(exc)}): check "
+                              "KILN_S3_ENDPOINT_URL and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+
+    def upload_for(self, job_id: str, output_key: str) -> Upload:
+        """A signed create-once PUT for one job's output."""
+        headers = {"If-None-Match": "*", f"x-amz-meta-{JOB_META}": job_id, "Content-Type": "image/png"}
+        url = self.client.generate_presigned_url(
+            "put_object", ExpiresIn=UPLOAD_SECONDS,
+            Params={"Bucket": self.name, "Key": self.key(output_key), "IfNoneMatch": "*",
+                    "Metadata": {JOB_META: job_id}, "ContentType": "image/png"})
+        return Upload(url=url, headers=headers, uri=self.uri(output_key))
+
+    def stat(self, output_key: str) -> StoredObject | None:
+        """The object at an output key, or None."""
+        try:
+            head = self.client.head_object(Bucket=self.name, Key=self.key(output_key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(f"cannot check {self.uri(output_key)}: {_reason(exc)}") from None
+        return StoredObject(md5=head["ETag"].strip('"'), size=head["ContentLength"],
+                            job_id=head.get("Metadata", {}).get(JOB_META))
+
+    def download_url(self, output_key: str, seconds: int) -> str:
+        """A signed GET link, for exports that ask for one."""
+        return str(self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.name, "Key": self.key(output_key)}, ExpiresIn=seconds))
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        return f"{error.get('Code', '?')} {error.get('Message', '')}".strip()
+    return type(exc).__name__

@@ -1,0 +1,216 @@
+"""The fleet's bookkeeping in SQL: feeding render queues, recording reports and heartbeats, reaping silent
+workers, retrying with backoff. Pure of I/O but the session and the two callables passed in."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from dispatcher import store
+from dispatcher.bucket import Bucket
+from schemas.capacity import TIERS, job_queue, queue_name, why_unfit
+from schemas.errors import KilnError, StaleStateError
+from schemas.job import JobSpec, JobStatus, RenderResult
+from schemas.messages import Heartbeat, RenderTask, Report
+from schemas.models import resolve_model
+from schemas.settings import KilnSettings
+from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
+
+Publish = Callable[[str, dict[str, Any]], None]  # (queue, RenderTask payload)
+QUEUES = [queue_name(t) for t in TIERS]
+LOST_QUEUE_GRACE = timedelta(seconds=20)
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The numbers that govern retries and silence, from the settings."""
+
+    backlog: int
+    message_ttl: timedelta
+    worker_timeout: timedelta
+    max_attempts: int
+    retry_base: timedelta
+
+    @classmethod
+    def from_settings(cls, s: KilnSettings) -> Policy:
+        """Build from KilnSettings."""
+        return cls(s.backlog, timedelta(seconds=s.message_ttl_seconds), timedelta(seconds=s.worker_timeout_seconds),
+                   s.max_attempts, timedelta(seconds=s.retry_base_seconds))
+
+
+def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publish: Publish,
+         queue_depth: Callable[[str], int]) -> int:
+    """Top every render queue up to the backlog from the database; republish what the broker lost."""
+    published = 0
+    for queue in QUEUES:
+        waiting = _waiting(session, queue)
+        stale = now - policy.message_ttl
+        lost = queue_depth(queue) == 0 and waiting > 0
+        # A message not taken within its TTL has expired on the broker; an empty queue that should hold
+        # messages means the broker lost them (a Redis restart without AOF). Either way: publish again.
+        session.execute(update(Job).where(
+            Job.status == JobStatus.QUEUED, Job.queue == queue, Job.published_at.is_not(None),
+            Job.published_at < (now - LOST_QUEUE_GRACE if lost else stale)).values(published_at=None))
+        free = policy.backlog - _waiting(session, queue)
+        for job, batch_id in _next_jobs(session, queue, now, free) if free > 0 else []:
+            publish(queue, RenderTask(job=_spec(session, job, batch_id),
+                                      upload=bucket.upload_for(job.id, job.output_key)).model_dump(mode="json"))
+            job.published_at = now
+            published += 1
+    return published
+
+
+def _waiting(session: Session, queue: str) -> int:
+    return session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == JobStatus.QUEUED, Job.queue == queue, Job.published_at.is_not(None))) or 0
+
+
+def _next_jobs(session: Session, queue: str, now: datetime, limit: int) -> list[tuple[Job, str]]:
+    """The next publishable jobs of a queue: highest batch priority, then oldest batch, then manifest order."""
+    query = (select(Job, func.min(BatchJob.batch_id)).join(BatchJob, BatchJob.job_id == Job.id)
+             .join(Batch, Batch.id == BatchJob.batch_id)
+             .where(Job.status == JobStatus.QUEUED, Job.queue == queue, Job.published_at.is_(None),
+                    or_(Job.not_before.is_(None), Job.not_before <= now), Batch.paused.is_(False))
+             .group_by(Job.id)
+             .order_by(func.max(Batch.priority).desc(), func.min(Batch.created_at), func.min(BatchJob.position))
+             .limit(limit))
+    return [(job, batch_id) for job, batch_id in session.execute(query)]
+
+
+def _spec(session: Session, job: Job, batch_id: str) -> JobSpec:
+    link, batch = session.execute(select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
+                                  .where(BatchJob.job_id == job.id, BatchJob.batch_id == batch_id)).one()
+    return JobSpec(job_id=job.id, attempt=job.attempts + 1, batch_id=batch.id, manifest=batch.manifest,
+                   manifest_row=link.manifest_row, row_id=link.row_id, model=job.model, prompt=job.prompt,
+                   width=job.width, height=job.height, steps=job.steps, guidance=job.guidance, seed=job.seed,
+                   output_key=job.output_key, reference=job.reference)
+
+
+def record_report(session: Session, report: Report, now: datetime, policy: Policy, bucket: Bucket) -> str:
+    """Record a worker's report; returns what happened, for the log. Late and duplicate reports change nothing."""
+    job = session.get(Job, report.job_id, with_for_update=True)
+    if job is None:
+        return "unknown job"
+    if job.status is JobStatus.QUEUED and job.attempts == report.attempt - 1:
+        _start(session, job, report, now)  # a started report may arrive late, or not at all
+    elif report.kind == "started":
+        return f"stale start (job is {job.status.value}, attempt {job.attempts})"
+    if report.kind == "started":
+        return "started"
+    if job.status is not JobStatus.RUNNING or job.attempts != report.attempt or job.worker != report.worker:
+        return f"stale result (job is {job.status.value}, attempt {job.attempts}, worker {job.worker})"
+    assert report.result is not None, "a finished report carries its result"
+    if report.result.ok:
+        return _succeed(session, job, report.result, now, policy, bucket)
+    return _fail(session, job, report.result, now, policy)
+
+
+def _start(session: Session, job: Job, report: Report, now: datetime) -> None:
+    store.move(session, job.id, JobStatus.QUEUED, JobStatus.RUNNING, job.attempts, now, attempts=report.attempt,
+               worker=report.worker)
+    session.add(Attempt(job_id=job.id, number=report.attempt, worker=report.worker, status="running", started_at=now))
+    session.refresh(job)
+
+
+def _succeed(session: Session, job: Job, result: RenderResult, now: datetime, policy: Policy, bucket: Bucket) -> str:
+    stored = bucket.stat(job.output_key)
+    if stored is None:
+        return _fail(session, job, result.model_copy(update={
+            "ok": False, "error": "the worker reported an upload that is not in the bucket", "error_kind": "error"}),
+            now, policy)
+    if stored.job_id != job.id:
+        return _fail(session, job, result.model_copy(update={
+            "ok": False, "error_kind": "bad_input",
+            "error": f"{bucket.uri(job.output_key)} already holds the image of job {stored.job_id}: delete it "
+                     "or give this manifest another output template"}), now, policy)
+    own = result.md5 == stored.md5  # False: an earlier attempt's upload of this same job stood
+    store.move(session, job.id, JobStatus.RUNNING, JobStatus.SUCCEEDED, job.attempts, now, error=None)
+    store.finish_attempt(session, job.id, job.attempts, "succeeded", now, seconds=result.seconds)
+    link = session.execute(select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
+                           .where(BatchJob.job_id == job.id).order_by(Batch.created_at)).first()
+    assert link is not None
+    session.add(Output(job_id=job.id, batch_id=link[0].batch_id, manifest=link[1].manifest,
+                       manifest_row=link[0].manifest_row, key=job.output_key, uri=bucket.uri(job.output_key),
+                       sha256=result.sha256 if own else None, md5=stored.md5, bytes=stored.size,
+                       worker=result.worker, seconds=result.seconds, created_at=now))
+    return "succeeded" if own else "succeeded (an earlier attempt's upload stood)"
+
+
+def _fail(session: Session, job: Job, result: RenderResult, now: datetime, policy: Policy) -> str:
+    store.move(session, job.id, JobStatus.RUNNING, JobStatus.FAILED, job.attempts, now, error=result.error)
+    store.finish_attempt(session, job.id, job.attempts, "failed", now, error=result.error,
+                         error_kind=result.error_kind, seconds=result.seconds)
+    if result.error_kind == "bad_input":
+        return "failed: bad input, not retried"
+    if result.error_kind == "oom":
+        # Never the same shape on the same card again: the job now needs a bigger card than this worker's.
+        vram = session.scalar(select(Worker.vram_mb).where(Worker.name == result.worker)) or 0
+        queue = job_queue(resolve_model(job.model).profile, job.width, job.height, at_least=vram // 1024)
+        if queue is None:
+            _dead(session, job, now, f"{result.error}; no bigger card can take it")
+            return "dead: out of memory everywhere"
+        store.move(session, job.id, JobStatus.FAILED, JobStatus.QUEUED, job.attempts, now, queue=queue,
+                   min_vram_gb=vram // 1024 + 1, published_at=None, not_before=None)
+        return f"out of memory on {result.worker}: moved to {queue}"
+    workers = session.scalar(select(func.count(func.distinct(Attempt.worker))).where(
+        Attempt.job_id == job.id, Attempt.status == "failed")) or 0
+    if job.attempts >= policy.max_attempts and (workers >= 2 or job.attempts >= 2 * policy.max_attempts):
+        _dead(session, job, now, result.error or "failed")
+        return f"dead after {job.attempts} attempts on {workers} workers"
+    delay = policy.retry_base * 2 ** (job.attempts - 1)
+    store.move(session, job.id, JobStatus.FAILED, JobStatus.QUEUED, job.attempts, now, published_at=None,
+               not_before=now + delay)
+    return f"failed, retry in {delay.total_seconds():.0f} s"
+
+
+def _dead(session: Session, job: Job, now: datetime, error: str) -> None:
+    store.move(session, job.id, JobStatus.FAILED, JobStatus.DEAD, job.attempts, now, error=error)
+
+
+def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
+    """Register a worker or refresh what it is doing."""
+    store.see_worker(session, beat.worker, beat.device, int(beat.vram_gb * 1024), now)
+    session.execute(update(Worker).where(Worker.name == beat.worker).values(
+        queues=beat.queues, loaded_model=beat.loaded_model, current_job=beat.current_job,
+        step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,
+        seconds_per_image=beat.seconds_per_image))
+
+
+def reap(session: Session, now: datetime, policy: Policy) -> int:
+    """Give the running jobs of workers silent for longer than the timeout back to the queue."""
+    cutoff = now - policy.worker_timeout
+    rows = session.execute(select(Job.id, Job.attempts, Job.worker).outerjoin(Worker, Worker.name == Job.worker)
+                           .where(Job.status == JobStatus.RUNNING, Job.updated_at < cutoff,
+                                  or_(Worker.last_seen.is_(None), Worker.last_seen < cutoff)))
+    reaped = 0
+    for job_id, attempt, worker in rows.all():
+        try:
+            store.release(session, job_id, attempt, now, f"worker {worker} went silent")
+            session.execute(update(Job).where(Job.id == job_id).values(published_at=None))
+            reaped += 1
+        except StaleStateError:
+            pass
+    return reaped
+
+
+def unfit_jobs(session: Session, batch_id: str) -> list[tuple[str, str]]:
+    """(row id, reason) for a batch's queued jobs that no registered worker can take."""
+    largest = session.scalar(select(func.max(Worker.vram_mb)))
+    rows = session.execute(select(BatchJob.row_id, Job).join(Job, Job.id == BatchJob.job_id).where(
+        BatchJob.batch_id == batch_id, Job.status == JobStatus.QUEUED))
+    out = []
+    for row_id, job in rows:
+        tier = int(job.queue.removeprefix("kiln.render.vram")) if job.queue else None
+        if tier is None or largest is None or largest < tier * 1024:
+            try:
+                profile = resolve_model(job.model).profile
+            except KilnError:
+                profile = job.model
+            out.append((row_id, why_unfit(profile, job.width * job.height / 1e6,
+                                          largest / 1024 if largest else None)))
+    return out

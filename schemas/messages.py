@@ -1,0 +1,56 @@
+"""What travels through the broker. Workers hold no database or storage credentials: a render message carries the
+job and a signed upload, and everything a worker learns goes back to the dispatcher as a report message."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from schemas.job import JobSpec, RenderResult
+
+RENDER_TASK = "kiln.render"
+REPORT_TASK = "kiln.report"
+HEARTBEAT_TASK = "kiln.heartbeat"
+REPORTS_QUEUE = "kiln.reports"
+
+
+class Upload(BaseModel):
+    """A signed, create-once PUT for one output key: a late duplicate upload gets 412 and replaces nothing."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str
+    headers: dict[str, str]  # signed headers the PUT must send (If-None-Match, x-amz-meta-kiln-job)
+    uri: str  # s3://bucket/key, for the record
+
+
+class RenderTask(BaseModel):
+    """One job for one worker."""
+
+    job: JobSpec
+    upload: Upload
+
+
+class Report(BaseModel):
+    """A worker's word on one attempt: it started, or it finished (with its result)."""
+
+    kind: Literal["started", "finished"]
+    job_id: str
+    attempt: int
+    worker: str
+    result: RenderResult | None = None
+
+
+class Heartbeat(BaseModel):
+    """A worker saying it lives, what it can take, and what it is doing."""
+
+    worker: str
+    device: str
+    vram_gb: float
+    queues: list[str]
+    loaded_model: str | None = None
+    current_job: str | None = None
+    step: int | None = None
+    steps: int | None = None
+    seconds_per_image: float | None = None

@@ -1,0 +1,64 @@
+"""Private test services started by the tests themselves: a Redis and an S3-compatible server (moto)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listened on port {port} within {seconds} s")
+
+
+@contextmanager
+def running(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            wait_for_port(port, proc)
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@contextmanager
+def redis_server(folder: Path) -> Iterator[str]:
+    """A private redis-server on a free port, keeping nothing on disk."""
+    port = free_port()
+    with running(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                  "--dir", str(folder)], port, folder / "redis.log"):
+        yield f"redis://127.0.0.1:{port}/0"
+
+
+@contextmanager
+def s3_server(folder: Path) -> Iterator[str]:
+    """moto's S3 server on a free loopback port: a real S3 HTTP endpoint, state in memory."""
+    port = free_port()
+    with running([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port, folder / "moto.log"):
+        yield f"http://127.0.0.1:{port}"
