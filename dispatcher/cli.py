@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 import uuid
 from collections import Counter
@@ -20,6 +21,7 @@ from rich.table import Table
 from sqlalchemy import select
 
 from dispatcher import exporter, fleet, runner, store
+from dispatcher.bucket import Bucket, is_s3
 from dispatcher.expand import Expansion, Options, expand
 from dispatcher.reader import read_manifest
 from schemas.errors import ConfigError, KilnError, ManifestError
@@ -138,7 +140,8 @@ def _sha256(path: Path) -> str:
 
 @cli.command()
 @manifest_options
-@click.option("--out", "storage_url", help="Folder (or file:// URL) for the images [env KILN_STORAGE_URL; ./renders].")
+@click.option("--out", "storage_url",
+              help="Folder, file:// or s3://bucket/prefix for the images [env KILN_STORAGE_URL; ./renders].")
 @click.option("--device", type=click.Choice(["auto", "cuda", "mps", "cpu"]), help="[env KILN_DEVICE; auto]")
 @click.option("--batch-size", type=int, help="Images per pipeline call [env KILN_BATCH_SIZE; 1].")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="[env KILN_CACHE_DIR; ~/.cache/kiln]")
@@ -150,6 +153,11 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
     settings = load_settings(**{k: params.get(k) for k in
                                 ("database_url", "storage_url", "device", "batch_size", "cache_dir", "max_jobs")})
     expansion = _plan(manifest, settings, params)
+    storage = None
+    if is_s3(settings.storage_url):  # the renderer writes local folders; S3 goes through our own credentials
+        storage = Bucket(settings.storage_url, settings.s3_endpoint_url)
+        storage.check()
+        settings = settings.model_copy(update={"storage_url": "renders"})
     renderer = runner.load_renderer(settings, runner.local_worker_name())
     renderer.prepare(list(expansion.models.values()))  # missing weights fail before anything is written
     recorded = _record(manifest, settings, expansion, params)
@@ -157,6 +165,8 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
     with sessions.begin() as session:
         runner.recover_orphans(session, utcnow())
     queued = recorded.new + recorded.requeued + recorded.in_progress
+    # `docker stop`, systemd and `kill` send SIGTERM: stop like Ctrl-C, putting the jobs in hand back.
+    signal.signal(signal.SIGTERM, _interrupt)
     failures: list[str] = []
     with _progress(queued, quiet=as_json or not queued) as (on_step, on_result):
         def record(job: JobSpec, result: RenderResult) -> None:
@@ -165,20 +175,24 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
                 failures.append(f"row {job.row_id}: {result.error}")
 
         summary = runner.run_batch(sessions, renderer, recorded.batch_id, utcnow, settings.batch_size,
-                                   on_step, record)
+                                   on_step, record, storage)
     with sessions.begin() as session:
         counts = store.batch_counts(session, recorded.batch_id)
     report = {"batch_id": recorded.batch_id, "jobs": recorded.jobs, "rendered": summary.rendered,
               "failed": summary.failed, "already_done": recorded.already_done,
               "skipped_rows": expansion.skipped_rows, "counts": counts, "wall_seconds": round(summary.seconds, 3),
               "seconds_per_image": summary.seconds_per_image and round(summary.seconds_per_image, 3),
-              "storage": renderer.storage_uri, "device": renderer.device_name}
+              "storage": storage.uri("") if storage else renderer.storage_uri, "device": renderer.device_name}
     if as_json:
         out.print_json(data=report)
     else:
         _print_summary(report, failures)
     if summary.failed:
         sys.exit(1)
+
+
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _progress(total: int, quiet: bool) -> Any:
@@ -323,8 +337,6 @@ def export(batch: str, target: Path | None, database_url: str | None, presign_se
             raise KilnError(f"no batch {batch!r}: `kiln status` lists the recent ones")
         rows = list(store.export_rows(session, found.id))
     if presign_seconds:
-        from dispatcher.bucket import Bucket, is_s3
-
         if not is_s3(settings.storage_url):
             raise ConfigError("--presign needs S3 storage: set KILN_STORAGE_URL=s3://bucket/prefix")
         bucket = Bucket(settings.storage_url, settings.s3_endpoint_url)

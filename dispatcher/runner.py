@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dispatcher import store
 from schemas.errors import ConfigError, StaleStateError
 from schemas.job import JobSpec, JobStatus, RenderResult
-from schemas.renderer import Renderer, StepCallback
+from schemas.renderer import Renderer, StepCallback, Storage
 from schemas.settings import KilnSettings
 
 Clock = Callable[[], datetime]
@@ -83,7 +83,8 @@ class RunSummary:
 
 def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str, clock: Clock,
               batch_size: int = 1, on_step: StepCallback | None = None,
-              on_result: Callable[[JobSpec, RenderResult], None] | None = None) -> RunSummary:
+              on_result: Callable[[JobSpec, RenderResult], None] | None = None,
+              storage: Storage | None = None) -> RunSummary:
     """Render every queued job of a batch here, recording each result as it comes. On Ctrl-C the jobs in hand
     go back to the queue, so the next run picks them up."""
     summary = RunSummary()
@@ -97,7 +98,7 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
         if not jobs:
             break
         try:
-            results = renderer.render(jobs, on_step)
+            results = renderer.render(jobs, on_step, storage)
         except BaseException:
             with sessions.begin() as session:
                 for job in jobs:

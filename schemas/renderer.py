@@ -11,6 +11,18 @@ from schemas.models import ModelSpec
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all) of the call in progress
 
 
+class Storage(Protocol):
+    """Stores one object per key and says where it is."""
+
+    def put(self, key: str, data: bytes) -> str:
+        """Store `data` under `key` and return the object's URI."""
+        ...
+
+    def uri(self, key: str) -> str:
+        """The URI an object at `key` has (whether or not it exists yet); the prefix's URI for ''."""
+        ...
+
+
 class Renderer(Protocol):
     """Turns jobs into stored images; `worker.render.LocalRenderer` is the one Kiln ships."""
 
@@ -40,6 +52,7 @@ class Renderer(Protocol):
         """Have every model's weights on this machine, or raise ModelError saying how to get them."""
         ...
 
-    def render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None) -> list[RenderResult]:
-        """Render jobs of one shape; failures come back as results, not exceptions."""
+    def render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None,
+               storage: Storage | None = None) -> list[RenderResult]:
+        """Render jobs of one shape into `storage` (else the renderer's own); failures come back as results."""
         ...

@@ -178,38 +178,48 @@ def test_a_failing_job_is_recorded_and_the_batch_goes_on(tmp_path: Path, kiln_en
     assert detail["failures"][0]["row_id"] == "b" and "cannot be read" in detail["failures"][0]["error"]
 
 
+def terminal_signals() -> None:
+    """In the child: Ctrl-C behaves as in a terminal even when the test runner was started in the background
+    (a non-interactive shell starts background jobs with SIGINT ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_render(tmp_path: Path, env: dict[str, str], jobs: int, status: str, at_least: int
                  ) -> tuple[Path, Path, subprocess.Popen[str]]:
-    """Start `kiln render` on `jobs` 512x512 tiny jobs and return once `at_least` of them are in `status`."""
-    manifest = write(tmp_path / "m.csv", "prompt,width,height\n" + "".join(f"shoe {i},512,512\n" for i in range(jobs)))
+    """Start `kiln render` on `jobs` 1024x1024 tiny jobs (about a second each) and return once `at_least` of them
+    are in `status`, with the render still going."""
+    manifest = write(tmp_path / "m.csv", "prompt\n" + "".join(f"shoe {i}\n" for i in range(jobs)))
     proc = subprocess.Popen([KILN, "render", str(manifest), "--model", "tiny"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                            preexec_fn=terminal_signals)
     db = tmp_path / "kiln.db"
     wait_for_jobs(db, status, at_least, proc)
+    assert proc.poll() is None, "the render finished before it could be interrupted"
     return manifest, db, proc
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_interrupting_a_render_requeues_its_job_and_the_next_run_finishes(
-        tmp_path: Path, kiln_env: dict[str, str]) -> None:
-    manifest, db, proc = start_render(tmp_path, kiln_env, 30, "succeeded", 2)
-    proc.send_signal(signal.SIGINT)
+        tmp_path: Path, kiln_env: dict[str, str], signum: int) -> None:
+    manifest, db, proc = start_render(tmp_path, kiln_env, 12, "succeeded", 2)
+    proc.send_signal(signum)
     assert proc.wait(timeout=60) != 0
     counts = dict(sql(db, "SELECT status, count(*) FROM jobs GROUP BY status"))
     assert "running" not in counts and counts["queued"] >= 1
     assert sql(db, "SELECT count(*) FROM attempts WHERE status = 'running'") == [(0,)]
     report = json.loads(kiln("render", str(manifest), "--model", "tiny", "--json", cwd=tmp_path, env=kiln_env).stdout)
-    assert report["rendered"] == counts["queued"] and report["counts"]["succeeded"] == 30
-    assert sql(db, "SELECT count(*) FROM outputs") == [(30,)]
+    assert report["rendered"] == counts["queued"] and report["counts"]["succeeded"] == 12
+    assert sql(db, "SELECT count(*) FROM outputs") == [(12,)]
 
 
 def test_a_killed_render_leaves_running_jobs_that_the_next_run_recovers(
         tmp_path: Path, kiln_env: dict[str, str]) -> None:
-    manifest, db, proc = start_render(tmp_path, kiln_env, 20, "running", 1)
+    manifest, db, proc = start_render(tmp_path, kiln_env, 8, "running", 1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     report = json.loads(kiln("render", str(manifest), "--model", "tiny", "--json", cwd=tmp_path, env=kiln_env).stdout)
-    assert report["counts"]["succeeded"] == 20
-    assert sql(db, "SELECT count(*) FROM outputs") == [(20,)]
+    assert report["counts"]["succeeded"] == 8
+    assert sql(db, "SELECT count(*) FROM outputs") == [(8,)]
     assert sql(db, "SELECT count(*) FROM attempts WHERE status = 'lost'")[0][0] >= 1
 
 

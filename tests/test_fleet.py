@@ -40,8 +40,8 @@ def fleet(tmp_path: Path, postgres_url: str, cache_dir: Path) -> Iterator[dict[s
         procs: list[subprocess.Popen[bytes]] = []
 
         def start(args: list[str], env: dict[str, str], log: str) -> subprocess.Popen[bytes]:
-            proc = subprocess.Popen([KILN, *args], env=env, cwd=tmp_path, stdout=open(tmp_path / log, "wb"),
-                                    stderr=subprocess.STDOUT)
+            with open(tmp_path / log, "wb") as out:  # the child keeps its own copy of the handle
+                proc = subprocess.Popen([KILN, *args], env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
             procs.append(proc)
             return proc
 
@@ -134,3 +134,20 @@ def test_mixed_manifest_is_rendered_by_workers_that_fit_into_the_bucket(fleet: d
     first = json.loads((tmp / "out.jsonl").read_text().splitlines()[0])
     with urllib.request.urlopen(first["kiln_download_url"]) as response:
         assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_embedded_render_writes_to_s3_with_verified_objects(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    with s3_server(tmp_path) as endpoint:
+        boto3.client("s3", endpoint_url=endpoint, **_aws()).create_bucket(Bucket=BUCKET)
+        env = {**kiln_env, **AWS, "KILN_STORAGE_URL": f"s3://{BUCKET}/shop", "KILN_S3_ENDPOINT_URL": endpoint}
+        (tmp_path / "m.csv").write_text("id,prompt,width,height\na,x,256,256\nb,y,256,256\n")
+        done = subprocess.run([KILN, "render", "m.csv", "--model", "tiny", "--json"], env=env, cwd=tmp_path,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert '"storage": "s3://kiln-test/shop"' in done.stdout
+        s3 = boto3.client("s3", endpoint_url=endpoint, **_aws())
+        assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]) == ["shop/m/a.png",
+                                                                                            "shop/m/b.png"]
+        missing = subprocess.run([KILN, "render", "m.csv", "--model", "tiny"], capture_output=True, text=True,
+                                 env={**env, "KILN_STORAGE_URL": "s3://no-such-bucket/x"}, cwd=tmp_path)
+        assert missing.returncode == 2 and "cannot reach bucket 'no-such-bucket'" in missing.stderr

@@ -16,11 +16,11 @@ from PIL import Image, UnidentifiedImageError
 from schemas.errors import KilnError, RenderError
 from schemas.job import JobSpec, RenderResult
 from schemas.models import ModelSpec, resolve_model
-from schemas.renderer import StepCallback
+from schemas.renderer import StepCallback, Storage
 from schemas.settings import KilnSettings
 from worker.pipeline import TEXT_ENCODER_OUT_LAYERS, load_pipeline, pick_device, quiet_libraries, weights_folder
 from worker.png import encode_png
-from worker.storage import Storage, open_storage
+from worker.storage import open_storage
 
 log = logging.getLogger("kiln.worker")
 

@@ -5,23 +5,11 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
 from urllib.parse import unquote, urlparse
 
 from schemas.errors import StorageError
 from schemas.keys import key_problem
-
-
-class Storage(Protocol):
-    """Stores one object per key and says where it is."""
-
-    def put(self, key: str, data: bytes) -> str:
-        """Store `data` under `key` and return the object's URI."""
-        ...
-
-    def uri(self, key: str) -> str:
-        """The URI an object at `key` has (whether or not it exists yet); the prefix's URI for ''."""
-        ...
+from schemas.renderer import Storage
 
 
 class LocalStorage:
@@ -67,5 +55,5 @@ def open_storage(url: str) -> Storage:
         return LocalStorage(Path(unquote(parsed.netloc + parsed.path)))
     if parsed.scheme in ("", ) or len(parsed.scheme) == 1:  # a plain path, or a Windows drive letter
         return LocalStorage(Path(url))
-    raise StorageError(f"KILN_STORAGE_URL: {parsed.scheme}:// storage is not available in this version; "
-                       "use a folder path or file:///path")
+    raise StorageError(f"KILN_STORAGE_URL: a worker writes {parsed.scheme}:// storage only through the "
+                       "signed uploads the dispatcher hands it; here, use a folder path or file:///path")

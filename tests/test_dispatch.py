@@ -1,0 +1,241 @@
+"""The dispatcher's bookkeeping on SQLite and PostgreSQL with a real S3 endpoint: feeding, reports, retries,
+out-of-memory moves, silent workers, pause and priority. The broker is the boundary: publishing is recorded."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from sqlalchemy import select
+
+from dispatcher import fleet, store
+from dispatcher.bucket import Bucket
+from dispatcher.expand import Options, expand
+from dispatcher.reader import parse_manifest
+from schemas.job import JobStatus, RenderResult
+from schemas.messages import Heartbeat, RenderTask, Report
+from schemas.tables import Attempt, Batch, Job, Output
+from tests.services import s3_server
+from worker.upload import SignedUpload
+
+T0 = datetime(2026, 1, 1, 12, 0, 0)
+POLICY = fleet.Policy(backlog=2, message_ttl=timedelta(minutes=15), worker_timeout=timedelta(seconds=60),
+                      max_attempts=3, retry_base=timedelta(seconds=10))
+
+
+@pytest.fixture(scope="module")
+def endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with s3_server(tmp_path_factory.mktemp("s3")) as url:
+        yield url
+
+
+@pytest.fixture
+def bucket(endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Bucket:
+    for k, v in {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    name = f"b{abs(hash(request.node.nodeid)) % 10**8}"
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+    return Bucket(f"s3://{name}/out", endpoint)
+
+
+class Broker:
+    """The broker boundary: what was published, and how deep each queue is."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.depth: dict[str, int] = {}
+
+    def publish(self, queue: str, payload: dict[str, Any]) -> None:
+        self.sent.append((queue, payload))
+        self.depth[queue] = self.depth.get(queue, 0) + 1
+
+    def take(self) -> RenderTask:
+        queue, payload = self.sent.pop(0)
+        self.depth[queue] -= 1
+        return RenderTask.model_validate(payload)
+
+
+def setup(database_url: str, rows: str, batch: str = "b1", priority: int = 0, paused: bool = False):  # type: ignore[no-untyped-def]
+    sessions = store.open_database(database_url)
+    expansion = expand(parse_manifest(rows.encode(), "m.csv"), Options(batch=batch, base_dir=Path.cwd(),
+                                                                       non_commercial=True))
+    with sessions.begin() as s:
+        store.record_batch(s, Batch(id=batch, name=batch, manifest="m.csv", manifest_sha256="0", created_at=T0,
+                                    priority=priority, paused=paused), expansion, T0)
+    return sessions
+
+
+def feed(sessions, bucket: Bucket, broker: Broker, now: datetime = T0) -> int:  # type: ignore[no-untyped-def]
+    with sessions.begin() as s:
+        return fleet.feed(s, now, POLICY, bucket, broker.publish, lambda q: broker.depth.get(q, 0))
+
+
+def report(sessions, bucket: Bucket, message: Report, now: datetime = T0) -> str:  # type: ignore[no-untyped-def]
+    with sessions.begin() as s:
+        return fleet.record_report(s, message, now, POLICY, bucket)
+
+
+def render(task: RenderTask, worker: str, data: bytes = b"\x89PNG fake") -> Report:
+    """What a worker does with a task: upload through the signed URL and report."""
+    SignedUpload(task.upload).put(task.job.output_key, data)
+    job = task.job
+    return Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=worker, result=RenderResult(
+        job_id=job.job_id, attempt=job.attempt, ok=True, worker=worker, seconds=0.1, uri=task.upload.uri,
+        sha256=hashlib.sha256(data).hexdigest(), md5=hashlib.md5(data).hexdigest(), bytes=len(data)))
+
+
+def failed(task: RenderTask, worker: str, kind: str) -> Report:
+    job = task.job
+    return Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=worker, result=RenderResult(
+        job_id=job.job_id, attempt=job.attempt, ok=False, worker=worker, seconds=0.1, error=f"boom ({kind})",
+        error_kind=kind))
+
+
+def job_row(sessions, job_id: str) -> Job:  # type: ignore[no-untyped-def]
+    with sessions.begin() as s:
+        return s.get(Job, job_id)  # type: ignore[return-value]
+
+
+def test_queues_are_fed_up_to_the_backlog_by_fit(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt,model\n" + "".join(f"s{i},x,klein-4b\n" for i in range(3))
+                     + "".join(f"b{i},y,klein-9b\n" for i in range(3)))
+    broker = Broker()
+    assert feed(sessions, bucket, broker) == 4
+    assert broker.depth == {"kiln.render.vram8": 2, "kiln.render.vram16": 2}
+    assert feed(sessions, bucket, broker) == 0  # the backlog is full
+    task = broker.take()
+    report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w"))
+    assert feed(sessions, bucket, broker) == 1
+
+
+def test_a_job_succeeds_once_with_its_verified_object_and_late_reports_change_nothing(
+        database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    task = broker.take()
+    assert task.upload.uri == bucket.uri("b1/a.png") and task.job.attempt == 1
+    assert report(sessions, bucket, render(task, "w1")) == "succeeded"  # no started report: it may be lost
+    assert "stale" in report(sessions, bucket, render(task, "w1", b"other bytes"))  # duplicate delivery
+    assert "stale" in report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w2"))
+    with sessions.begin() as s:
+        [output] = s.scalars(select(Output)).all()
+        assert (output.md5, output.worker) == (hashlib.md5(b"\x89PNG fake").hexdigest(), "w1")
+    assert bucket.stat("b1/a.png").md5 == output.md5  # type: ignore[union-attr]  # the late upload got 412
+
+
+def test_transient_failures_back_off_then_die_after_attempts_on_two_workers(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    now = T0
+    for attempt, worker in enumerate(["w1", "w2", "w1"], start=1):
+        assert feed(sessions, bucket, broker, now) == 1
+        task = broker.take()
+        assert task.job.attempt == attempt
+        outcome = report(sessions, bucket, failed(task, worker, "error"), now)
+        if attempt < 3:
+            assert outcome == f"failed, retry in {10 * 2 ** (attempt - 1)} s"
+            assert feed(sessions, bucket, broker, now) == 0  # backing off
+            now += timedelta(seconds=10 * 2 ** (attempt - 1))
+    assert outcome == "dead after 3 attempts on 2 workers"
+    job = job_row(sessions, task.job.job_id)
+    assert (job.status, job.error) == (JobStatus.DEAD, "boom (error)")
+
+
+def test_bad_input_is_not_retried(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    assert report(sessions, bucket, failed(broker.take(), "w1", "bad_input")) == "failed: bad input, not retried"
+    assert feed(sessions, bucket, broker) == 0
+
+
+def test_out_of_memory_moves_the_job_to_a_bigger_card(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    with sessions.begin() as s:
+        fleet.record_heartbeat(s, Heartbeat(worker="w8", device="cuda:RTX 3070", vram_gb=8,
+                                            queues=["kiln.render.vram8"]), T0)
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    assert report(sessions, bucket, failed(broker.take(), "w8", "oom")) == \
+        "out of memory on w8: moved to kiln.render.vram12"
+    feed(sessions, bucket, broker)
+    assert broker.sent[0][0] == "kiln.render.vram12"
+
+
+def test_jobs_of_silent_workers_go_back_to_the_queue(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    task = broker.take()
+    with sessions.begin() as s:
+        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[]), T0)
+    report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1"))
+    with sessions.begin() as s:
+        assert fleet.reap(s, T0 + timedelta(seconds=30), POLICY) == 0
+        assert fleet.reap(s, T0 + timedelta(seconds=61), POLICY) == 1
+    later = T0 + timedelta(seconds=62)
+    feed(sessions, bucket, broker, later)
+    retry = broker.take()
+    assert retry.job.attempt == 2
+    assert "stale" in report(sessions, bucket, render(task, "w1"), later)  # the silent worker woke up
+    assert report(sessions, bucket, render(retry, "w2"), later).startswith("succeeded")
+    with sessions.begin() as s:
+        statuses = [a.status for a in s.scalars(select(Attempt).order_by(Attempt.number))]
+    assert statuses == ["lost", "succeeded"]
+
+
+def test_a_lost_or_expired_message_is_published_again(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    broker.depth.clear()  # Redis restarted without persistence
+    assert feed(sessions, bucket, broker, T0 + timedelta(seconds=5)) == 0  # within the grace: maybe in flight
+    assert feed(sessions, bucket, broker, T0 + timedelta(seconds=30)) == 1
+    broker.depth["kiln.render.vram8"] = 5  # the queue is not empty: only the TTL republishes
+    assert feed(sessions, bucket, broker, T0 + timedelta(minutes=10)) == 0
+    assert feed(sessions, bucket, broker, T0 + timedelta(minutes=16)) == 1
+
+
+def test_paused_batches_wait_and_priorities_go_first(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\nlow,x\n", "low")
+    expansion = expand(parse_manifest(b"id,prompt\nhigh,y\n", "m.csv"), Options(batch="high", base_dir=Path.cwd()))
+    paused = expand(parse_manifest(b"id,prompt\nheld,z\n", "m.csv"), Options(batch="held", base_dir=Path.cwd()))
+    with sessions.begin() as s:
+        store.record_batch(s, Batch(id="high", name="h", manifest="m", manifest_sha256="0", created_at=T0,
+                                    priority=5, paused=False), expansion, T0)
+        store.record_batch(s, Batch(id="held", name="p", manifest="m", manifest_sha256="0", created_at=T0,
+                                    priority=9, paused=True), paused, T0)
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    assert [RenderTask.model_validate(p).job.row_id for _, p in broker.sent] == ["high", "low"]
+
+
+def test_a_key_holding_another_jobs_image_is_not_overwritten(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,first prompt\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    report(sessions, bucket, render(broker.take(), "w1", b"first"))
+    edited = expand(parse_manifest(b"id,prompt\na,edited prompt\n", "m.csv"), Options(batch="b1", base_dir=Path.cwd()))
+    with sessions.begin() as s:
+        store.record_batch(s, Batch(id="b2", name="b1", manifest="m", manifest_sha256="0", created_at=T0), edited, T0)
+    feed(sessions, bucket, broker)
+    outcome = report(sessions, bucket, render(broker.take(), "w1", b"second"))
+    assert outcome == "failed: bad input, not retried"
+    assert bucket.stat("b1/a.png").md5 == hashlib.md5(b"first").hexdigest()  # type: ignore[union-attr]
+    with sessions.begin() as s:
+        error = s.scalar(select(Job.error).where(Job.prompt == "edited prompt"))
+    assert "already holds the image of job" in (error or "")
+
+
+def test_status_names_jobs_that_no_registered_worker_fits(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt,model\nbig,x,klein-9b\nsmall,y,klein-4b\n")
+    with sessions.begin() as s:
+        fleet.record_heartbeat(s, Heartbeat(worker="w8", device="cuda", vram_gb=8, queues=[]), T0)
+        assert fleet.unfit_jobs(s, "b1") == [("big", "needs a 16 GB card for klein-9b at 1.05 MP; "
+                                                     "the largest worker has 8 GB")]
