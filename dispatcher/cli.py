@@ -356,6 +356,7 @@ def dispatcher_command(database_url: str | None, broker_url: str | None) -> None
     from dispatcher import service
 
     settings = load_settings(database_url=database_url, broker_url=broker_url)
+    logging.getLogger("kiln").setLevel(logging.INFO)  # a service tells its log what it does
     service.serve(settings, store.open_database(settings.database_url), utcnow)
 
 

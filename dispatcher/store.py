@@ -6,6 +6,8 @@ nothing and gets StaleStateError instead.
 
 from __future__ import annotations
 
+import sqlite3
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -25,6 +27,7 @@ from schemas.job import ACTIVE, REQUEUEABLE, JobSpec, JobStatus, RenderResult, c
 from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
+MIGRATION_LOCK = 0x4B494C4E  # "KILN": the advisory lock that serializes migrations on PostgreSQL
 CHUNK = 500  # ids per IN (...) query, well under every database's parameter limit
 
 
@@ -37,6 +40,9 @@ def open_database(url: str) -> sessionmaker[Session]:
         _sqlite_pragmas(engine)
     try:
         with engine.begin() as conn:
+            if engine.dialect.name == "postgresql":
+                # Processes that start together (a dispatcher and a submit) must not both create the tables.
+                conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
             config = Config()
             config.set_main_option("script_location", str(MIGRATIONS))
             config.attributes["connection"] = conn
@@ -54,8 +60,17 @@ def _sqlite_pragmas(engine: Engine) -> None:
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA busy_timeout=10000")
+        # Switching a new file to WAL answers "locked" at once, without the busy timeout, while another process
+        # is doing the same: retry briefly. Once the file is in WAL mode this is a no-op.
+        for attempt in range(100):
+            try:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError:
+                if attempt == 99:
+                    raise
+                time.sleep(0.02)
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 

@@ -3,10 +3,12 @@ through Celery on a private Redis, into a real S3 HTTP endpoint, recorded in Pos
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,8 +47,6 @@ def fleet(tmp_path: Path, postgres_url: str, cache_dir: Path) -> Iterator[dict[s
             procs.append(proc)
             return proc
 
-        # the dispatcher creates the schema; submit needs it too, so wait for the first one
-        subprocess.run([KILN, "submit", "--help"], env=dispatcher_env, check=True, capture_output=True)
         start(["dispatcher"], dispatcher_env, "dispatcher.log")
         try:
             yield {"env": dispatcher_env, "worker_env": worker_env, "start": start, "broker": broker_url,
@@ -120,17 +120,30 @@ def test_mixed_manifest_is_rendered_by_workers_that_fit_into_the_bucket(fleet: d
     broker = redis.Redis.from_url(str(fleet["broker"]))
     assert all(broker.llen(queue_name(t)) == 0 for t in TIERS)
 
+    def heard() -> dict[str, dict[str, object]]:
+        listed = subprocess.run([KILN, "workers", "--json"], env=env, cwd=tmp, capture_output=True, text=True)
+        return {w["name"]: w for w in json.loads(listed.stdout)}
+    wait_until(lambda: {n: w["loaded_model"] for n, w in heard().items()} ==
+               {"w8": "tiny:klein-4b", "w16": "tiny:klein-9b", "w24": "tiny:klein-9b"} or
+               all(w["loaded_model"] for w in heard().values()), 30, "heartbeats naming the loaded models", tmp)
+    workers = heard()
+    assert {n: (w["vram_gb"], w["queues"][0]) for n, w in workers.items()} == {
+        "w8": (8.0, "kiln.render.vram8"), "w16": (16.0, "kiln.render.vram16"), "w24": (24.0, "kiln.render.vram24")}
+    assert all(w["seconds_per_image"] for w in workers.values())
+    batch_id = json.loads(submitted.stdout)["batch_id"]
+    status = json.loads(subprocess.run([KILN, "status", batch_id, "--json"], env=env, cwd=tmp, capture_output=True,
+                                       text=True, check=True).stdout)
+    assert status["counts"]["succeeded"] == 16 and status["unfit"] == [] and status["failures"] == []
+
     inspect = subprocess.run([sys.executable, "-m", "celery", "-A", "schemas.broker", "inspect", "active_queues",
                               "--timeout", "5"], env=env, cwd=tmp, capture_output=True, text=True, timeout=60)
     assert "w24@" in inspect.stdout and "kiln.render.vram24" in inspect.stdout, inspect.stdout + inspect.stderr
     w8_section = inspect.stdout.split("w8@", 1)[1].split("->", 1)[0]
     assert "kiln.render.vram8" in w8_section and "vram16" not in w8_section
 
-    exported = subprocess.run([KILN, "export", submitted.stdout.split('"batch_id": "')[1][:12], "--presign", "600",
-                               "-o", "out.jsonl"], env=env, cwd=tmp, capture_output=True, text=True)
+    exported = subprocess.run([KILN, "export", batch_id, "--presign", "600", "-o", "out.jsonl"], env=env, cwd=tmp,
+                              capture_output=True, text=True)
     assert exported.returncode == 0, exported.stderr
-    import json
-    import urllib.request
     first = json.loads((tmp / "out.jsonl").read_text().splitlines()[0])
     with urllib.request.urlopen(first["kiln_download_url"]) as response:
         assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"

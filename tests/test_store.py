@@ -146,3 +146,20 @@ def test_unreachable_database_is_a_config_error_naming_the_variable() -> None:
 
     with pytest.raises(ConfigError, match="KILN_DATABASE_URL: cannot open"):
         store.open_database("postgresql+psycopg://nobody@127.0.0.1:1/none")
+
+
+def test_processes_starting_together_migrate_the_database_once(database_url: str) -> None:
+    errors: list[BaseException] = []
+
+    def open_it() -> None:
+        try:
+            store.open_database(database_url)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []

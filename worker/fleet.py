@@ -145,6 +145,7 @@ def command(name: str | None, vram: float | None, **options: Any) -> None:
     Needs only KILN_BROKER_URL: uploads go through signed URLs, results back through the broker.
     """
     settings = load_settings(**options)
+    logging.getLogger("kiln").setLevel(logging.INFO)  # a service tells its log what it does
     name = name or socket.gethostname()
     app, state = build(settings, name, vram)
     beat = state.beat
