@@ -86,9 +86,17 @@ def cli(debug: bool, verbose: bool) -> None:
     matching options.
     """
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err, show_path=False)])
+    if err.is_terminal:
+        handler: logging.Handler = RichHandler(console=err, show_path=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:  # a service's log file: one line per record
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler])
     for noisy in ("diffusers", "transformers", "huggingface_hub", "httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
+    for chatty in ("celery", "kombu"):  # one INFO line per message received; warnings matter (lost broker)
+        logging.getLogger(chatty).setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def manifest_options(fn: Callable[..., Any]) -> Callable[..., Any]:

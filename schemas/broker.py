@@ -53,7 +53,8 @@ def make_app(broker_url: str) -> Celery:
         worker_cancel_long_running_tasks_on_connection_loss=True,
         # Reports wait in their own queue for the dispatcher.
         task_default_queue=REPORTS_QUEUE, task_create_missing_queues=True,
-        worker_hijack_root_logger=False, worker_send_task_events=True, task_send_sent_event=False,
+        worker_hijack_root_logger=False, worker_redirect_stdouts=False,  # Kiln logs its own way
+        worker_send_task_events=True, task_send_sent_event=False,
         broker_connection_timeout=10,
     )
     return app
