@@ -245,3 +245,33 @@ def test_help_explains_every_command(tmp_path: Path, kiln_env: dict[str, str]) -
     for command in ("render", "submit", "status", "export", "models"):
         assert command in text
     assert len(text.splitlines()) < 40
+
+
+def test_batches_are_paused_resumed_reprioritized_and_cancelled_in_the_database(
+        tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    manifest = write(tmp_path / "m.csv", "id,prompt\na,x\nb,y\n")
+    batch = json.loads(kiln("submit", str(manifest), "--priority", "3", "--json", cwd=tmp_path,
+                            env=kiln_env).stdout)["batch_id"]
+    assert kiln("batch", "pause", batch, cwd=tmp_path, env=kiln_env).stdout.strip() == f"batch {batch}: paused"
+    assert json.loads(kiln("status", batch, "--json", cwd=tmp_path, env=kiln_env).stdout)["paused"] is True
+    kiln("batch", "resume", batch, cwd=tmp_path, env=kiln_env)
+    kiln("batch", "priority", batch, "7", cwd=tmp_path, env=kiln_env)
+    status = json.loads(kiln("status", batch, "--json", cwd=tmp_path, env=kiln_env).stdout)
+    assert (status["paused"], status["priority"]) == (False, 7)
+    assert "2 jobs cancelled" in kiln("batch", "cancel", batch, cwd=tmp_path, env=kiln_env).stdout
+    assert json.loads(kiln("status", batch, "--json", cwd=tmp_path, env=kiln_env).stdout)["counts"]["cancelled"] == 2
+    again = json.loads(kiln("submit", str(manifest), "--json", cwd=tmp_path, env=kiln_env).stdout)
+    assert again["queued"] == 2  # submitting again brings cancelled jobs back
+    assert "no batch 'nope'" in kiln("batch", "pause", "nope", cwd=tmp_path, env=kiln_env, check=1).stderr
+
+
+def test_fleet_commands_without_a_broker_say_which_variable_to_set(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    for command in (["dispatcher"], ["worker", "--vram", "8"]):
+        done = kiln(*command, cwd=tmp_path, env=kiln_env, check=2)
+        assert "KILN_BROKER_URL is not set" in done.stderr and "Traceback" not in done.stderr
+    bad = kiln("worker", cwd=tmp_path, env={**kiln_env, "KILN_BROKER_URL": "amqp://x"}, check=2)
+    assert "KILN_BROKER_URL: must be redis://" in bad.stderr
+    manifest = write(tmp_path / "m.csv", "prompt\nx\n")
+    batch = json.loads(kiln("submit", str(manifest), "--json", cwd=tmp_path, env=kiln_env).stdout)["batch_id"]
+    assert "--presign needs S3 storage" in kiln("export", batch, "--presign", "60", cwd=tmp_path, env=kiln_env,
+                                                check=2).stderr
