@@ -385,26 +385,19 @@ def _database_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--database-url", help="[env KILN_DATABASE_URL]")(fn)
 
 
-@batch.command("pause")
-@click.argument("batch_id")
-@_database_option
-def batch_pause(batch_id: str, database_url: str | None) -> None:
-    """Publish no more jobs of BATCH (running ones finish)."""
-    def change(_s: Any, b: Batch) -> str:
-        b.paused = True
-        return "paused"
-    _batch_change(batch_id, database_url, change)
+def _pause_command(name: str, paused: bool, help_text: str) -> None:
+    @batch.command(name, help=help_text)
+    @click.argument("batch_id")
+    @_database_option
+    def command(batch_id: str, database_url: str | None) -> None:
+        def change(_s: Any, b: Batch) -> str:
+            b.paused = paused
+            return f"{name}d"
+        _batch_change(batch_id, database_url, change)
 
 
-@batch.command("resume")
-@click.argument("batch_id")
-@_database_option
-def batch_resume(batch_id: str, database_url: str | None) -> None:
-    """Publish BATCH's jobs again."""
-    def change(_s: Any, b: Batch) -> str:
-        b.paused = False
-        return "resumed"
-    _batch_change(batch_id, database_url, change)
+_pause_command("pause", True, "Publish no more jobs of BATCH (running ones finish).")
+_pause_command("resume", False, "Publish BATCH's jobs again.")
 
 
 @batch.command("priority")

@@ -157,15 +157,23 @@ def _fail(session: Session, job: Job, result: RenderResult, now: datetime, polic
         store.move(session, job.id, JobStatus.FAILED, JobStatus.QUEUED, job.attempts, now, queue=queue,
                    min_vram_gb=vram // 1024 + 1, published_at=None, not_before=None)
         return f"out of memory on {result.worker}: moved to {queue}"
-    workers = session.scalar(select(func.count(func.distinct(Attempt.worker))).where(
-        Attempt.job_id == job.id, Attempt.status == "failed")) or 0
-    if job.attempts >= policy.max_attempts and (workers >= 2 or job.attempts >= 2 * policy.max_attempts):
+    workers = _exhausted(session, job.id, job.attempts, policy)
+    if workers:
         _dead(session, job, now, result.error or "failed")
         return f"dead after {job.attempts} attempts on {workers} workers"
     delay = policy.retry_base * 2 ** (job.attempts - 1)
     store.move(session, job.id, JobStatus.FAILED, JobStatus.QUEUED, job.attempts, now, published_at=None,
                not_before=now + delay)
     return f"failed, retry in {delay.total_seconds():.0f} s"
+
+
+def _exhausted(session: Session, job_id: str, attempts: int, policy: Policy) -> int:
+    """The number of workers a job failed or was lost on, when that is enough to give up; else 0. Enough means
+    max_attempts tries on at least two workers (one bad card does not kill a job), or twice that on one."""
+    workers = session.scalar(select(func.count(func.distinct(Attempt.worker))).where(
+        Attempt.job_id == job_id, Attempt.status.in_(["failed", "lost"]))) or 0
+    done = attempts >= policy.max_attempts and (workers >= 2 or attempts >= 2 * policy.max_attempts)
+    return workers if done else 0
 
 
 def _dead(session: Session, job: Job, now: datetime, error: str) -> None:
@@ -182,16 +190,25 @@ def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
 
 
 def reap(session: Session, now: datetime, policy: Policy) -> int:
-    """Give the running jobs of workers silent for longer than the timeout back to the queue."""
+    """Give back the running jobs of workers that went silent, or that live but say they are not on the job
+    (its GPU process died and Celery gave up on the message). A job whose workers keep vanishing goes dead."""
     cutoff = now - policy.worker_timeout
-    rows = session.execute(select(Job.id, Job.attempts, Job.worker).outerjoin(Worker, Worker.name == Job.worker)
-                           .where(Job.status == JobStatus.RUNNING, Job.updated_at < cutoff,
-                                  or_(Worker.last_seen.is_(None), Worker.last_seen < cutoff)))
+    silent = or_(Worker.last_seen.is_(None), Worker.last_seen < cutoff)
+    elsewhere = or_(Worker.current_job.is_(None), Worker.current_job != Job.id)
+    rows = session.execute(select(Job.id, Job.attempts, Job.worker, silent).outerjoin(Worker, Worker.name == Job.worker)
+                           .where(Job.status == JobStatus.RUNNING, Job.updated_at < cutoff, or_(silent, elsewhere)))
     reaped = 0
-    for job_id, attempt, worker in rows.all():
+    for job_id, attempt, worker, was_silent in rows.all():
+        reason = f"worker {worker} " + ("went silent" if was_silent else "stopped working on it (its process died)")
         try:
-            store.release(session, job_id, attempt, now, f"worker {worker} went silent")
-            session.execute(update(Job).where(Job.id == job_id).values(published_at=None))
+            with session.begin_nested():  # all of it, or none if the job moved meanwhile
+                store.finish_attempt(session, job_id, attempt, "lost", now, error=reason)
+                if _exhausted(session, job_id, attempt, policy):
+                    store.move(session, job_id, JobStatus.RUNNING, JobStatus.DEAD, attempt, now, lease_until=None,
+                               error=f"lost {attempt} times: {reason}")
+                else:
+                    store.move(session, job_id, JobStatus.RUNNING, JobStatus.QUEUED, attempt, now,
+                               lease_until=None, worker=None, published_at=None)
             reaped += 1
         except StaleStateError:
             pass

@@ -239,3 +239,36 @@ def test_status_names_jobs_that_no_registered_worker_fits(database_url: str, buc
         fleet.record_heartbeat(s, Heartbeat(worker="w8", device="cuda", vram_gb=8, queues=[]), T0)
         assert fleet.unfit_jobs(s, "b1") == [("big", "needs a 16 GB card for klein-9b at 1.05 MP; "
                                                      "the largest worker has 8 GB")]
+
+
+def test_a_job_whose_gpu_process_died_goes_back_though_its_worker_still_beats(database_url: str,
+                                                                                bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    task = broker.take()
+    report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1"))
+    later = T0 + timedelta(seconds=61)
+    with sessions.begin() as s:  # a fresh GPU child beats, busy with nothing
+        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[]), later)
+        assert fleet.reap(s, later, POLICY) == 1
+        error = s.scalar(select(Attempt.error).where(Attempt.job_id == task.job.job_id))
+    assert error == "worker w1 stopped working on it (its process died)"
+    assert job_row(sessions, task.job.job_id).status is JobStatus.QUEUED
+
+
+def test_a_job_that_keeps_killing_its_workers_goes_dead(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    now = T0
+    for worker in ["w1", "w2", "w1"]:
+        feed(sessions, bucket, broker, now)
+        task = broker.take()
+        report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=task.job.attempt,
+                                        worker=worker), now)
+        now += timedelta(seconds=61)
+        with sessions.begin() as s:
+            assert fleet.reap(s, now, POLICY) == 1
+    job = job_row(sessions, task.job.job_id)
+    assert (job.status, job.attempts) == (JobStatus.DEAD, 3)
+    assert job.error == "lost 3 times: worker w1 went silent"
