@@ -51,18 +51,46 @@ def running(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[
                 proc.kill()
 
 
+class PrivateRedis:
+    """A redis-server of the test's own on a free port, which the test may restart, with or without AOF."""
+
+    def __init__(self, folder: Path) -> None:
+        if shutil.which("redis-server") is None:
+            message = "redis-server is not installed (apt-get install redis-server)"
+            if os.environ.get("KILN_REQUIRE_SERVICES") == "1":
+                pytest.fail(message)
+            pytest.skip(message)
+        self.folder, self.port = folder, free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, persistent: bool = False) -> None:
+        with open(self.folder / "redis.log", "ab") as out:
+            self.proc = subprocess.Popen(
+                ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                 "--appendonly", "yes" if persistent else "no", "--appendfsync", "always",
+                 "--dir", str(self.folder)], stdout=out, stderr=subprocess.STDOUT)
+        wait_for_port(self.port, self.proc)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: with AOF on, Redis writes it out before exiting
+            self.proc.wait(timeout=20)
+
+    def restart(self, persistent: bool = False) -> None:
+        self.stop()
+        self.start(persistent)
+
+
 @contextmanager
-def redis_server(folder: Path) -> Iterator[str]:
-    """A private redis-server on a free port, keeping nothing on disk."""
-    if shutil.which("redis-server") is None:
-        message = "redis-server is not installed (apt-get install redis-server)"
-        if os.environ.get("KILN_REQUIRE_SERVICES") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    port = free_port()
-    with running(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-                  "--dir", str(folder)], port, folder / "redis.log"):
-        yield f"redis://127.0.0.1:{port}/0"
+def redis_server(folder: Path, persistent: bool = False) -> Iterator[PrivateRedis]:
+    """A private redis-server on a free port; without `persistent` it keeps nothing on disk."""
+    server = PrivateRedis(folder)
+    server.start(persistent)
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 @contextmanager

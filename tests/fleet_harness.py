@@ -1,0 +1,151 @@
+"""A whole fleet for tests: a private Redis, moto's S3 server, PostgreSQL, `kiln dispatcher` and `kiln worker`
+processes, plus the checks that must hold once it is quiet, whatever was broken on the way."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+import sqlalchemy
+from redis import Redis
+from sqlalchemy import func, select
+
+from schemas.capacity import TIERS, queue_name
+from schemas.messages import REPORTS_QUEUE
+from schemas.tables import Attempt, Job, Output
+from tests.services import PrivateRedis, redis_server, s3_server
+
+KILN = str(Path(sys.executable).with_name("kiln"))
+BUCKET = "kiln-test"
+AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class Fleet:
+    """Handles on a running fleet, and the invariants it must keep."""
+
+    def __init__(self, tmp: Path, db_url: str, redis: PrivateRedis, endpoint: str, cache_dir: Path) -> None:
+        broker_url = redis.url
+        self.redis = redis
+        self.tmp, self.db_url, self.broker_url, self.endpoint = tmp, db_url, broker_url, endpoint
+        base = {k: v for k, v in os.environ.items() if not k.startswith(("KILN_", "AWS_"))}
+        self.env = {**base, **AWS, "KILN_DATABASE_URL": db_url, "KILN_BROKER_URL": broker_url,
+                    "KILN_STORAGE_URL": f"s3://{BUCKET}/renders", "KILN_S3_ENDPOINT_URL": endpoint,
+                    "KILN_WORKER_TIMEOUT_SECONDS": "8"}
+        # least privilege: a worker gets the broker and nothing that opens the database or the bucket
+        self.worker_env = {**base, "KILN_BROKER_URL": broker_url, "KILN_CACHE_DIR": str(cache_dir),
+                           "KILN_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "KILN_HEARTBEAT_SECONDS": "1"}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.engine = sqlalchemy.create_engine(db_url)
+        self.s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
+                               region_name="us-east-1")
+        self.broker = Redis.from_url(broker_url)
+
+    def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+        """Start a kiln process in its own process group (so a kill takes its GPU child too)."""
+        with open(self.tmp / f"{name}.log", "ab") as out:
+            proc = subprocess.Popen([KILN, *args], env=env, cwd=self.tmp, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        self.procs[name] = proc
+        return proc
+
+    def dispatcher(self) -> subprocess.Popen[bytes]:
+        return self.start("dispatcher", ["dispatcher"], self.env)
+
+    def worker(self, name: str, vram: float) -> subprocess.Popen[bytes]:
+        return self.start(name, ["worker", "--name", name, "--vram", str(vram)], self.worker_env)
+
+    def signal(self, name: str, signum: int) -> None:
+        """Signal a process and its children, as switching a PC off or freezing it would."""
+        os.killpg(self.procs[name].pid, signum)
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGCONT)
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def kiln(self, *args: str) -> str:
+        done = subprocess.run([KILN, *args], env=self.env, cwd=self.tmp, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def submit(self, rows: str, *options: str) -> str:
+        (self.tmp / "m.csv").write_text(rows, encoding="utf-8")
+        return str(json.loads(self.kiln("submit", "m.csv", "--json", *options))["batch_id"])
+
+    def count(self, *where: Any) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(Job).where(*where)) or 0)
+
+    def wait_until(self, condition: Callable[[], bool], seconds: float, what: str) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.25)
+        logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2500:]}"
+                         for p in sorted(self.tmp.glob("*.log")))
+        pytest.fail(f"timed out waiting for {what}\n{logs}")
+
+    def wait_quiet(self, jobs: int, seconds: float = 180) -> None:
+        """Until every job is finished (succeeded or dead)."""
+        self.wait_until(lambda: self.count(Job.status.in_(["succeeded", "dead"])) == jobs, seconds,
+                        f"all {jobs} jobs to finish")
+
+    def check(self, max_attempts: int = 3) -> dict[str, int]:
+        """What must hold once the fleet is quiet: every job succeeded exactly once (one object with the recorded
+        checksum, one output row) or dead with its reason; no object without a row; nothing queued or running;
+        attempts within their limit; queues empty."""
+        with self.engine.connect() as conn:
+            jobs = list(conn.execute(select(Job)))
+            outputs = list(conn.execute(select(Output)))
+            lost_or_failed = conn.scalar(select(func.count()).select_from(Attempt)
+                                         .where(Attempt.status.in_(["lost", "failed"])))
+        by_job: dict[str, list[Any]] = {}
+        for output in outputs:
+            by_job.setdefault(output.job_id, []).append(output)
+        keys = {o["Key"] for o in self.s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+        for job in jobs:
+            assert job.status in ("succeeded", "dead"), f"job {job.id} left {job.status}"
+            if job.status == "dead":
+                assert job.error and job.id not in by_job
+                continue
+            [output] = by_job[job.id]
+            key = output.uri.removeprefix(f"s3://{BUCKET}/")
+            head = self.s3.head_object(Bucket=BUCKET, Key=key)
+            assert head["ETag"].strip('"') == output.md5 and head["Metadata"]["kiln-job"] == job.id
+            assert job.attempts <= 2 * max_attempts, f"job {job.id} took {job.attempts} attempts"
+        assert keys == {o.uri.removeprefix(f"s3://{BUCKET}/") for o in outputs}, "an object without a row"
+        self.wait_until(lambda: all(self.broker.llen(queue_name(t)) == 0 for t in TIERS), 30, "empty render queues")
+        self.wait_until(lambda: self.broker.llen(REPORTS_QUEUE) == 0, 30, "an empty reports queue")
+        return {"succeeded": sum(j.status == "succeeded" for j in jobs), "dead": sum(j.status == "dead" for j in jobs),
+                "lost_or_failed_attempts": int(lost_or_failed or 0)}
+
+
+@contextmanager
+def running_fleet(tmp: Path, db_url: str, cache_dir: Path) -> Iterator[Fleet]:
+    with ExitStack() as stack:
+        server = stack.enter_context(redis_server(tmp))
+        endpoint = stack.enter_context(s3_server(tmp))
+        fleet = Fleet(tmp, db_url, server, endpoint, cache_dir)
+        fleet.s3.create_bucket(Bucket=BUCKET)
+        try:
+            yield fleet
+        finally:
+            fleet.stop_all()
+            fleet.engine.dispose()
