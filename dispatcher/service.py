@@ -61,7 +61,9 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
 
     def publish(queue: str, payload: dict[str, Any]) -> None:
         # The message expires with its TTL; the feeder republishes from the database after that.
-        app.send_task(RENDER_TASK, args=[payload], queue=queue, expires=settings.message_ttl_seconds)
+        # argsrepr: logs, events and Flower show the job, never the signed upload URL (a credential)
+        app.send_task(RENDER_TASK, args=[payload], queue=queue, expires=settings.message_ttl_seconds,
+                      argsrepr=f"job {payload['job']['job_id']} attempt {payload['job']['attempt']}")
 
     def depth(queue: str) -> int:
         return int(broker.llen(queue))

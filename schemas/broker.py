@@ -20,8 +20,11 @@ HARD_TIME_LIMIT = 30 * 60
 VISIBILITY_TIMEOUT = 6 * 60 * 60
 
 
-def make_app(broker_url: str) -> Celery:
+def make_app(broker_url: str, time_limit: float = HARD_TIME_LIMIT) -> Celery:
     """A Celery app on `broker_url` with Kiln's reliability settings; nothing is read from globals."""
+    if time_limit * 2 > VISIBILITY_TIMEOUT:
+        raise ConfigError(f"KILN_JOB_TIME_LIMIT_SECONDS: must stay under {VISIBILITY_TIMEOUT // 2} s, half the "
+                          f"broker's visibility timeout, or a slow job would be handed to a second worker")
     app = Celery("kiln", broker=broker_url, set_as_current=False)
     app.conf.update(
         # JSON only: with pickle, anyone who can write to the broker runs code on every worker.
@@ -37,7 +40,8 @@ def make_app(broker_url: str) -> Celery:
         # One message in hand per worker: a GPU renders one job at a time, and prefetched messages would sit
         # unacked on a busy card while others idle.
         worker_prefetch_multiplier=1,
-        task_time_limit=HARD_TIME_LIMIT, task_soft_time_limit=HARD_TIME_LIMIT - 60,
+        # Past the limit the GPU process is killed and replaced; the job comes back through the reaper.
+        task_time_limit=time_limit,
         broker_transport_options={
             "visibility_timeout": VISIBILITY_TIMEOUT,
             # Consume queues in the order given: a worker's biggest-job queue first (needs kombu 5.7, kombu #801).

@@ -27,7 +27,11 @@ from tests.services import PrivateRedis, redis_server, s3_server
 
 KILN = str(Path(sys.executable).with_name("kiln"))
 BUCKET = "kiln-test"
-AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+# Distinctive secrets, so a test can search every output of a run for them.
+REDIS_PASSWORD = "redis-pw-7f3c9e"
+DB_PASSWORD = "db-pw-91ac5d"  # the test server trusts loopback, so any password connects
+AWS_SECRET = "aws-secret-2b8d41"
+AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 class Fleet:
@@ -36,6 +40,7 @@ class Fleet:
     def __init__(self, tmp: Path, db_url: str, redis: PrivateRedis, endpoint: str, cache_dir: Path) -> None:
         broker_url = redis.url
         self.redis = redis
+        db_url = db_url.replace("postgres@", f"postgres:{DB_PASSWORD}@", 1)
         self.tmp, self.db_url, self.broker_url, self.endpoint = tmp, db_url, broker_url, endpoint
         base = {k: v for k, v in os.environ.items() if not k.startswith(("KILN_", "AWS_"))}
         self.env = {**base, **AWS, "KILN_DATABASE_URL": db_url, "KILN_BROKER_URL": broker_url,
@@ -45,9 +50,10 @@ class Fleet:
         self.worker_env = {**base, "KILN_BROKER_URL": broker_url, "KILN_CACHE_DIR": str(cache_dir),
                            "KILN_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "KILN_HEARTBEAT_SECONDS": "1"}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.outputs: list[str] = []
         self.engine = sqlalchemy.create_engine(db_url)
-        self.s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test", aws_secret_access_key="test",
-                               region_name="us-east-1")
+        self.s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
+                               aws_secret_access_key=AWS_SECRET, region_name="us-east-1")
         self.broker = Redis.from_url(broker_url)
 
     def start(self, name: str, args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -81,8 +87,15 @@ class Fleet:
 
     def kiln(self, *args: str) -> str:
         done = subprocess.run([KILN, *args], env=self.env, cwd=self.tmp, capture_output=True, text=True, timeout=120)
+        self.outputs.append(done.stdout + done.stderr)
         assert done.returncode == 0, done.stderr
         return done.stdout
+
+    def everything_printed(self) -> str:
+        """Every log, command output and file Kiln wrote in this run (not the test servers' own logs)."""
+        files = [p.read_text(errors="replace") for p in self.tmp.rglob("*") if p.is_file()
+                 and p.suffix in (".log", ".csv", ".jsonl", ".json") and p.name not in ("moto.log", "redis.log")]
+        return "\n".join([*self.outputs, *files])
 
     def submit(self, rows: str, *options: str) -> str:
         (self.tmp / "m.csv").write_text(rows, encoding="utf-8")
@@ -140,7 +153,7 @@ class Fleet:
 @contextmanager
 def running_fleet(tmp: Path, db_url: str, cache_dir: Path) -> Iterator[Fleet]:
     with ExitStack() as stack:
-        server = stack.enter_context(redis_server(tmp))
+        server = stack.enter_context(redis_server(tmp, password=REDIS_PASSWORD))
         endpoint = stack.enter_context(s3_server(tmp))
         fleet = Fleet(tmp, db_url, server, endpoint, cache_dir)
         fleet.s3.create_bucket(Bucket=BUCKET)

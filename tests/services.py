@@ -54,14 +54,14 @@ def running(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[
 class PrivateRedis:
     """A redis-server of the test's own on a free port, which the test may restart, with or without AOF."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, password: str | None = None) -> None:
         if shutil.which("redis-server") is None:
             message = "redis-server is not installed (apt-get install redis-server)"
             if os.environ.get("KILN_REQUIRE_SERVICES") == "1":
                 pytest.fail(message)
             pytest.skip(message)
-        self.folder, self.port = folder, free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.folder, self.port, self.password = folder, free_port(), password
+        self.url = f"redis://{f':{password}@' if password else ''}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, persistent: bool = False) -> None:
@@ -69,7 +69,8 @@ class PrivateRedis:
             self.proc = subprocess.Popen(
                 ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
                  "--appendonly", "yes" if persistent else "no", "--appendfsync", "always",
-                 "--dir", str(self.folder)], stdout=out, stderr=subprocess.STDOUT)
+                 "--dir", str(self.folder), *(["--requirepass", self.password] if self.password else [])],
+                stdout=out, stderr=subprocess.STDOUT)
         wait_for_port(self.port, self.proc)
 
     def stop(self) -> None:
@@ -83,9 +84,9 @@ class PrivateRedis:
 
 
 @contextmanager
-def redis_server(folder: Path, persistent: bool = False) -> Iterator[PrivateRedis]:
+def redis_server(folder: Path, persistent: bool = False, password: str | None = None) -> Iterator[PrivateRedis]:
     """A private redis-server on a free port; without `persistent` it keeps nothing on disk."""
-    server = PrivateRedis(folder)
+    server = PrivateRedis(folder, password)
     server.start(persistent)
     try:
         yield server

@@ -8,8 +8,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
-from sqlalchemy import select
+from PIL import Image
+from sqlalchemy import func, select
 
 from schemas.tables import Attempt, Job
 from tests.fleet_harness import Fleet, running_fleet
@@ -73,3 +75,63 @@ def test_redis_restarted_mid_batch_loses_no_job(fleet: Fleet, persistent: bool) 
     fleet.redis.restart(persistent=persistent)  # without AOF every queued message is gone
     fleet.wait_quiet(10, 240)
     assert fleet.check()["succeeded"] == 10
+
+
+def test_a_killed_dispatcher_restarts_and_finishes_the_batch(fleet: Fleet) -> None:
+    fleet.submit(ROWS, "--model", "tiny")
+    fleet.worker("w1", 16)
+    fleet.wait_until(lambda: fleet.count(Job.status == "succeeded") >= 2, 120, "two jobs done")
+    fleet.signal("dispatcher", signal.SIGKILL)  # between recording and publishing, or anywhere else
+    time.sleep(3)  # reports and heartbeats pile up in Redis meanwhile
+    fleet.dispatcher()
+    fleet.wait_quiet(10)
+    assert fleet.check()["succeeded"] == 10
+
+
+def test_a_job_that_kills_its_gpu_process_every_time_goes_dead_and_the_batch_goes_on(fleet: Fleet) -> None:
+    # 100 steps at 1024x1024 with a 1 MP reference image (twice the tokens) take 15 s or more here, far past a
+    # 7 s time limit: the worker kills its GPU process on every attempt. Normal jobs take a few seconds.
+    Image.fromarray(np.full((1024, 1024, 3), 128, dtype=np.uint8)).save(fleet.tmp / "ref.png")
+    fleet.procs["dispatcher"].terminate()
+    fleet.procs["dispatcher"].wait(timeout=20)
+    fleet.env["KILN_MAX_ATTEMPTS"] = "2"
+    fleet.dispatcher()
+    fleet.worker_env["KILN_JOB_TIME_LIMIT_SECONDS"] = "7"
+    fleet.submit("id,prompt,steps,reference,width,height\nslow,x,100,ref.png,1024,1024\n"
+                 "ok1,y,4,,256,256\nok2,z,4,,256,256\n", "--model", "tiny")
+    fleet.worker("w1", 16)
+    fleet.worker("w2", 16)
+    fleet.wait_quiet(3, 240)
+    summary = fleet.check(max_attempts=2)
+    assert (summary["succeeded"], summary["dead"]) == (2, 1)
+    with fleet.engine.connect() as conn:
+        dead = conn.execute(select(Job).where(Job.status == "dead")).one()
+        workers = conn.scalar(select(func.count(func.distinct(Attempt.worker))).where(Attempt.job_id == dead.id))
+    # two attempts if the two workers took one each; more while one worker kept drawing it (up to 2 x 2)
+    assert dead.error.startswith(f"lost {dead.attempts} times") and 2 <= dead.attempts <= 4
+    assert workers == 2 or dead.attempts == 4
+
+
+def test_pickled_and_malformed_messages_are_refused_never_executed(fleet: Fleet, tmp_path: Path) -> None:
+    from celery import Celery
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):  # type: ignore[no-untyped-def]
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    fleet.worker("w1", 16)
+    fleet.wait_until(lambda: "w1" in fleet.kiln("workers"), 60, "the worker's first heartbeat")
+    attacker = Celery(broker=fleet.broker_url)
+    attacker.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
+    attacker.send_task("kiln.render", args=[Exploit()], queue="kiln.render.vram16", serializer="pickle")
+    attacker.send_task("kiln.render", args=[{"job": "not a job"}], queue="kiln.render.vram16", serializer="json")
+    fleet.submit(ROWS, "--model", "tiny")  # real work still flows past the junk
+    fleet.wait_quiet(10)
+    assert fleet.check()["succeeded"] == 10
+    log = (fleet.tmp / "w1.log").read_text(errors="replace")
+    assert "Refusing to deserialize untrusted content of type pickle" in log
+    assert "refused a malformed render message" in log
+    assert not marker.exists()

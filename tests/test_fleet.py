@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import select
 
 from schemas.tables import Attempt, Job, Output
-from tests.fleet_harness import AWS, BUCKET, KILN, Fleet, running_fleet
+from tests.fleet_harness import AWS, AWS_SECRET, BUCKET, DB_PASSWORD, KILN, REDIS_PASSWORD, Fleet, running_fleet
 from tests.services import s3_server
 
 WORKERS = {"w8": 8, "w16": 16, "w24": 24}
@@ -62,7 +62,12 @@ def test_mixed_manifest_is_rendered_by_workers_that_fit_into_the_bucket(fleet: F
     w8_section = inspect.stdout.split("w8@", 1)[1].split("->", 1)[0]
     assert "kiln.render.vram8" in w8_section and "vram16" not in w8_section
 
-    fleet.kiln("export", batch_id, "--presign", "600", "-o", "out.jsonl")
+    fleet.kiln("export", batch_id, "-o", "plain.csv")
+    printed = fleet.everything_printed()
+    for secret in (REDIS_PASSWORD, AWS_SECRET, DB_PASSWORD, "X-Amz-Signature", "X-Amz-Credential"):
+        assert secret not in printed, f"{secret} leaked into a log, an error, a status or an export"
+
+    fleet.kiln("export", batch_id, "--presign", "600", "-o", "out.jsonl")  # signed links only when asked for
     first = json.loads((fleet.tmp / "out.jsonl").read_text().splitlines()[0])
     with urllib.request.urlopen(first["kiln_download_url"]) as response:
         assert response.read()[:8] == b"\x89PNG\r\n\x1a\n"

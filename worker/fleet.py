@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 from celery import Celery, signals
+from pydantic import ValidationError
 
 from schemas.broker import make_app
 from schemas.capacity import worker_queues
@@ -28,6 +29,11 @@ from schemas.messages import (
 )
 from schemas.models import resolve_model
 from schemas.settings import KilnSettings, load_settings
+
+# Imported here, before Celery forks the GPU process, so a replacement process (after a crash or a time limit)
+# starts rendering in a second instead of importing torch and diffusers again. CUDA is first touched in the child.
+from worker.render import LocalRenderer
+from worker.upload import SignedUpload
 
 log = logging.getLogger("kiln.worker")
 
@@ -78,11 +84,12 @@ def build(settings: KilnSettings, name: str, vram_gb: float | None) -> tuple[Cel
     device, measured = measure_vram_gb(settings.device)
     vram = vram_gb if vram_gb is not None else measured
     state = WorkerState(name, device, vram, worker_queues(vram))
-    app = make_app(settings.broker_url)
+    app = make_app(settings.broker_url, settings.job_time_limit_seconds)
     renderer: dict[str, Any] = {}
 
     def send(task: str, payload: dict[str, Any], expires: float | None = None) -> None:
-        app.send_task(task, args=[payload], queue=REPORTS_QUEUE, expires=expires)
+        app.send_task(task, args=[payload], queue=REPORTS_QUEUE, expires=expires,
+                      argsrepr=f"{payload.get('kind', 'heartbeat')} from {name}")
 
     def heartbeat_forever() -> None:
         while True:
@@ -100,7 +107,11 @@ def build(settings: KilnSettings, name: str, vram_gb: float | None) -> tuple[Cel
 
     @app.task(name=RENDER_TASK, bind=True, acks_late=True, max_retries=2)
     def render(task: Any, payload: dict[str, Any]) -> None:
-        message = RenderTask.model_validate(payload)  # anything else is rejected, never executed
+        try:
+            message = RenderTask.model_validate(payload)  # anything else is dropped, never executed
+        except ValidationError as exc:
+            log.error("refused a malformed render message: %s", exc.errors()[0]["msg"])
+            return
         job = message.job
         send(REPORT_TASK, Report(kind="started", job_id=job.job_id, attempt=job.attempt, worker=name)
              .model_dump(mode="json"))
@@ -113,9 +124,6 @@ def build(settings: KilnSettings, name: str, vram_gb: float | None) -> tuple[Cel
 
 def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str, state: WorkerState,
             renderer: dict[str, Any]) -> RenderResult:
-    from worker.render import LocalRenderer
-    from worker.upload import SignedUpload
-
     if state.too_big(job):
         return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,
                             error_kind="oom", error=f"{name} ran out of memory on this model at this size before")
