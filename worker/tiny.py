@@ -40,6 +40,9 @@ def ensure_tiny(cache_dir: Path) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
+    import transformers.utils.logging
+
+    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar for a 1 MB model
     try:
         build_tiny_pipeline().save_pretrained(staging)
         try:
