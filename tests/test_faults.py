@@ -32,12 +32,24 @@ def running_on(fleet: Fleet, worker: str) -> str | None:
         return conn.scalar(select(Job.id).where(Job.status == "running", Job.worker == worker).limit(1))
 
 
-def test_a_worker_switched_off_mid_render_loses_nothing(fleet: Fleet) -> None:
+def caught_rendering(fleet: Fleet, victim: str, other: str) -> str:
+    """Submit the batch, start two workers, and return the job `victim` is rendering at this moment."""
     fleet.submit(ROWS, "--model", "tiny")
-    fleet.worker("victim", 16)
-    fleet.worker("survivor", 16)
-    fleet.wait_until(lambda: running_on(fleet, "victim") is not None, 120, "a job running on the victim")
-    job = running_on(fleet, "victim")
+    fleet.worker(victim, 16)
+    fleet.worker(other, 16)
+    caught: list[str] = []
+
+    def rendering() -> bool:
+        job = running_on(fleet, victim)
+        caught.extend([job] if job else [])
+        return job is not None
+
+    fleet.wait_until(rendering, 120, f"a job running on {victim}")
+    return caught[-1]
+
+
+def test_a_worker_switched_off_mid_render_loses_nothing(fleet: Fleet) -> None:
+    job = caught_rendering(fleet, "victim", "survivor")
     fleet.signal("victim", signal.SIGKILL)  # the worker and its GPU child, at once
     fleet.wait_quiet(10)
     summary = fleet.check()
@@ -48,11 +60,7 @@ def test_a_worker_switched_off_mid_render_loses_nothing(fleet: Fleet) -> None:
 
 
 def test_a_frozen_worker_that_wakes_late_overwrites_and_duplicates_nothing(fleet: Fleet) -> None:
-    fleet.submit(ROWS, "--model", "tiny")
-    fleet.worker("sleeper", 16)
-    fleet.worker("awake", 16)
-    fleet.wait_until(lambda: running_on(fleet, "sleeper") is not None, 120, "a job running on the sleeper")
-    job = running_on(fleet, "sleeper")
+    job = caught_rendering(fleet, "sleeper", "awake")
     fleet.signal("sleeper", signal.SIGSTOP)  # past its timeout (8 s): its job goes to the other worker
     fleet.wait_until(lambda: fleet.count(Job.id == job, Job.status == "succeeded") == 1, 120,
                      "the frozen worker's job to succeed elsewhere")
