@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import exporter, fleet, runner, store
 from dispatcher.bucket import Bucket, is_s3
@@ -132,8 +133,8 @@ def _plan(manifest: Path, settings: KilnSettings, params: dict[str, Any]) -> Exp
     return expand(raw, options)
 
 
-def _record(manifest: Path, settings: KilnSettings, expansion: Expansion, params: dict[str, Any]) -> store.Recorded:
-    sessions = store.open_database(settings.database_url)
+def _record(manifest: Path, sessions: sessionmaker[Session], expansion: Expansion,
+            params: dict[str, Any]) -> store.Recorded:
     batch = Batch(id=uuid.uuid4().hex[:12], name=params.get("name") or manifest.stem, manifest=str(manifest),
                   manifest_sha256=_sha256(manifest), non_commercial=params["non_commercial"], created_at=utcnow(),
                   priority=params.get("priority") or 0, paused=False)
@@ -168,8 +169,8 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
         settings = settings.model_copy(update={"storage_url": "renders"})
     renderer = runner.load_renderer(settings, runner.local_worker_name())
     renderer.prepare(list(expansion.models.values()))  # missing weights fail before anything is written
-    recorded = _record(manifest, settings, expansion, params)
     sessions = store.open_database(settings.database_url)
+    recorded = _record(manifest, sessions, expansion, params)
     with sessions.begin() as session:
         runner.recover_orphans(session, utcnow())
     queued = recorded.new + recorded.requeued + recorded.in_progress
@@ -257,7 +258,7 @@ def submit(manifest: Path, as_json: bool, dry_run: bool, **params: Any) -> None:
         "examples": [{"id": j.row_id, "prompt": j.prompt, "output": j.output_key, "seed": j.seed}
                      for j in jobs[:3]]}
     if not dry_run:
-        recorded = _record(manifest, settings, expansion, params)
+        recorded = _record(manifest, store.open_database(settings.database_url), expansion, params)
         summary |= {"batch_id": recorded.batch_id, "queued": recorded.new + recorded.requeued,
                     "already_done": recorded.already_done, "in_progress": recorded.in_progress}
     if as_json:
