@@ -132,7 +132,8 @@ class Fleet:
         by_job: dict[str, list[Any]] = {}
         for output in outputs:
             by_job.setdefault(output.job_id, []).append(output)
-        keys = {o["Key"] for o in self.s3.list_objects_v2(Bucket=BUCKET).get("Contents", [])}
+        keys = {o["Key"] for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
+                for o in page.get("Contents", [])}  # a page holds at most 1,000 keys
         for job in jobs:
             assert job.status in ("succeeded", "dead"), f"job {job.id} left {job.status}"
             if job.status == "dead":
