@@ -279,11 +279,10 @@ def active_jobs(session: Session, batch_id: str) -> int:
 
 def cancel_queued(session: Session, batch_id: str, now: datetime) -> int:
     """Cancel a batch's queued jobs; running ones are left to finish."""
-    ids = session.scalars(select(Job.id).join(BatchJob, BatchJob.job_id == Job.id)
-                          .where(BatchJob.batch_id == batch_id, Job.status == JobStatus.QUEUED)).all()
+    rows = session.execute(select(Job.id, Job.attempts).join(BatchJob, BatchJob.job_id == Job.id)
+                           .where(BatchJob.batch_id == batch_id, Job.status == JobStatus.QUEUED)).all()
     cancelled = 0
-    for job_id in ids:
-        attempts = session.scalar(select(Job.attempts).where(Job.id == job_id)) or 0
+    for job_id, attempts in rows:
         try:
             move(session, job_id, JobStatus.QUEUED, JobStatus.CANCELLED, attempts, now, published_at=None)
             cancelled += 1

@@ -85,9 +85,7 @@ class LocalRenderer:
         if self._loaded and self._loaded[0] == name:
             return self._loaded[1]
         self._loaded = None  # free the old pipeline before loading the next
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        self._free()
         pipe = load_pipeline(resolve_model(name), self.settings.cache_dir, self.device)
         self._loaded = (name, pipe)
         return pipe
