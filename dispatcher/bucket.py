@@ -40,19 +40,25 @@ def is_s3(url: str) -> bool:
 class Bucket:
     """One bucket and key prefix, reached with the usual AWS_* credentials."""
 
-    def __init__(self, storage_url: str, endpoint_url: str | None = None) -> None:
+    def __init__(self, storage_url: str, endpoint_url: str | None = None, timeout: float = 30.0) -> None:
         parsed = urlparse(storage_url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise ConfigError(f"KILN_STORAGE_URL: {storage_url!r} is not s3://bucket/prefix")
         self.name = parsed.netloc
         self.prefix = parsed.path.strip("/")
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=Config(
+        config = Config(
             signature_version="s3v4",
             # MinIO and most S3-compatible services want path-style addressing.
             s3={"addressing_style": "path" if endpoint_url else "auto"},
             # boto3 1.36+ adds checksums that MinIO and R2 reject; we verify with Content-MD5 and the ETag.
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
-            retries={"total_max_attempts": 5, "mode": "standard"}, connect_timeout=5, read_timeout=30))
+            # 500/503 bursts, throttling and stalls past the read timeout are retried with jittered backoff.
+            retries={"total_max_attempts": 5, "mode": "standard"}, connect_timeout=min(timeout, 5),
+            read_timeout=timeout)
+        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        # One quick question, no retries: is the bucket there right now? (the dispatcher holds work while not)
+        self.probe = boto3.client("s3", endpoint_url=endpoint_url, config=config.merge(Config(
+            retries={"total_max_attempts": 1, "mode": "standard"}, read_timeout=min(timeout, 5))))
 
     def key(self, output_key: str) -> str:
         """The full object key of an output key."""
@@ -75,6 +81,14 @@ class Bucket:
             raise ConfigError(f"KILN_STORAGE_URL: cannot reach bucket {self.name!r} ({_reason(exc)}): check "
                               "KILN_S3_ENDPOINT_URL and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
 
+    def reachable(self) -> str | None:
+        """None when the bucket answers now; else why not, in a few words."""
+        try:
+            self.probe.head_bucket(Bucket=self.name)
+        except (ClientError, BotoCoreError) as exc:
+            return _reason(exc)
+        return None
+
     def upload_for(self, job_id: str, output_key: str) -> Upload:
         """A signed create-once PUT for one job's output."""
         headers = {"If-None-Match": "*", f"x-amz-meta-{JOB_META}": job_id, "Content-Type": "image/png"}
@@ -91,6 +105,8 @@ class Bucket:
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
+            raise StorageError(f"cannot check {self.uri(output_key)}: {_reason(exc)}") from None
+        except BotoCoreError as exc:  # no connection, or no answer within the read timeout, after retries
             raise StorageError(f"cannot check {self.uri(output_key)}: {_reason(exc)}") from None
         return StoredObject(md5=head["ETag"].strip('"'), size=head["ContentLength"],
                             job_id=head.get("Metadata", {}).get(JOB_META))

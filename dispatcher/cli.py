@@ -19,6 +19,7 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 from sqlalchemy import select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import exporter, fleet, runner, store
@@ -56,7 +57,10 @@ class KilnGroup(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            try:
+                return super().invoke(ctx)
+            except OperationalError as exc:  # a database that went away or stayed locked mid-command
+                raise KilnError(store.explain(exc)) from exc
         except KilnError as exc:
             if ctx.find_root().params.get("debug"):
                 raise
@@ -164,7 +168,7 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
     expansion = _plan(manifest, settings, params)
     storage = None
     if is_s3(settings.storage_url):  # the renderer writes local folders; S3 goes through our own credentials
-        storage = Bucket(settings.storage_url, settings.s3_endpoint_url)
+        storage = Bucket(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds)
         storage.check()
         settings = settings.model_copy(update={"storage_url": "renders"})
     renderer = runner.load_renderer(settings, runner.local_worker_name())
@@ -348,7 +352,7 @@ def export(batch: str, target: Path | None, database_url: str | None, presign_se
     if presign_seconds:
         if not is_s3(settings.storage_url):
             raise ConfigError("--presign needs S3 storage: set KILN_STORAGE_URL=s3://bucket/prefix")
-        bucket = Bucket(settings.storage_url, settings.s3_endpoint_url)
+        bucket = Bucket(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds)
         for row in rows:
             done = row["kiln_status"] == "succeeded"
             row["kiln_download_url"] = bucket.download_url(row["kiln_output_key"], presign_seconds) if done else None

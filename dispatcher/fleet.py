@@ -102,12 +102,20 @@ def record_report(session: Session, report: Report, now: datetime, policy: Polic
         return f"stale start (job is {job.status.value}, attempt {job.attempts})"
     if report.kind == "started":
         return "started"
+    if job.attempts == report.attempt and job.worker == report.worker and job.status is not JobStatus.RUNNING:
+        return f"already recorded (job is {job.status.value})"  # delivered again after a commit we never heard of
     if job.status is not JobStatus.RUNNING or job.attempts != report.attempt or job.worker != report.worker:
         return f"stale result (job is {job.status.value}, attempt {job.attempts}, worker {job.worker})"
     assert report.result is not None, "a finished report carries its result"
     if report.result.ok:
         return _succeed(session, job, report.result, now, policy, bucket)
     return _fail(session, job, report.result, now, policy)
+
+
+def touch(session: Session, report: Report, now: datetime) -> None:
+    """Note that a running job's report is in hand but not yet recorded, so the reaper leaves the job be."""
+    session.execute(update(Job).where(Job.id == report.job_id, Job.status == JobStatus.RUNNING,
+                                      Job.attempts == report.attempt).values(updated_at=now))
 
 
 def _start(session: Session, job: Job, report: Report, now: datetime) -> None:

@@ -12,31 +12,38 @@ from typing import Any
 
 import redis
 from pydantic import ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import fleet
 from dispatcher.bucket import Bucket
 from schemas.broker import make_app
-from schemas.errors import ConfigError, StaleStateError
+from schemas.errors import ConfigError, StaleStateError, StorageError
 from schemas.messages import HEARTBEAT_TASK, RENDER_TASK, REPORT_TASK, REPORTS_QUEUE, Heartbeat, Report
 from schemas.settings import KilnSettings
 
 log = logging.getLogger("kiln.dispatcher")
 TICK_SECONDS = 1.0
+REPORT_RETRY_SECONDS = 3.0
+STORAGE_DOWN_AFTER = 3  # failed probes in a row (one a tick) before publishing stops
+REPORT_RETRIES = 1200  # an hour; after that the report is dropped and the reaper gives the job back
+# A connection dropped mid-query or mid-commit: the transaction may or may not have landed. Every write here is a
+# compare-and-set, so doing it again is safe.
+DATABASE_AWAY = (OperationalError, InterfaceError)
 
 
 def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callable[[], datetime]) -> None:
     """Run until stopped: a bookkeeping thread, and a Celery consumer of the reports queue."""
     if not settings.broker_url:
         raise ConfigError("KILN_BROKER_URL is not set: the dispatcher needs the fleet's Redis, e.g. redis://host:6379/0")
-    bucket = Bucket(settings.storage_url, settings.s3_endpoint_url)
+    bucket = Bucket(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds)
     bucket.check()
     policy = fleet.Policy.from_settings(settings)
     app = make_app(settings.broker_url)
     broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
 
-    @app.task(name=REPORT_TASK, acks_late=True)
-    def report(payload: dict[str, Any]) -> None:
+    @app.task(name=REPORT_TASK, bind=True, acks_late=True, max_retries=REPORT_RETRIES)
+    def report(task: Any, payload: dict[str, Any]) -> None:
         try:
             message = Report.model_validate(payload)
         except ValidationError as exc:
@@ -47,6 +54,17 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 outcome = fleet.record_report(session, message, clock(), policy, bucket)
         except StaleStateError as exc:  # lost a race with the reaper: the job is someone else's now
             outcome = f"stale ({exc})"
+        except (StorageError, *DATABASE_AWAY) as exc:
+            # Storage cannot verify the upload, or the database is away: keep the report (a new message, so
+            # heartbeats and other reports go on meanwhile) and keep the job from looking abandoned.
+            log.warning("job %s attempt %d: cannot record the report yet (%s); again in %g s", message.job_id,
+                        message.attempt, _why(exc), REPORT_RETRY_SECONDS)
+            try:
+                with sessions.begin() as session:
+                    fleet.touch(session, message, clock())
+            except DATABASE_AWAY:
+                pass
+            raise task.retry(countdown=REPORT_RETRY_SECONDS) from None
         log.info("job %s attempt %d on %s: %s", message.job_id, message.attempt, message.worker, outcome)
 
     @app.task(name=HEARTBEAT_TASK)
@@ -56,8 +74,11 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         except ValidationError:
             log.error("dropped a malformed heartbeat")
             return
-        with sessions.begin() as session:
-            fleet.record_heartbeat(session, beat, clock())
+        try:
+            with sessions.begin() as session:
+                fleet.record_heartbeat(session, beat, clock())
+        except DATABASE_AWAY as exc:  # the next one comes in seconds
+            log.warning("heartbeat of %s not recorded (%s)", beat.worker, _why(exc))
 
     def publish(queue: str, payload: dict[str, Any]) -> None:
         # The message expires with its TTL; the feeder republishes from the database after that.
@@ -69,18 +90,38 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         return int(broker.llen(queue))
 
     def bookkeeping() -> None:
+        failed_probes, was_down = 0, False
         while True:
             try:
                 with sessions.begin() as session:
                     reaped = fleet.reap(session, clock(), policy)
-                with sessions.begin() as session:
-                    published = fleet.feed(session, clock(), policy, bucket, publish, depth)
+                # While storage is away, publishing would only burn attempts on uploads that cannot land. One
+                # failed probe is a hiccup (S3 answers 503 now and then); a few in a row is an outage.
+                problem = bucket.reachable()
+                failed_probes = failed_probes + 1 if problem else 0
+                if failed_probes == STORAGE_DOWN_AFTER:
+                    log.warning("storage unreachable (%s): holding new render messages until it is back", problem)
+                elif failed_probes == 0 and was_down:
+                    log.info("storage reachable again: publishing")
+                was_down = failed_probes >= STORAGE_DOWN_AFTER
+                published = 0
+                if not was_down:
+                    with sessions.begin() as session:
+                        published = fleet.feed(session, clock(), policy, bucket, publish, depth)
                 if reaped or published:
                     log.info("published %d render messages, gave back %d jobs of silent workers", published, reaped)
-            except Exception:  # the broker or database is away: say so and try again next tick
+            except DATABASE_AWAY as exc:
+                log.warning("bookkeeping: the database is away (%s); retrying", _why(exc))
+            except Exception:  # the broker is away, or something unforeseen: say so and try again next tick
                 log.exception("bookkeeping failed; retrying")
             time.sleep(TICK_SECONDS)
 
     threading.Thread(target=bookkeeping, name="kiln-bookkeeping", daemon=True).start()
     app.worker_main(["worker", "--pool", "solo", "-Q", REPORTS_QUEUE, "-n", "kiln-dispatcher@%h",
                      "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
+
+
+def _why(exc: Exception) -> str:
+    """The first line of an error, without SQL or parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    return f"{type(orig).__name__}: {str(orig).strip().splitlines()[0] if str(orig).strip() else ''}"

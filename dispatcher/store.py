@@ -17,7 +17,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, func, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.expand import Expansion
@@ -29,6 +29,7 @@ from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
 MIGRATIONS = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
 MIGRATION_LOCK = 0x4B494C4E  # "KILN": the advisory lock that serializes migrations on PostgreSQL
 CHUNK = 500  # ids per IN (...) query, well under every database's parameter limit
+BUSY_SECONDS = 10  # how long SQLite waits for another process's write lock before giving up
 
 
 def open_database(url: str) -> sessionmaker[Session]:
@@ -48,9 +49,30 @@ def open_database(url: str) -> sessionmaker[Session]:
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
     except OperationalError as exc:
-        raise ConfigError(f"KILN_DATABASE_URL: cannot open {engine.url.render_as_string(hide_password=True)}: "
-                          f"{str(exc.orig).strip().splitlines()[0]}") from None
+        where = engine.url.render_as_string(hide_password=True)
+        if _locked(exc):
+            raise ConfigError(f"cannot open {where}: {explain(exc)}") from None
+        raise ConfigError(f"KILN_DATABASE_URL: cannot open {where}: {_first_line(exc)}") from None
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def explain(exc: DBAPIError) -> str:
+    """What a database failure means for the user and what to do; never the SQL or its parameters."""
+    if _locked(exc):
+        return (f"the SQLite file is locked by another process (another `kiln render`, or a tool holding a write "
+                f"transaction) and stayed locked for {BUSY_SECONDS} s: let it finish, or use another file with "
+                "--database-url")
+    return (f"lost the database connection ({_first_line(exc)}); what this command was saving may or may not have "
+            "been saved. Run it again: that is safe, jobs are recorded once, by content")
+
+
+def _first_line(exc: DBAPIError) -> str:
+    text = str(exc.orig).strip()
+    return text.splitlines()[0] if text else type(exc.orig).__name__
+
+
+def _locked(exc: DBAPIError) -> bool:
+    return isinstance(exc.orig, sqlite3.OperationalError) and "locked" in str(exc.orig)
 
 
 def _sqlite_pragmas(engine: Engine) -> None:
@@ -60,7 +82,7 @@ def _sqlite_pragmas(engine: Engine) -> None:
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None
         cursor = dbapi_conn.cursor()
-        cursor.execute("PRAGMA busy_timeout=10000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_SECONDS * 1000}")
         # Switching a new file to WAL answers "locked" at once, without the busy timeout, while another process
         # is doing the same: retry briefly. Once the file is in WAL mode this is a no-op.
         for attempt in range(100):

@@ -37,6 +37,10 @@ class KilnSettings(BaseSettings):
     max_attempts: int = Field(3, ge=1, le=20, description="attempts before a job is dead")
     job_time_limit_seconds: float = Field(1800.0, gt=0, description="a worker kills a render running longer")
     retry_base_seconds: float = Field(10.0, ge=0, description="backoff before retry n is base * 2**(n-1)")
+    storage_timeout_seconds: float = Field(30.0, gt=0, description="an S3 request with no answer this long is "
+                                                                     "given up and tried again")
+    upload_retry_seconds: float = Field(300.0, ge=0, description="how long a worker keeps retrying the upload of "
+                                                                   "a rendered image before the attempt fails")
 
     @field_validator("broker_url")
     @classmethod

@@ -23,7 +23,8 @@ from sqlalchemy import func, select
 from schemas.capacity import TIERS, queue_name
 from schemas.messages import REPORTS_QUEUE
 from schemas.tables import Attempt, Job, Output
-from tests.services import PrivateRedis, redis_server, s3_server
+from tests.faultproxy import S3FaultProxy
+from tests.services import PrivateRedis, free_port, redis_server, s3_server
 
 KILN = str(Path(sys.executable).with_name("kiln"))
 BUCKET = "kiln-test"
@@ -37,22 +38,26 @@ AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_DE
 class Fleet:
     """Handles on a running fleet, and the invariants it must keep."""
 
-    def __init__(self, tmp: Path, db_url: str, redis: PrivateRedis, endpoint: str, cache_dir: Path) -> None:
-        broker_url = redis.url
-        self.redis = redis
+    def __init__(self, tmp: Path, db_url: str, redis: PrivateRedis, storage: S3FaultProxy, direct: str,
+                 cache_dir: Path) -> None:
+        """Kiln's processes reach S3 through `storage`, a proxy that breaks when told; the checks go `direct`."""
+        broker_url, endpoint = redis.url, storage.url
+        self.redis, self.storage = redis, storage
         db_url = db_url.replace("postgres@", f"postgres:{DB_PASSWORD}@", 1)
         self.tmp, self.db_url, self.broker_url, self.endpoint = tmp, db_url, broker_url, endpoint
         base = {k: v for k, v in os.environ.items() if not k.startswith(("KILN_", "AWS_"))}
         self.env = {**base, **AWS, "KILN_DATABASE_URL": db_url, "KILN_BROKER_URL": broker_url,
                     "KILN_STORAGE_URL": f"s3://{BUCKET}/renders", "KILN_S3_ENDPOINT_URL": endpoint,
-                    "KILN_WORKER_TIMEOUT_SECONDS": "8"}
+                    "KILN_WORKER_TIMEOUT_SECONDS": "8", "KILN_STORAGE_TIMEOUT_SECONDS": "3",
+                    "KILN_RETRY_BASE_SECONDS": "1"}
         # least privilege: a worker gets the broker and nothing that opens the database or the bucket
         self.worker_env = {**base, "KILN_BROKER_URL": broker_url, "KILN_CACHE_DIR": str(cache_dir),
-                           "KILN_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "KILN_HEARTBEAT_SECONDS": "1"}
+                           "KILN_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "KILN_HEARTBEAT_SECONDS": "1",
+                           "KILN_STORAGE_TIMEOUT_SECONDS": "3", "KILN_UPLOAD_RETRY_SECONDS": "12"}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.outputs: list[str] = []
         self.engine = sqlalchemy.create_engine(db_url)
-        self.s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="test",
+        self.s3 = boto3.client("s3", endpoint_url=direct, aws_access_key_id="test",
                                aws_secret_access_key=AWS_SECRET, region_name="us-east-1")
         self.broker = Redis.from_url(broker_url)
 
@@ -64,8 +69,8 @@ class Fleet:
         self.procs[name] = proc
         return proc
 
-    def dispatcher(self) -> subprocess.Popen[bytes]:
-        return self.start("dispatcher", ["dispatcher"], self.env)
+    def dispatcher(self, **env: str) -> subprocess.Popen[bytes]:
+        return self.start("dispatcher", ["dispatcher"], {**self.env, **env})
 
     def worker(self, name: str, vram: float) -> subprocess.Popen[bytes]:
         return self.start(name, ["worker", "--name", name, "--vram", str(vram)], self.worker_env)
@@ -155,8 +160,10 @@ class Fleet:
 def running_fleet(tmp: Path, db_url: str, cache_dir: Path) -> Iterator[Fleet]:
     with ExitStack() as stack:
         server = stack.enter_context(redis_server(tmp, password=REDIS_PASSWORD))
-        endpoint = stack.enter_context(s3_server(tmp))
-        fleet = Fleet(tmp, db_url, server, endpoint, cache_dir)
+        direct = stack.enter_context(s3_server(tmp))
+        storage = S3FaultProxy(direct, free_port())
+        stack.callback(storage.stop)
+        fleet = Fleet(tmp, db_url, server, storage, direct, cache_dir)
         fleet.s3.create_bucket(Bucket=BUCKET)
         try:
             yield fleet

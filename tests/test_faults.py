@@ -1,11 +1,15 @@
-"""Breaking the fleet on purpose: PCs switched off or frozen mid-render, Redis restarted mid-batch. After each,
-once quiet, the same checks hold (Fleet.check): every job once, no stray object, nothing left in flight."""
+"""Breaking the fleet on purpose: PCs switched off or frozen mid-render, Redis restarted mid-batch, storage
+failing, stalling or gone, the database connection cut mid-commit. After each, once quiet, the same checks hold
+(Fleet.check): every job once, no stray object, nothing left in flight."""
 
 from __future__ import annotations
 
+import random
 import signal
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,9 @@ from PIL import Image
 from sqlalchemy import func, select
 
 from schemas.tables import Attempt, Job
+from tests.faultproxy import CommitCutter
 from tests.fleet_harness import Fleet, running_fleet
+from tests.services import free_port
 
 # 1024x1024 tiny renders take about a second on these CPUs: long enough to be caught in the middle.
 ROWS = "id,prompt\n" + "".join(f"p{i},product {i}\n" for i in range(10))
@@ -143,3 +149,94 @@ def test_pickled_and_malformed_messages_are_refused_never_executed(fleet: Fleet,
     assert "Refusing to deserialize untrusted content of type pickle" in log
     assert "refused a malformed render message" in log
     assert not marker.exists()
+
+
+@contextmanager
+def again_and_again(action: Callable[[], None], every: float) -> Iterator[None]:
+    """Run `action` every `every` seconds in the background while the block runs."""
+    done = threading.Event()
+
+    def loop() -> None:
+        while not done.wait(every):
+            action()
+
+    thread = threading.Thread(target=loop, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def test_storage_answering_500_and_503_in_bursts_loses_and_duplicates_nothing(fleet: Fleet) -> None:
+    rng = random.Random(4)
+
+    def burst() -> None:  # uploads and the dispatcher's checks both get hit
+        fleet.storage.fail(rng.randint(1, 3), rng.choice([500, 503]), {"PUT"})
+        fleet.storage.fail(rng.randint(1, 2), rng.choice([500, 503]), {"HEAD"})
+
+    fleet.submit(ROWS, "--model", "tiny")
+    with again_and_again(burst, 4.0):
+        fleet.worker("w1", 16)
+        fleet.worker("w2", 16)
+        fleet.wait_quiet(10, 240)
+    assert fleet.check()["succeeded"] == 10
+    hits = fleet.storage.injected
+    assert hits["503 PUT"] + hits["500 PUT"] >= 3 and hits["503 HEAD"] + hits["500 HEAD"] >= 3, hits
+
+
+def test_storage_stalling_past_the_read_timeout_after_the_write_landed_duplicates_nothing(fleet: Fleet) -> None:
+    # The stalled uploads land, the answer comes after the worker gave up (3 s): its next try gets 412 and the
+    # image that stands is the one recorded. The dispatcher's checks stall too, and are retried.
+    fleet.storage.stall(4, 5.0, {"PUT"})
+    fleet.storage.stall(3, 5.0, {"HEAD"})
+    fleet.submit(ROWS, "--model", "tiny")
+    fleet.worker("w1", 16)
+    fleet.worker("w2", 16)
+    fleet.wait_quiet(10, 240)
+    assert fleet.check()["succeeded"] == 10
+    assert fleet.storage.injected["stall PUT"] == 4 and fleet.storage.injected["stall HEAD"] == 3
+    with fleet.engine.connect() as conn:
+        failed = conn.scalar(select(func.count()).select_from(Attempt).where(Attempt.status == "failed"))
+    assert failed == 0  # a stall is retried within the upload's budget, not charged to the job
+
+
+def test_a_storage_outage_longer_than_the_upload_budget_fails_attempts_that_retry_after(fleet: Fleet) -> None:
+    fleet.submit(ROWS, "--model", "tiny")
+    fleet.worker("w1", 16)
+    fleet.worker("w2", 16)
+    fleet.wait_until(lambda: fleet.count(Job.status == "succeeded") >= 2, 120, "two jobs done")
+    fleet.storage.stop()
+    time.sleep(18)  # past the workers' 12 s upload budget: renders in hand fail their attempt
+    fleet.storage.start()
+    fleet.wait_quiet(10, 240)
+    assert fleet.check()["succeeded"] == 10
+    with fleet.engine.connect() as conn:
+        errors = list(conn.scalars(select(Attempt.error).where(Attempt.status == "failed")))
+    assert errors and all("could not upload" in e for e in errors), errors
+    log = (fleet.tmp / "dispatcher.log").read_text()
+    assert "storage unreachable" in log and "holding new render messages" in log and "reachable again" in log
+
+
+def test_database_connection_dropped_mid_commit_loses_and_duplicates_nothing(fleet: Fleet) -> None:
+    # The dispatcher's connection dies on every 9th COMMIT: in turn after PostgreSQL committed (the dispatcher
+    # never hears so) and before. Reports are kept and recorded again; every write is a compare-and-set.
+    port = int(fleet.db_url.split("@127.0.0.1:")[1].split("/")[0])
+    cutter = CommitCutter(port, free_port(), every=9)
+    try:
+        fleet.procs["dispatcher"].terminate()
+        fleet.procs["dispatcher"].wait(timeout=20)
+        through = (fleet.db_url.replace(f"127.0.0.1:{port}", f"127.0.0.1:{cutter.port}")
+                   .replace("?", "?sslmode=disable&"))  # in clear, so the cutter sees the COMMITs
+        fleet.dispatcher(KILN_DATABASE_URL=through)
+        fleet.submit(ROWS, "--model", "tiny")
+        fleet.worker("w1", 16)
+        fleet.worker("w2", 16)
+        fleet.wait_quiet(10, 240)
+        time.sleep(3)  # reports of cut commits come back within seconds
+        assert fleet.check()["succeeded"] == 10
+        assert cutter.cut["after"] >= 2 and cutter.cut["before"] >= 2, cutter.cut
+    finally:
+        fleet.stop_all()
+        cutter.close()

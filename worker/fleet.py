@@ -132,8 +132,8 @@ def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str
     local: LocalRenderer = renderer["local"]
     state.update(current_job=job.job_id, step=0, steps=job.steps)
     started = time.perf_counter()
-    [result] = local.render([job], lambda step, steps: state.update(step=step, steps=steps),
-                            SignedUpload(message.upload))
+    upload = SignedUpload(message.upload, settings.storage_timeout_seconds, settings.upload_retry_seconds)
+    [result] = local.render([job], lambda step, steps: state.update(step=step, steps=steps), upload)
     if result.error_kind == "oom":
         state.ceilings[resolve_model(job.model).profile] = job.width * job.height / 1e6 - 1e-6
     seconds = round(time.perf_counter() - started, 3) if result.ok else state.beat.seconds_per_image

@@ -13,27 +13,30 @@ from schemas.errors import StorageError
 from schemas.messages import Upload
 
 RETRYABLE = {408, 429, 500, 502, 503, 504}
+MAX_PAUSE = 20.0
 
 
 class SignedUpload:
-    """A Storage for exactly one object: PUT once, retry what the network or the server got wrong."""
+    """A Storage for exactly one object: PUT once, retry what the network or the server got wrong for up to
+    `budget` seconds (a rendered image is worth waiting for: rendering it again costs GPU time)."""
 
-    def __init__(self, upload: Upload, tries: int = 5, timeout: float = 60.0,
-                 sleep: Callable[[float], None] = time.sleep) -> None:
-        self.upload, self.tries, self.timeout, self.sleep = upload, tries, timeout, sleep
+    def __init__(self, upload: Upload, timeout: float = 30.0, budget: float = 300.0,
+                 sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> None:
+        self.upload, self.timeout, self.budget, self.sleep, self.clock = upload, timeout, budget, sleep, clock
 
     def uri(self, key: str) -> str:
         """The object's s3:// URI."""
         return self.upload.uri
 
     def put(self, key: str, data: bytes) -> str:
-        """PUT the bytes with Content-MD5 (the server verifies them). 412 means an earlier attempt of this job
-        already stored its image, which stands: the dispatcher checks which one it recorded."""
+        """PUT the bytes with Content-MD5 (the server verifies them). 412 means an earlier attempt of this job,
+        or an earlier try of this one whose answer was lost, already stored its image, which stands: the
+        dispatcher checks what is there before recording it."""
         headers = {**self.upload.headers, "Content-MD5": base64.b64encode(hashlib.md5(data).digest()).decode()}
-        problem = "no attempt made"
-        for attempt in range(self.tries):
-            if attempt:
-                self.sleep(min(2.0 ** attempt, 20.0))
+        deadline = self.clock() + self.budget
+        tries, problem = 0, "no attempt made"
+        while True:
+            tries += 1
             request = urllib.request.Request(self.upload.url, data=data, headers=headers, method="PUT")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout):
@@ -47,4 +50,8 @@ class SignedUpload:
                                        "the signed URL may have expired") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
                 problem = type(getattr(exc, "reason", exc)).__name__
-        raise StorageError(f"could not upload {self.upload.uri} after {self.tries} tries ({problem})")
+            pause = min(2.0 ** (tries - 1), MAX_PAUSE)
+            if self.clock() + pause > deadline:
+                raise StorageError(f"could not upload {self.upload.uri}: {tries} tries in {self.budget:g} s "
+                                   f"failed (last: {problem})")
+            self.sleep(pause)
