@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.expand import Expansion
 from schemas.capacity import job_queue
-from schemas.errors import ConfigError, StaleStateError
+from schemas.errors import ConfigError, KilnError, StaleStateError
 from schemas.job import ACTIVE, REQUEUEABLE, JobSpec, JobStatus, RenderResult, check_transition
 from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
 
@@ -51,7 +51,7 @@ def open_database(url: str) -> sessionmaker[Session]:
     except OperationalError as exc:
         where = engine.url.render_as_string(hide_password=True)
         if _locked(exc):
-            raise ConfigError(f"cannot open {where}: {explain(exc)}") from None
+            raise KilnError(f"cannot open {where}: {explain(exc)}") from None
         raise ConfigError(f"KILN_DATABASE_URL: cannot open {where}: {_first_line(exc)}") from None
     return sessionmaker(engine, expire_on_commit=False)
 

@@ -12,6 +12,8 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from sqlalchemy.engine import make_url
+
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "proxy-connection"}
 S3_ERRORS = {500: "InternalError", 503: "SlowDown"}
 
@@ -152,13 +154,18 @@ class CommitCutter:
     `every`-th after it: in turn after the server got it (it landed, but the client never hears so) and before
     (the transaction is rolled back). Either way the client only knows that its connection died mid-commit."""
 
-    def __init__(self, upstream_port: int, port: int, every: int = 5, first: int | None = None) -> None:
-        self.upstream_port, self.port, self.every = upstream_port, port, every
-        self.first = every if first is None else first
+    def __init__(self, database_url: str, every: int = 5, first: int | None = None) -> None:
+        target = make_url(database_url)
+        self.upstream = (target.host or "127.0.0.1", target.port or 5432)
+        self.every, self.first = every, every if first is None else first
         self.commits = 0
         self.cut: Counter[str] = Counter()
         self.lock = threading.Lock()
-        self.listener = socket.create_server(("127.0.0.1", port))
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        # the same database through this proxy, in clear so that the COMMITs can be seen
+        self.url = target.set(host="127.0.0.1", port=self.port).update_query_dict({"sslmode": "disable"}) \
+            .render_as_string(hide_password=False)
         threading.Thread(target=self._accept, name="commit-cutter", daemon=True).start()
 
     def _accept(self) -> None:
@@ -167,7 +174,7 @@ class CommitCutter:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.upstream_port))
+            server = socket.create_connection(self.upstream)
             cutting = threading.Event()
             threading.Thread(target=self._pump, args=(client, server, cutting, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, cutting, False), daemon=True).start()

@@ -20,7 +20,6 @@ from sqlalchemy import func, select
 from schemas.tables import Attempt, Job
 from tests.faultproxy import CommitCutter
 from tests.fleet_harness import Fleet, running_fleet
-from tests.services import free_port
 
 # 1024x1024 tiny renders take about a second on these CPUs: long enough to be caught in the middle.
 ROWS = "id,prompt\n" + "".join(f"p{i},product {i}\n" for i in range(10))
@@ -222,14 +221,11 @@ def test_a_storage_outage_longer_than_the_upload_budget_fails_attempts_that_retr
 def test_database_connection_dropped_mid_commit_loses_and_duplicates_nothing(fleet: Fleet) -> None:
     # The dispatcher's connection dies on every 9th COMMIT: in turn after PostgreSQL committed (the dispatcher
     # never hears so) and before. Reports are kept and recorded again; every write is a compare-and-set.
-    port = int(fleet.db_url.split("@127.0.0.1:")[1].split("/")[0])
-    cutter = CommitCutter(port, free_port(), every=9)
+    cutter = CommitCutter(fleet.db_url, every=9)
     try:
         fleet.procs["dispatcher"].terminate()
         fleet.procs["dispatcher"].wait(timeout=20)
-        through = (fleet.db_url.replace(f"127.0.0.1:{port}", f"127.0.0.1:{cutter.port}")
-                   .replace("?", "?sslmode=disable&"))  # in clear, so the cutter sees the COMMITs
-        fleet.dispatcher(KILN_DATABASE_URL=through)
+        fleet.dispatcher(KILN_DATABASE_URL=cutter.url)
         fleet.submit(ROWS, "--model", "tiny")
         fleet.worker("w1", 16)
         fleet.worker("w2", 16)
