@@ -1,5 +1,6 @@
-"""Soak: thousands of tiny jobs over several workers while workers, Redis and the dispatcher are killed, frozen
-and restarted at random. Then the same checks as the fault tests, and the figures. Not a test: run it by hand.
+"""Soak: thousands of tiny jobs over several workers while workers, Redis, the dispatcher and the storage proxy
+are killed, frozen, restarted or made to fail at random. Then the same checks as the fault tests, and the
+figures. Not a test: run it by hand.
 
     .venv/bin/python -m benchmarks.soak --jobs 2000 --workers 3 --minutes 8
 
@@ -44,7 +45,8 @@ def rss_mb(pid: int) -> float:
 
 def inject(fleet: Fleet, workers: list[str], rng: random.Random) -> str:
     """One random fault; returns its name."""
-    kind = rng.choice(["kill-worker", "freeze-worker", "restart-redis", "kill-dispatcher"])
+    kind = rng.choice(["kill-worker", "freeze-worker", "restart-redis", "kill-dispatcher", "storage-errors",
+                       "storage-stalls", "storage-outage"])
     if kind == "kill-worker":
         name = rng.choice(workers)
         fleet.signal(name, signal.SIGKILL)
@@ -57,6 +59,14 @@ def inject(fleet: Fleet, workers: list[str], rng: random.Random) -> str:
         fleet.signal(name, signal.SIGCONT)
     elif kind == "restart-redis":
         fleet.redis.restart(persistent=False)
+    elif kind == "storage-errors":  # a burst of 500/503 answers to uploads and checks
+        fleet.storage.fail(rng.randint(1, 6), rng.choice([500, 503]))
+    elif kind == "storage-stalls":  # answers held past the 3 s read timeout, after the write landed
+        fleet.storage.stall(rng.randint(1, 4), rng.uniform(3.5, 8))
+    elif kind == "storage-outage":  # the storage proxy killed, then restarted: sometimes past the upload budget
+        fleet.storage.stop()
+        time.sleep(rng.uniform(3, 25))
+        fleet.storage.start()
     else:
         fleet.signal("dispatcher", signal.SIGKILL)
         fleet.procs["dispatcher"].wait()
@@ -123,6 +133,8 @@ def run(fleet: Fleet, args: argparse.Namespace, rng: random.Random) -> None:
           f"lost {args.jobs - statuses.get('succeeded', 0) - statuses.get('dead', 0)}, "
           f"duplicated {extra_rows + max(0, keys - outputs)} (objects {keys}, output rows {outputs})")
     print(f"faults injected {sum(faults.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
+    print("requests the storage proxy broke: " + ", ".join(f"{k} {v}" for k, v in
+                                                           sorted(fleet.storage.injected.items())))
     print("worker memory MB at start -> end: " + ", ".join(
         f"{n} {memory_start[n]:.0f} -> {memory_end[n]:.0f}" for n in names))
     print(f"checks: {problems}")

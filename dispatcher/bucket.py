@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
 import boto3
@@ -74,9 +75,9 @@ class Bucket:
         return f"s3://{self.name}/{self.key(output_key)}"
 
     def check(self) -> None:
-        """Fail at start, with what to do, when the bucket cannot be reached."""
+        """Fail at start, with what to do, when the bucket cannot be reached or read."""
         try:
-            self.client.head_bucket(Bucket=self.name)
+            self._look(self.client)
         except (ClientError, BotoCoreError) as exc:
             raise ConfigError(f"KILN_STORAGE_URL: cannot reach bucket {self.name!r} ({_reason(exc)}): check "
                               "KILN_S3_ENDPOINT_URL and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
@@ -84,10 +85,15 @@ class Bucket:
     def reachable(self) -> str | None:
         """None when the bucket answers now; else why not, in a few words."""
         try:
-            self.probe.head_bucket(Bucket=self.name)
+            self._look(self.probe)
         except (ClientError, BotoCoreError) as exc:
             return _reason(exc)
         return None
+
+    def _look(self, client: Any) -> None:
+        # A one-key listing under the prefix, not HeadBucket: it needs only s3:ListBucket limited to the prefix
+        # (README, least privilege), where HeadBucket would need the whole bucket.
+        client.list_objects_v2(Bucket=self.name, Prefix=f"{self.prefix}/" if self.prefix else "", MaxKeys=1)
 
     def upload_for(self, job_id: str, output_key: str) -> Upload:
         """A signed create-once PUT for one job's output."""

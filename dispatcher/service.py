@@ -26,6 +26,7 @@ log = logging.getLogger("kiln.dispatcher")
 TICK_SECONDS = 1.0
 REPORT_RETRY_SECONDS = 3.0
 STORAGE_DOWN_AFTER = 3  # failed probes in a row (one a tick) before publishing stops
+PROBE_SECONDS = 5.0  # how often a reachable bucket is looked at again (a LIST request each time)
 REPORT_RETRIES = 1200  # an hour; after that the report is dropped and the reaper gives the job back
 # A connection dropped mid-query or mid-commit: the transaction may or may not have landed. Every write here is a
 # compare-and-set, so doing it again is safe.
@@ -90,14 +91,17 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         return int(broker.llen(queue))
 
     def bookkeeping() -> None:
-        failed_probes, was_down = 0, False
+        failed_probes, was_down, last_ok = 0, False, 0.0
         while True:
             try:
                 with sessions.begin() as session:
                     reaped = fleet.reap(session, clock(), policy)
                 # While storage is away, publishing would only burn attempts on uploads that cannot land. One
                 # failed probe is a hiccup (S3 answers 503 now and then); a few in a row is an outage.
-                problem = bucket.reachable()
+                problem = None
+                if failed_probes or time.monotonic() - last_ok >= PROBE_SECONDS:
+                    problem = bucket.reachable()
+                    last_ok = last_ok if problem else time.monotonic()
                 failed_probes = failed_probes + 1 if problem else 0
                 if failed_probes == STORAGE_DOWN_AFTER:
                     log.warning("storage unreachable (%s): holding new render messages until it is back", problem)

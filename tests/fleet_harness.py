@@ -20,6 +20,7 @@ import sqlalchemy
 from redis import Redis
 from sqlalchemy import func, select
 
+from schemas.broker import WORKER_ACL
 from schemas.capacity import TIERS, queue_name
 from schemas.messages import REPORTS_QUEUE
 from schemas.tables import Attempt, Job, Output
@@ -39,8 +40,9 @@ class Fleet:
     """Handles on a running fleet, and the invariants it must keep."""
 
     def __init__(self, tmp: Path, db_url: str, redis: PrivateRedis, storage: S3FaultProxy, direct: str,
-                 cache_dir: Path) -> None:
-        """Kiln's processes reach S3 through `storage`, a proxy that breaks when told; the checks go `direct`."""
+                 cache_dir: Path, worker_login: str | None = None) -> None:
+        """Kiln's processes reach S3 through `storage`, a proxy that breaks when told; the checks go `direct`.
+        Workers log in to Redis as `worker_login` (user:password) when given."""
         broker_url, endpoint = redis.url, storage.url
         self.redis, self.storage = redis, storage
         db_url = db_url.replace("postgres@", f"postgres:{DB_PASSWORD}@", 1)
@@ -51,7 +53,8 @@ class Fleet:
                     "KILN_WORKER_TIMEOUT_SECONDS": "8", "KILN_STORAGE_TIMEOUT_SECONDS": "3",
                     "KILN_RETRY_BASE_SECONDS": "1"}
         # least privilege: a worker gets the broker and nothing that opens the database or the bucket
-        self.worker_env = {**base, "KILN_BROKER_URL": broker_url, "KILN_CACHE_DIR": str(cache_dir),
+        worker_broker = redis.url_for(worker_login) if worker_login else broker_url
+        self.worker_env = {**base, "KILN_BROKER_URL": worker_broker, "KILN_CACHE_DIR": str(cache_dir),
                            "KILN_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "KILN_HEARTBEAT_SECONDS": "1",
                            "KILN_STORAGE_TIMEOUT_SECONDS": "3", "KILN_UPLOAD_RETRY_SECONDS": "12"}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -157,13 +160,23 @@ class Fleet:
 
 
 @contextmanager
-def running_fleet(tmp: Path, db_url: str, cache_dir: Path) -> Iterator[Fleet]:
+def running_fleet(tmp: Path, db_url: str, cache_dir: Path, tls: Path | None = None,
+                  worker_password: str | None = None) -> Iterator[Fleet]:
+    """A fleet's services, and handles on it. With `tls`, Redis speaks only TLS. With `worker_password`, Redis
+    has no default user: the dispatcher logs in as kiln-dispatcher, workers as kiln-worker with WORKER_ACL."""
     with ExitStack() as stack:
-        server = stack.enter_context(redis_server(tmp, password=REDIS_PASSWORD))
+        users = [] if worker_password is None else [
+            "default off", f"kiln-dispatcher on >{REDIS_PASSWORD} ~* &* +@all",
+            f"kiln-worker on >{worker_password} {WORKER_ACL}"]
+        server = stack.enter_context(redis_server(tmp, password=None if users else REDIS_PASSWORD, tls=tls,
+                                                  users=users))
+        if users:
+            server.url = server.url_for(f"kiln-dispatcher:{REDIS_PASSWORD}")
         direct = stack.enter_context(s3_server(tmp))
         storage = S3FaultProxy(direct, free_port())
         stack.callback(storage.stop)
-        fleet = Fleet(tmp, db_url, server, storage, direct, cache_dir)
+        fleet = Fleet(tmp, db_url, server, storage, direct, cache_dir,
+                      f"kiln-worker:{worker_password}" if users else None)
         fleet.s3.create_bucket(Bucket=BUCKET)
         try:
             yield fleet
