@@ -20,7 +20,7 @@ from dispatcher.reader import RawManifest, Record
 from dispatcher.template import TemplateError, placeholders, render
 from schemas.errors import ManifestError, ModelError, Problem
 from schemas.keys import key_problem
-from schemas.manifest import DEFAULT_SIDE, FIELDS, MAX_PIXELS, MAX_PROMPT_CHARS, RowFields, describe
+from schemas.manifest import DEFAULT_SIDE, FIELDS, MAX_PIXELS, MAX_PROMPT_CHARS, MAX_ROWS, RowFields, describe
 from schemas.models import DEFAULT_MODEL, ModelSpec, resolve_model
 
 REFERENCE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
@@ -107,6 +107,9 @@ def job_id(*parts: Any) -> str:
 
 def expand(manifest: RawManifest, options: Options) -> Expansion:
     """Validate every row and expand it into jobs; raise one ManifestError listing every problem found."""
+    if len(manifest.records) > MAX_ROWS:
+        raise ManifestError([Problem(manifest.name, f"has {len(manifest.records):,} rows; the limit is "
+                                                    f"{MAX_ROWS:,}: split it into several manifests")])
     problems = _Problems()
     expansion = Expansion(jobs=[])
     seen_ids: dict[str, str] = {}

@@ -153,3 +153,18 @@ def test_reference_paths_resolve_against_the_manifest_folder(tmp_path: Path) -> 
     opts = Options(batch="b", base_dir=tmp_path)
     job = expand(parse_manifest(b"prompt,reference\nx,ref.png\n", "m.csv"), opts).jobs[0]
     assert job.reference == str((tmp_path / "ref.png").resolve())
+
+
+def test_row_count_is_capped_before_any_row_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("dispatcher.expand.MAX_ROWS", 3)
+    assert "m.csv: has 4 rows; the limit is 3: split it into several manifests" in rejection(
+        "prompt\na\nb\nc\nd\n")
+    assert len(jobs_of("prompt\na\nb\nc\n").jobs) == 3
+
+
+def test_reference_images_over_20_mib_are_refused(tmp_path: Path) -> None:
+    with open(tmp_path / "big.png", "wb") as big:  # sparse: 20 MiB and one byte, nothing written
+        big.truncate(20 * 2**20 + 1)
+    with pytest.raises(ManifestError) as caught:
+        expand(parse_manifest(b"prompt,reference\nx,big.png\n", "m.csv"), Options(batch="b", base_dir=tmp_path))
+    assert "m.csv line 2: column \"reference\": 'big.png' is over 20 MiB" in str(caught.value)
