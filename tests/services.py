@@ -38,9 +38,10 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], seconds: float = 20)
 
 
 @contextmanager
-def running(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def running(args: list[str], port: int, log: Path,
+            env: dict[str, str] | None = None) -> Iterator[subprocess.Popen[bytes]]:
     with open(log, "wb") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env)
         try:
             wait_for_port(port, proc)
             yield proc
@@ -116,10 +117,12 @@ def redis_server(folder: Path, persistent: bool = False, password: str | None = 
 
 
 @contextmanager
-def s3_server(folder: Path) -> Iterator[str]:
-    """moto's S3 server on a free loopback port: a real S3 HTTP endpoint, state in memory."""
+def s3_server(folder: Path, enforce_iam_after: int | None = None) -> Iterator[str]:
+    """moto's S3 server on a free loopback port: a real S3 HTTP endpoint, state in memory. With
+    `enforce_iam_after`, every request after that many is checked against the caller's IAM policies."""
     port = free_port()
-    with running([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port, folder / "moto.log"):
+    env = None if enforce_iam_after is None else {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": str(enforce_iam_after)}
+    with running([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], port, folder / "moto.log", env):
         yield f"http://127.0.0.1:{port}"
 
 

@@ -7,15 +7,20 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
+import botocore.exceptions
 import pytest
 import redis
 import yaml
 from sqlalchemy import text
 
+from dispatcher.bucket import Bucket
 from schemas.broker import WORKER_ACL
+from schemas.errors import StorageError
 from tests.fleet_harness import Fleet, running_fleet
-from tests.services import make_certificates, postgres_tls_server
+from tests.services import make_certificates, postgres_tls_server, s3_server
 
+ROOT = Path(__file__).resolve().parent.parent
 WORKER_PASSWORD = "worker-pw-5e0c77"
 ROWS = "id,prompt,width,height\n" + "".join(f"p{i},product {i},256,256\n" for i in range(4))
 
@@ -51,7 +56,7 @@ def test_a_batch_runs_over_tls_with_a_least_privilege_worker_account(secure_flee
 
 
 def test_the_readme_and_compose_yaml_give_workers_exactly_the_tested_rules() -> None:
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     readme = (root / "README.md").read_text()
     assert f"user kiln-worker on >WORKER_PASSWORD {WORKER_ACL}" in readme
     command = yaml.safe_load((root / "compose.yaml").read_text())["services"]["redis"]["command"]
@@ -60,3 +65,33 @@ def test_the_readme_and_compose_yaml_give_workers_exactly_the_tested_rules() -> 
     policy = json.loads((root / "deploy" / "storage-policy.json").read_text())
     resources = {r for statement in policy["Statement"] for r in statement["Resource"]}
     assert resources == {"arn:aws:s3:::renders/catalog/*", "arn:aws:s3:::renders"}
+
+
+def test_the_dispatchers_storage_calls_need_nothing_beyond_the_prefix_policy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # moto enforcing IAM after the four set-up calls: the key below has only deploy/storage-policy.json.
+    # (moto checks actions and resources, not ListBucket's s3:prefix condition, and cannot take presigned PUTs
+    # under enforcement: those two parts are AWS's and MinIO's to enforce, as documented.)
+    with s3_server(tmp_path, enforce_iam_after=4) as endpoint:
+        admin = {"endpoint_url": endpoint, "aws_access_key_id": "admin", "aws_secret_access_key": "admin",
+                 "region_name": "us-east-1"}
+        boto3.client("s3", **admin).create_bucket(Bucket="renders")
+        iam = boto3.client("iam", **admin)
+        iam.create_user(UserName="kiln-dispatcher")
+        iam.put_user_policy(UserName="kiln-dispatcher", PolicyName="kiln-catalog",
+                            PolicyDocument=(ROOT / "deploy" / "storage-policy.json").read_text())
+        key = iam.create_access_key(UserName="kiln-dispatcher")["AccessKey"]
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        bucket = Bucket("s3://renders/catalog", endpoint)
+        bucket.check()
+        assert bucket.reachable() is None
+        assert bucket.put("a.png", b"png bytes") == "s3://renders/catalog/a.png"
+        stored = bucket.stat("a.png")
+        assert stored is not None and stored.size == 9
+        assert bucket.stat("missing.png") is None
+        with pytest.raises(StorageError, match="AccessDenied"):
+            Bucket("s3://renders/elsewhere", endpoint).put("a.png", b"x")
+        with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
+            bucket.client.delete_object(Bucket="renders", Key="catalog/a.png")
