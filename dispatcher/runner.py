@@ -92,26 +92,35 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
     with sessions.begin() as session:
         store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
     while True:
-        with sessions.begin() as session:
-            jobs = store.claim(session, renderer.worker, clock(), LEASE, batch_id=batch_id, limit=batch_size,
-                               prefer_model=renderer.loaded_model)
-        if not jobs:
-            break
+        jobs: list[JobSpec] = []
         try:
-            results = renderer.render(jobs, on_step, storage)
-        except BaseException:
             with sessions.begin() as session:
-                for job in jobs:
-                    store.release(session, job.job_id, job.attempt, clock(), "interrupted")
+                jobs = store.claim(session, renderer.worker, clock(), LEASE, batch_id=batch_id, limit=batch_size,
+                                   prefer_model=renderer.loaded_model)
+            if not jobs:
+                break
+            results = renderer.render(jobs, on_step, storage)
+            with sessions.begin() as session:
+                for job, result in zip(jobs, results, strict=True):
+                    status = store.record_result(session, job, result, clock())
+                    summary.rendered += status is JobStatus.SUCCEEDED
+                    summary.failed += status is JobStatus.FAILED
+                store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
+        except BaseException:  # Ctrl-C or SIGTERM anywhere from the claim on: the jobs in hand go back
+            _release(sessions, jobs, clock)
             raise
-        with sessions.begin() as session:
-            for job, result in zip(jobs, results, strict=True):
-                status = store.record_result(session, job, result, clock())
-                summary.rendered += status is JobStatus.SUCCEEDED
-                summary.failed += status is JobStatus.FAILED
-            store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
         for job, result in zip(jobs, results, strict=True):
             if on_result:
                 on_result(job, result)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _release(sessions: sessionmaker[Session], jobs: list[JobSpec], clock: Clock) -> None:
+    with sessions.begin() as session:
+        for job in jobs:
+            try:
+                with session.begin_nested():
+                    store.release(session, job.job_id, job.attempt, clock(), "interrupted")
+            except StaleStateError:
+                pass  # its result was recorded just before the interrupt
