@@ -56,9 +56,12 @@ class Bucket:
             # 500/503 bursts, throttling and stalls past the read timeout are retried with jittered backoff.
             retries={"total_max_attempts": 5, "mode": "standard"}, connect_timeout=min(timeout, 5),
             read_timeout=timeout)
-        self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)
+        # A session of its own: credentials come from the environment now, not from whatever boto3's default
+        # session cached earlier in the process.
+        session = boto3.session.Session()
+        self.client = session.client("s3", endpoint_url=endpoint_url, config=config)
         # One quick question, no retries: is the bucket there right now? (the dispatcher holds work while not)
-        self.probe = boto3.client("s3", endpoint_url=endpoint_url, config=config.merge(Config(
+        self.probe = session.client("s3", endpoint_url=endpoint_url, config=config.merge(Config(
             retries={"total_max_attempts": 1, "mode": "standard"}, read_timeout=min(timeout, 5))))
 
     def key(self, output_key: str) -> str:

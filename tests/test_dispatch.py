@@ -121,7 +121,7 @@ def test_a_job_succeeds_once_with_its_verified_object_and_late_reports_change_no
     task = broker.take()
     assert task.upload.uri == bucket.uri("b1/a.png") and task.job.attempt == 1
     assert report(sessions, bucket, render(task, "w1")) == "succeeded"  # no started report: it may be lost
-    assert "stale" in report(sessions, bucket, render(task, "w1", b"other bytes"))  # duplicate delivery
+    assert "already recorded" in report(sessions, bucket, render(task, "w1", b"other bytes"))  # delivered twice
     assert "stale" in report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w2"))
     with sessions.begin() as s:
         [output] = s.scalars(select(Output)).all()
