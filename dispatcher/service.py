@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import fleet
+from dispatcher import fleet, store
 from dispatcher.bucket import Bucket
 from schemas.broker import make_app
 from schemas.errors import ConfigError, StaleStateError, StorageError
@@ -91,25 +91,13 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         return int(broker.llen(queue))
 
     def bookkeeping() -> None:
-        failed_probes, was_down, last_ok = 0, False, 0.0
+        gate = StorageGate(bucket)
         while True:
             try:
                 with sessions.begin() as session:
                     reaped = fleet.reap(session, clock(), policy)
-                # While storage is away, publishing would only burn attempts on uploads that cannot land. One
-                # failed probe is a hiccup (S3 answers 503 now and then); a few in a row is an outage.
-                problem = None
-                if failed_probes or time.monotonic() - last_ok >= PROBE_SECONDS:
-                    problem = bucket.reachable()
-                    last_ok = last_ok if problem else time.monotonic()
-                failed_probes = failed_probes + 1 if problem else 0
-                if failed_probes == STORAGE_DOWN_AFTER:
-                    log.warning("storage unreachable (%s): holding new render messages until it is back", problem)
-                elif failed_probes == 0 and was_down:
-                    log.info("storage reachable again: publishing")
-                was_down = failed_probes >= STORAGE_DOWN_AFTER
                 published = 0
-                if not was_down:
+                if gate.open():
                     with sessions.begin() as session:
                         published = fleet.feed(session, clock(), policy, bucket, publish, depth)
                 if reaped or published:
@@ -125,7 +113,31 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                      "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
 
 
+class StorageGate:
+    """Whether to publish now. While storage is away, publishing would only burn attempts on uploads that cannot
+    land. One failed probe is a hiccup (S3 answers 503 now and then); STORAGE_DOWN_AFTER in a row, one a tick,
+    is an outage, and one success ends it. A reachable bucket is looked at every PROBE_SECONDS."""
+
+    def __init__(self, bucket: Bucket, clock: Callable[[], float] = time.monotonic) -> None:
+        self.bucket, self.clock = bucket, clock
+        self.failed, self.last_ok = 0, -PROBE_SECONDS
+
+    def open(self) -> bool:
+        """True when new render messages may go out."""
+        if not self.failed and self.clock() - self.last_ok < PROBE_SECONDS:
+            return True
+        was_down = self.failed >= STORAGE_DOWN_AFTER
+        problem = self.bucket.reachable()
+        if problem:
+            self.failed += 1
+            if self.failed == STORAGE_DOWN_AFTER:
+                log.warning("storage unreachable (%s): holding new render messages until it is back", problem)
+        else:
+            self.failed, self.last_ok = 0, self.clock()
+            if was_down:
+                log.info("storage reachable again: publishing")
+        return self.failed < STORAGE_DOWN_AFTER
+
+
 def _why(exc: Exception) -> str:
-    """The first line of an error, without SQL or parameters."""
-    orig = getattr(exc, "orig", None) or exc
-    return f"{type(orig).__name__}: {str(orig).strip().splitlines()[0] if str(orig).strip() else ''}"
+    return f"{type(getattr(exc, 'orig', None) or exc).__name__}: {store.first_line(exc)}"

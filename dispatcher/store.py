@@ -52,7 +52,7 @@ def open_database(url: str) -> sessionmaker[Session]:
         where = engine.url.render_as_string(hide_password=True)
         if _locked(exc):
             raise KilnError(f"cannot open {where}: {explain(exc)}") from None
-        raise ConfigError(f"KILN_DATABASE_URL: cannot open {where}: {_first_line(exc)}") from None
+        raise ConfigError(f"KILN_DATABASE_URL: cannot open {where}: {first_line(exc)}") from None
     return sessionmaker(engine, expire_on_commit=False)
 
 
@@ -62,13 +62,15 @@ def explain(exc: DBAPIError) -> str:
         return (f"the SQLite file is locked by another process (another `kiln render`, or a tool holding a write "
                 f"transaction) and stayed locked for {BUSY_SECONDS} s: let it finish, or use another file with "
                 "--database-url")
-    return (f"lost the database connection ({_first_line(exc)}); what this command was saving may or may not have "
+    return (f"lost the database connection ({first_line(exc)}); what this command was saving may or may not have "
             "been saved. Run it again: that is safe, jobs are recorded once, by content")
 
 
-def _first_line(exc: DBAPIError) -> str:
-    text = str(exc.orig).strip()
-    return text.splitlines()[0] if text else type(exc.orig).__name__
+def first_line(exc: Exception) -> str:
+    """The first line of an error (of the driver's own, for a database error): never the SQL or parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    text = str(orig).strip()
+    return text.splitlines()[0] if text else type(orig).__name__
 
 
 def _locked(exc: DBAPIError) -> bool:

@@ -272,3 +272,26 @@ def test_a_job_that_keeps_killing_its_workers_goes_dead(database_url: str, bucke
     job = job_row(sessions, task.job.job_id)
     assert (job.status, job.attempts) == (JobStatus.DEAD, 3)
     assert job.error == "lost 3 times: worker w1 went silent"
+
+
+def test_publishing_stops_after_three_failed_storage_probes_and_resumes_on_one_success() -> None:
+    from dispatcher.service import StorageGate
+
+    class FlakyBucket:
+        def __init__(self, answers: list[str | None]) -> None:
+            self.answers, self.probes = answers, 0
+
+        def reachable(self) -> str | None:
+            self.probes += 1
+            return self.answers.pop(0)
+
+    now = [100.0]
+    bucket = FlakyBucket([None, "503", "503", "503", "503", None, None])
+    gate = StorageGate(bucket, lambda: now[0])  # type: ignore[arg-type]
+    assert gate.open() and bucket.probes == 1
+    assert gate.open() and bucket.probes == 1  # healthy: looked at again only after PROBE_SECONDS
+    now[0] += 5
+    assert [gate.open() for _ in range(4)] == [True, True, False, False]  # a hiccup is not an outage
+    assert gate.open() and bucket.probes == 6  # one success ends it
+    now[0] += 5
+    assert gate.open() and bucket.probes == 7
