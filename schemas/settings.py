@@ -47,6 +47,10 @@ class KilnSettings(BaseSettings):
     def _broker_scheme(cls, url: str | None) -> str | None:
         if url is not None and not url.startswith(("redis://", "rediss://")):
             raise ValueError("must be redis://[:password@]host:port/db or rediss:// for TLS")
+        if url is not None and url.startswith("rediss://") and "ssl_cert_reqs=" not in url:
+            # Celery's transport would otherwise skip checking the server's certificate (kombu's default is
+            # CERT_NONE, with a warning); TLS that does not check who answers is not what rediss:// promises.
+            url += ("&" if "?" in url else "?") + "ssl_cert_reqs=required"
         return url
 
     @field_validator("database_url")

@@ -71,6 +71,14 @@ def test_bad_settings_name_the_variable_and_the_legal_values(monkeypatch: pytest
     with pytest.raises(ConfigError, match="KILN_DATABASE_URL: must be sqlite:///FILE or postgresql"):
         load_settings()
 
+
+def test_rediss_urls_check_the_server_certificate_unless_told_otherwise() -> None:
+    assert load_settings(broker_url="rediss://h:6380/0").broker_url == "rediss://h:6380/0?ssl_cert_reqs=required"
+    assert load_settings(broker_url="rediss://h/0?ssl_ca_certs=/ca.pem").broker_url == \
+        "rediss://h/0?ssl_ca_certs=/ca.pem&ssl_cert_reqs=required"
+    assert load_settings(broker_url="rediss://h/0?ssl_cert_reqs=none").broker_url == "rediss://h/0?ssl_cert_reqs=none"
+    assert load_settings(broker_url="redis://h/0").broker_url == "redis://h/0"
+
 def test_registry_names_licences_and_tiny_profiles() -> None:
     assert {n: m.commercial for n, m in REGISTRY.items()} == {
         "klein-4b": True, "klein-9b": False, "klein-base-4b": True, "klein-base-9b": False, "tiny": True}
