@@ -83,7 +83,8 @@ class Bucket:
             self._look(self.client)
         except (ClientError, BotoCoreError) as exc:
             raise ConfigError(f"KILN_STORAGE_URL: cannot reach bucket {self.name!r} ({_reason(exc)}): check "
-                              "KILN_S3_ENDPOINT_URL and AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY") from None
+                              "KILN_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, and that the key "
+                              f"may list {self.uri('')}/ (s3:ListBucket on the prefix)") from None
 
     def reachable(self) -> str | None:
         """None when the bucket answers now; else why not, in a few words."""

@@ -101,3 +101,4 @@ def test_embedded_render_writes_to_s3_with_verified_objects(tmp_path: Path, kiln
         missing = subprocess.run([KILN, "render", "m.csv", "--model", "tiny"], capture_output=True, text=True,
                                  env={**env, "KILN_STORAGE_URL": "s3://no-such-bucket/x"}, cwd=tmp_path)
         assert missing.returncode == 2 and "cannot reach bucket 'no-such-bucket'" in missing.stderr
+        assert "may list s3://no-such-bucket/x/ (s3:ListBucket on the prefix)" in missing.stderr
