@@ -21,6 +21,7 @@ from pathlib import Path
 import sqlalchemy
 from sqlalchemy import func, select
 
+from schemas.job import JobStatus
 from schemas.tables import Job, Output
 from tests.conftest import POSTGRES_URL
 from tests.fleet_harness import BUCKET, Fleet, running_fleet
@@ -129,8 +130,8 @@ def run(fleet: Fleet, args: argparse.Namespace, rng: random.Random) -> None:
     except AssertionError as exc:
         problems = str(exc).splitlines()[0]
     print(f"jobs {args.jobs}, workers {args.workers}, faults for {args.minutes:g} min, finished in {elapsed:.0f} s")
-    print(f"succeeded {statuses.get('succeeded', 0)}, dead {statuses.get('dead', 0)}, "
-          f"lost {args.jobs - statuses.get('succeeded', 0) - statuses.get('dead', 0)}, "
+    succeeded, dead = statuses.get(JobStatus.SUCCEEDED, 0), statuses.get(JobStatus.DEAD, 0)
+    print(f"succeeded {succeeded}, dead {dead}, lost {args.jobs - succeeded - dead}, "
           f"duplicated {extra_rows + max(0, keys - outputs)} (objects {keys}, output rows {outputs})")
     print(f"faults injected {sum(faults.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(faults.items())))
     print("requests the storage proxy broke: " + ", ".join(f"{k} {v}" for k, v in
