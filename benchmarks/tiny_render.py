@@ -26,7 +26,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out, tempfile.TemporaryDirectory() as cache:
         renderer = LocalRenderer(load_settings(storage_url=out, cache_dir=cache), "bench")
         started = time.perf_counter()
-        renderer._pipeline("tiny")  # build into an empty cache, then load with from_pretrained
+        renderer.load(jobs(512, 1, -2))  # build into an empty cache, then load with from_pretrained
         print(f"device {renderer.device_name}; tiny build + load {time.perf_counter() - started:.2f} s")
         for size in (512, 1024):
             for batch in (1, 4):

@@ -26,7 +26,7 @@ from dispatcher import exporter, fleet, runner, store
 from dispatcher.bucket import Bucket, is_s3
 from dispatcher.expand import Expansion, Options, expand
 from dispatcher.reader import read_manifest
-from schemas.errors import ConfigError, KilnError, ManifestError
+from schemas.errors import ConfigError, KilnError, ManifestError, ModelError
 from schemas.job import JobSpec, RenderResult
 from schemas.models import REGISTRY, known_names, resolve_model, weights_location
 from schemas.settings import KilnSettings, load_settings
@@ -157,6 +157,8 @@ def _sha256(path: Path) -> str:
               help="Folder, file:// or s3://bucket/prefix for the images [env KILN_STORAGE_URL; ./renders].")
 @click.option("--device", type=click.Choice(["auto", "cuda", "mps", "cpu"]), help="[env KILN_DEVICE; auto]")
 @click.option("--batch-size", type=int, help="Images per pipeline call [env KILN_BATCH_SIZE; 1].")
+@click.option("--vram", type=float, help="GB of GPU memory to use, CUDA context included; the process is capped "
+              "there [env KILN_VRAM; the whole card].")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="[env KILN_CACHE_DIR; ~/.cache/kiln]")
 def render(manifest: Path, as_json: bool, **params: Any) -> None:
     """Render MANIFEST here, in this process: expand, record, render, and summarize.
@@ -164,7 +166,8 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
     Rendering a manifest again renders only what is not done yet.
     """
     settings = load_settings(**{k: params.get(k) for k in
-                                ("database_url", "storage_url", "device", "batch_size", "cache_dir", "max_jobs")})
+                                ("database_url", "storage_url", "device", "batch_size", "vram", "cache_dir",
+                                 "max_jobs")})
     expansion = _plan(manifest, settings, params)
     storage = None
     if is_s3(settings.storage_url):  # the renderer writes local folders; S3 goes through our own credentials
@@ -173,6 +176,11 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
         settings = settings.model_copy(update={"storage_url": "renders"})
     renderer = runner.load_renderer(settings, runner.local_worker_name())
     renderer.prepare(list(expansion.models.values()))  # missing weights fail before anything is written
+    shapes = {(j.model, j.width, j.height, 1 if j.reference else 0) for j in expansion.jobs}
+    unfit = sorted({reason for shape in shapes if (reason := renderer.why_unfit(*shape))})
+    if unfit:  # before anything is written: this machine cannot render these rows at all
+        raise ModelError("; ".join(unfit) + ". Render them on a fleet worker with a bigger card (`kiln submit`), "
+                         "or choose a smaller model or size")
     sessions = store.open_database(settings.database_url)
     recorded = _record(manifest, sessions, expansion, params)
     with sessions.begin() as session:
@@ -434,7 +442,8 @@ def workers(database_url: str | None, as_json: bool) -> None:
 
     with _database(database_url).begin() as session:
         rows = [{"name": w.name, "device": w.device, "vram_gb": round((w.vram_mb or 0) / 1024, 1),
-                 "queues": w.queues, "loaded_model": w.loaded_model, "current_job": w.current_job, "step": w.step,
+                 "queues": w.queues, "loaded_model": w.loaded_model, "plan": w.plan, "current_job": w.current_job,
+                 "step": w.step,
                  "seconds_per_image": w.seconds_per_image, "last_seen": w.last_seen.isoformat() + "Z"}
                 for w in session.scalars(select(Worker).order_by(Worker.name))]
     if as_json:
@@ -442,7 +451,8 @@ def workers(database_url: str | None, as_json: bool) -> None:
         return
     for r in rows:
         doing = f"job {r['current_job']} step {r['step']}" if r["current_job"] else "idle"
-        out.print(f"{r['name']}: {r['device']} {r['vram_gb']} GB, {doing}, last seen {r['last_seen']}",
+        loaded = f", {r['loaded_model']} loaded {r['plan']}" if r["loaded_model"] else ""
+        out.print(f"{r['name']}: {r['device']} {r['vram_gb']} GB{loaded}, {doing}, last seen {r['last_seen']}",
                   highlight=False)
 
 

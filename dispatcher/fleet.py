@@ -13,11 +13,12 @@ from sqlalchemy.orm import Session
 
 from dispatcher import store
 from dispatcher.bucket import Bucket
-from schemas.capacity import TIERS, job_queue, queue_name, why_unfit
+from schemas.capacity import TIERS, job_queue, queue_name, queue_tier, why_unfit
 from schemas.errors import KilnError, StaleStateError
 from schemas.job import JobSpec, JobStatus, RenderResult
 from schemas.messages import Heartbeat, RenderTask, Report
 from schemas.models import resolve_model
+from schemas.plan import PROFILES, Shape
 from schemas.settings import KilnSettings
 from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
 
@@ -138,50 +139,60 @@ def _succeed(session: Session, job: Job, result: RenderResult, now: datetime, po
                      "or give this manifest another output template"}), now, policy)
     own = result.md5 == stored.md5  # False: an earlier attempt's upload of this same job stood
     store.move(session, job.id, JobStatus.RUNNING, JobStatus.SUCCEEDED, job.attempts, now, error=None)
-    store.finish_attempt(session, job.id, job.attempts, "succeeded", now, seconds=result.seconds)
+    store.finish_attempt(session, job.id, job.attempts, "succeeded", now, seconds=result.seconds, plan=result.plan)
     link = session.execute(select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
                            .where(BatchJob.job_id == job.id).order_by(Batch.created_at)).first()
     assert link is not None
     session.add(Output(job_id=job.id, batch_id=link[0].batch_id, manifest=link[1].manifest,
                        manifest_row=link[0].manifest_row, key=job.output_key, uri=bucket.uri(job.output_key),
                        sha256=result.sha256 if own else None, md5=stored.md5, bytes=stored.size,
-                       worker=result.worker, seconds=result.seconds, created_at=now))
+                       worker=result.worker, seconds=result.seconds, plan=result.plan, created_at=now))
     return "succeeded" if own else "succeeded (an earlier attempt's upload stood)"
 
 
 def _fail(session: Session, job: Job, result: RenderResult, now: datetime, policy: Policy) -> str:
+    oom = result.error_kind == "oom"
     store.move(session, job.id, JobStatus.RUNNING, JobStatus.FAILED, job.attempts, now, error=result.error)
-    store.finish_attempt(session, job.id, job.attempts, "failed", now, error=result.error,
-                         error_kind=result.error_kind, seconds=result.seconds)
+    # An attempt that ran out of memory is the card's fault, not the job's: it is not charged (see _exhausted).
+    store.finish_attempt(session, job.id, job.attempts, "oom" if oom else "failed", now, error=result.error,
+                         error_kind=result.error_kind, seconds=result.seconds, plan=result.plan)
     if result.error_kind == "bad_input":
         return "failed: bad input, not retried"
-    if result.error_kind == "oom":
-        # Never the same shape on the same card again: the job now needs a bigger card than this worker's.
-        vram = session.scalar(select(Worker.vram_mb).where(Worker.name == result.worker)) or 0
-        queue = job_queue(resolve_model(job.model).profile, job.width, job.height, at_least=vram // 1024)
+    if oom:
+        # Never the same shape on the same class of card again: the job now needs a bigger class than the
+        # biggest this worker serves.
+        served = session.scalar(select(Worker.queues).where(Worker.name == result.worker)) or []
+        above = max((queue_tier(q) for q in served), default=queue_tier(job.queue) if job.queue else 0)
+        queue = job_queue(resolve_model(job.model).profile, job.width, job.height,
+                          references=1 if job.reference else 0, above=above)
         if queue is None:
             _dead(session, job, now, f"{result.error}; no bigger card can take it")
             return "dead: out of memory everywhere"
         store.move(session, job.id, JobStatus.FAILED, JobStatus.QUEUED, job.attempts, now, queue=queue,
-                   min_vram_gb=vram // 1024 + 1, published_at=None, not_before=None)
+                   min_vram_gb=queue_tier(queue), published_at=None, not_before=None)
         return f"out of memory on {result.worker}: moved to {queue}"
-    workers = _exhausted(session, job.id, job.attempts, policy)
-    if workers:
+    charged, workers = _charged(session, job.id)
+    if _exhausted(charged, workers, policy):
         _dead(session, job, now, result.error or "failed")
-        return f"dead after {job.attempts} attempts on {workers} workers"
-    delay = policy.retry_base * 2 ** (job.attempts - 1)
+        return f"dead after {charged} attempts on {workers} workers"
+    delay = policy.retry_base * 2 ** (charged - 1)
     store.move(session, job.id, JobStatus.FAILED, JobStatus.QUEUED, job.attempts, now, published_at=None,
                not_before=now + delay)
     return f"failed, retry in {delay.total_seconds():.0f} s"
 
 
-def _exhausted(session: Session, job_id: str, attempts: int, policy: Policy) -> int:
-    """The number of workers a job failed or was lost on, when that is enough to give up; else 0. Enough means
-    max_attempts tries on at least two workers (one bad card does not kill a job), or twice that on one."""
-    workers = session.scalar(select(func.count(func.distinct(Attempt.worker))).where(
-        Attempt.job_id == job_id, Attempt.status.in_(["failed", "lost"]))) or 0
-    done = attempts >= policy.max_attempts and (workers >= 2 or attempts >= 2 * policy.max_attempts)
-    return workers if done else 0
+def _charged(session: Session, job_id: str) -> tuple[int, int]:
+    """(attempts charged to a job, workers they were on): the ones that failed or were lost. Attempts that ran
+    out of memory moved the job to a bigger card and are the card's, not the job's."""
+    charged, workers = session.execute(select(func.count(), func.count(func.distinct(Attempt.worker))).where(
+        Attempt.job_id == job_id, Attempt.status.in_(["failed", "lost"]))).one()
+    return charged, workers
+
+
+def _exhausted(charged: int, workers: int, policy: Policy) -> bool:
+    """Whether to give up: max_attempts charged tries on at least two workers (one bad card does not kill a job),
+    or twice that on one."""
+    return charged >= policy.max_attempts and (workers >= 2 or charged >= 2 * policy.max_attempts)
 
 
 def _dead(session: Session, job: Job, now: datetime, error: str) -> None:
@@ -192,7 +203,7 @@ def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
     """Register a worker or refresh what it is doing."""
     store.see_worker(session, beat.worker, beat.device, int(beat.vram_gb * 1024), now)
     session.execute(update(Worker).where(Worker.name == beat.worker).values(
-        queues=beat.queues, loaded_model=beat.loaded_model, current_job=beat.current_job,
+        queues=beat.queues, loaded_model=beat.loaded_model, plan=beat.plan, current_job=beat.current_job,
         step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,
         seconds_per_image=beat.seconds_per_image))
 
@@ -211,9 +222,10 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
         try:
             with session.begin_nested():  # all of it, or none if the job moved meanwhile
                 store.finish_attempt(session, job_id, attempt, "lost", now, error=reason)
-                if _exhausted(session, job_id, attempt, policy):
+                charged, workers = _charged(session, job_id)
+                if _exhausted(charged, workers, policy):
                     store.move(session, job_id, JobStatus.RUNNING, JobStatus.DEAD, attempt, now, lease_until=None,
-                               error=f"lost {attempt} times: {reason}")
+                               error=f"lost {charged} times: {reason}")
                 else:
                     store.move(session, job_id, JobStatus.RUNNING, JobStatus.QUEUED, attempt, now,
                                lease_until=None, worker=None, published_at=None)
@@ -225,17 +237,19 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
 
 def unfit_jobs(session: Session, batch_id: str) -> list[tuple[str, str]]:
     """(row id, reason) for a batch's queued jobs that no registered worker can take."""
-    largest = session.scalar(select(func.max(Worker.vram_mb)))
-    rows = session.execute(select(BatchJob.row_id, Job).join(Job, Job.id == BatchJob.job_id).where(
+    served = [q for queues in session.scalars(select(Worker.queues)) for q in queues or []]
+    largest = max((queue_tier(q) for q in served), default=None)
+    rows = session.execute(select(BatchJob.row_id, Job).join(Job, BatchJob.job_id == Job.id).where(
         BatchJob.batch_id == batch_id, Job.status == JobStatus.QUEUED))
     out = []
     for row_id, job in rows:
-        tier = int(job.queue.removeprefix("kiln.render.vram")) if job.queue else None
-        if tier is None or largest is None or largest < tier * 1024:
+        tier = queue_tier(job.queue) if job.queue else None
+        if tier is None or largest is None or largest < tier:
             try:
                 profile = resolve_model(job.model).profile
             except KilnError:
                 profile = job.model
-            out.append((row_id, why_unfit(profile, job.width * job.height / 1e6,
-                                          largest / 1024 if largest else None)))
+            shape = Shape.of(job.width, job.height, 1, 1 if job.reference else 0)
+            out.append((row_id, why_unfit(profile, shape, largest) if profile in PROFILES
+                        else f"{job.model} is not a model this dispatcher knows"))
     return out

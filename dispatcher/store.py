@@ -134,7 +134,8 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
         job = existing.get(planned.job_id)
         if job is None:
             profile = expansion.models[planned.model].profile
-            session.add(Job(id=planned.job_id, queue=job_queue(profile, planned.width, planned.height), min_vram_gb=0,
+            queue = job_queue(profile, planned.width, planned.height, references=1 if planned.reference else 0)
+            session.add(Job(id=planned.job_id, queue=queue, min_vram_gb=0,
                             model=planned.model, prompt=planned.prompt, width=planned.width,
                             height=planned.height, steps=planned.steps, guidance=planned.guidance, seed=planned.seed,
                             output_key=planned.output_key, reference=planned.reference, status=JobStatus.QUEUED,
@@ -212,13 +213,13 @@ def record_result(session: Session, spec: JobSpec, result: RenderResult, now: da
     move(session, spec.job_id, JobStatus.RUNNING, target, spec.attempt, now, lease_until=None,
           error=None if result.ok else result.error)
     finish_attempt(session, spec.job_id, spec.attempt, "succeeded" if result.ok else "failed", now,
-                    error=result.error, error_kind=result.error_kind, seconds=result.seconds)
+                    error=result.error, error_kind=result.error_kind, seconds=result.seconds, plan=result.plan)
     if result.ok:
         assert result.uri and result.sha256 and result.bytes is not None, "a good result names its object"
         session.add(Output(job_id=spec.job_id, batch_id=spec.batch_id, manifest=spec.manifest,
                            manifest_row=spec.manifest_row, key=spec.output_key, uri=result.uri, sha256=result.sha256,
                            md5=result.md5, bytes=result.bytes, worker=result.worker, seconds=result.seconds,
-                           created_at=now))
+                           plan=result.plan, created_at=now))
     return target
 
 
@@ -292,7 +293,8 @@ def export_rows(session: Session, batch_id: str) -> Iterable[dict[str, Any]]:
                "kiln_output_key": job.output_key, "kiln_sha256": output.sha256 if output else None,
                "kiln_seed": job.seed, "kiln_model": job.model, "kiln_steps": job.steps, "kiln_guidance": job.guidance,
                "kiln_width": job.width, "kiln_height": job.height, "kiln_prompt": job.prompt,
-               "kiln_worker": job.worker, "kiln_attempts": job.attempts, "kiln_error": job.error}
+               "kiln_worker": job.worker, "kiln_plan": output.plan if output else None,
+               "kiln_attempts": job.attempts, "kiln_error": job.error}
 
 
 def active_jobs(session: Session, batch_id: str) -> int:

@@ -1,100 +1,76 @@
-"""Which jobs fit which cards: the memory rules as data.
+"""Which jobs go to which cards: one render queue per card class, chosen by the loading plan (schemas/plan.py).
 
-A job's need is the smallest card on which some strategy for its model holds the weights that are on the GPU at
-once plus the activations for its resolution and batch. Jobs are queued by that need (`kiln.render.vram16`), and a
-worker consumes the queues at and below its own size, biggest first: a 24 GB card prefers 9B work and takes 4B
-work when no 9B work waits, and an 8 GB card never sees a 9B job.
-
-Strategies per model (bf16 sizes from the published configs; the text encoder keeps the 28 layers klein reads):
-
-| model | card  | strategy       | on the GPU at once                                        |
-|-------|-------|----------------|-----------------------------------------------------------|
-| 4B    | 8 GB  | fp8-staged     | text encoder alone (6.2 GB), then fp8 transformer + VAE    |
-| 4B    | 12 GB | bf16-staged    | text encoder alone, then bf16 transformer (7.8 GB) + VAE   |
-| 4B    | 24 GB | bf16-resident  | everything (14.2 GB), no shuttling                         |
-| 9B    | 16 GB | fp8-staged     | text encoder alone (11.7 GB), then fp8 transformer + VAE   |
-| 9B    | 24 GB | bf16-staged    | text encoder alone, then bf16 transformer (18.2 GB) + VAE  |
-| 9B    | 48 GB | bf16-resident  | everything (30.1 GB)                                       |
+A card class is named by its nominal size and has a floor: the least memory its cards report (an "8 GB" RTX 4060
+has 7.996 GiB, an A10 "24 GB" 22.5 GiB). A job waits in the queue of the smallest class on whose floor a plan for
+its model and shape fits. A worker consumes the queues of every class whose jobs all have a plan on its own card,
+biggest first: a 24 GB card prefers 9B work and takes 4B work when no 9B work waits, an 8 GB card never sees a 9B
+job, and an Apple MPS share (no fp8) serves only the classes its bf16 plans cover. Both sides ask the same
+function, so a job a worker takes is a job it can load.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from schemas.plan import PROFILES, Card, Shape, headroom_gib, plan_for
 
-TIERS = (8, 12, 16, 24, 48, 80)  # GB; the queue a job waits in is named by the first tier its need fits
-RESERVE_GB = 0.5  # CUDA context and allocator slack
-TEXT_ACTIVATION_GB = 0.5  # 512 tokens through the text encoder
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """One way to run a model: the card it needs and what sits on the GPU in each stage."""
-
-    name: str
-    min_vram_gb: int
-    text_encoder_gb: float  # resident beside the transformer, or alone in its own stage when staged
-    transformer_gb: float  # transformer + VAE
-    staged: bool  # text encoder and transformer take turns on the GPU
-    activation_scale: float = 1.0  # the tiny model's activations are a rounding error
-
-    def need_gb(self, megapixels: float, batch: int = 1) -> float:
-        """GPU memory this strategy needs for images of `megapixels`, `batch` at a time."""
-        images = self.transformer_gb + self.activation_scale * activation_gb(megapixels, batch)
-        if self.staged:
-            return max(self.text_encoder_gb + TEXT_ACTIVATION_GB, images) + RESERVE_GB
-        return self.text_encoder_gb + images + RESERVE_GB
+TIER_FLOOR_GIB = {8: 7.75, 12: 11.5, 16: 15.5, 24: 22.0, 48: 44.0, 80: 76.0}
+TIERS = tuple(TIER_FLOOR_GIB)
+QUEUE_PREFIX = "kiln.render.vram"
 
 
-def activation_gb(megapixels: float, batch: int = 1) -> float:
-    """Peak activations, dominated by the VAE decode: an estimate of 1.5 GB per megapixel image plus 1 GB.
-    A card that runs out anyway lowers its own ceiling and the job moves to a bigger card."""
-    return 1.0 + 1.5 * megapixels * batch
+def reference_card(tier: int) -> Card:
+    """The weakest card of a class, on which the dispatcher plans: its floor, and no fp8 math (fp8 weights take
+    the same memory with or without it)."""
+    return Card("cuda", TIER_FLOOR_GIB[tier])
 
 
-_4B = (Strategy("fp8-staged", 8, 6.2, 4.1, True), Strategy("bf16-staged", 12, 6.2, 7.9, True),
-       Strategy("bf16-resident", 24, 6.2, 7.9, False))
-_9B = (Strategy("fp8-staged", 16, 11.7, 9.3, True), Strategy("bf16-staged", 24, 11.7, 18.3, True),
-       Strategy("bf16-resident", 48, 11.7, 18.3, False))
-STRATEGIES: dict[str, tuple[Strategy, ...]] = {
-    "klein-4b": _4B, "klein-base-4b": _4B, "klein-9b": _9B, "klein-base-9b": _9B,
-    "tiny": (Strategy("resident", 0, 0.0, 0.05, False, activation_scale=0.01),),
-}
-
-
-def best_strategy(profile: str, vram_gb: float, megapixels: float, batch: int = 1) -> Strategy | None:
-    """The fastest strategy (least shuttling) that fits a card of `vram_gb`, or None."""
-    fitting = [s for s in STRATEGIES[profile] if s.min_vram_gb <= vram_gb and s.need_gb(megapixels, batch) <= vram_gb]
-    return max(fitting, key=lambda s: s.min_vram_gb, default=None)
-
-
-def need_tier(profile: str, megapixels: float, batch: int = 1, at_least: int = 0) -> int | None:
-    """The smallest tier (GB) on which the job fits and which is above `at_least`, or None when none does."""
+def need_tier(profile: str, shape: Shape, above: int = 0) -> int | None:
+    """The smallest class above `above` on which `shape` of `profile` has a plan, or None when none has."""
     for tier in TIERS:
-        if tier > at_least and best_strategy(profile, tier, megapixels, batch):
+        if tier > above and plan_for(profile, reference_card(tier), shape) is not None:
             return tier
     return None
 
 
 def queue_name(tier: int) -> str:
-    """The render queue for jobs that need a card of `tier` GB."""
-    return f"kiln.render.vram{tier}"
+    """The render queue for jobs that need a card of class `tier`."""
+    return f"{QUEUE_PREFIX}{tier}"
 
 
-def worker_queues(vram_gb: float) -> list[str]:
-    """The queues a card of `vram_gb` consumes, the biggest jobs first."""
-    return [queue_name(t) for t in reversed(TIERS) if t <= vram_gb]
+def queue_tier(queue: str) -> int:
+    """The card class a queue serves."""
+    return int(queue.removeprefix(QUEUE_PREFIX))
 
 
-def why_unfit(profile: str, megapixels: float, largest_worker_gb: float | None) -> str:
-    """Why no registered worker can take a job, in words for `kiln status`."""
-    tier = need_tier(profile, megapixels)
+def worker_tiers(card: Card) -> list[int]:
+    """The classes whose every job has a plan on `card`, biggest first."""
+    def covers(tier: int) -> bool:
+        for profile in PROFILES:
+            needed = headroom_gib(profile, reference_card(tier))
+            have = headroom_gib(profile, card)
+            if needed is not None and (have is None or have < needed):
+                return False
+        return True
+
+    return [t for t in reversed(TIERS) if TIER_FLOOR_GIB[t] <= card.gib and covers(t)]
+
+
+def worker_queues(card: Card) -> list[str]:
+    """The queues a worker with `card` consumes, the biggest jobs first."""
+    return [queue_name(t) for t in worker_tiers(card)]
+
+
+def why_unfit(profile: str, shape: Shape, largest_tier: int | None) -> str:
+    """Why no live worker can take a job, in words for `kiln status`."""
+    tier = need_tier(profile, shape)
+    what = f"{profile} at {shape.megapixels:.2f} MP" + (f" with {shape.references} reference image(s)"
+                                                         if shape.references else "")
     if tier is None:
-        return f"{profile} at {megapixels:.2f} MP fits no card Kiln knows (up to {TIERS[-1]} GB)"
-    have = f"the largest worker has {largest_worker_gb:g} GB" if largest_worker_gb else "no worker is registered"
-    return f"needs a {tier} GB card for {profile} at {megapixels:.2f} MP; {have}"
+        return f"{what} fits no card Kiln knows (up to {TIERS[-1]} GB)"
+    have = f"the largest worker takes {largest_tier} GB work" if largest_tier else "no worker is registered"
+    return f"needs a {tier} GB card for {what}; {have}"
 
 
-def job_queue(profile: str, width: int, height: int, at_least: int = 0) -> str | None:
+def job_queue(profile: str, width: int, height: int, references: int = 0, above: int = 0) -> str | None:
     """The render queue of a one-image job, or None when no card Kiln knows can take it."""
-    tier = need_tier(profile, width * height / 1e6, 1, at_least)
+    tier = need_tier(profile, Shape.of(width, height, 1, references), above)
     return queue_name(tier) if tier is not None else None

@@ -83,3 +83,4 @@ class RenderResult(BaseModel):
     bytes: int | None = None
     error: str | None = None
     error_kind: str | None = None  # "oom", "nan", "bad_input", "error"
+    plan: str | None = None  # how the model was loaded for it (schemas.plan.Plan.describe)

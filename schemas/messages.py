@@ -50,6 +50,7 @@ class Heartbeat(BaseModel):
     vram_gb: float
     queues: list[str]
     loaded_model: str | None = None
+    plan: str | None = None  # how the loaded model sits on the card (schemas.plan.Plan.describe)
     current_job: str | None = None
     step: int | None = None
     steps: int | None = None

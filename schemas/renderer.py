@@ -48,6 +48,10 @@ class Renderer(Protocol):
         """The model in memory, so the dispatcher can hand out more of the same."""
         ...
 
+    def why_unfit(self, model: str, width: int, height: int, references: int) -> str | None:
+        """Why this renderer's card cannot take one such image, or None when it can."""
+        ...
+
     def prepare(self, models: Sequence[ModelSpec]) -> None:
         """Have every model's weights on this machine, or raise ModelError saying how to get them."""
         ...

@@ -25,6 +25,10 @@ class KilnSettings(BaseSettings):
     cache_dir: Path = Field(Path("~/.cache/kiln"), description="where the tiny model is built once")
     device: Literal["auto", "cuda", "mps", "cpu"] = Field("auto", description="torch device for rendering")
     batch_size: int = Field(1, ge=1, le=64, description="images per pipeline call (same model and size)")
+    vram: float | None = Field(None, gt=0, description="GPU memory (GiB) Kiln may use, CUDA context included: "
+                                                          "the plan fits it and the process is capped at it "
+                                                          "(default: the whole card)")
+    prompt_cache_mb: int = Field(512, ge=0, description="host memory for prompt embeddings kept between renders")
     max_jobs: int = Field(MAX_JOBS, ge=1, description="refuse manifests that expand to more jobs than this")
     # the fleet
     broker_url: str | None = Field(None, description="Celery broker, redis://host:6379/0 or rediss://")

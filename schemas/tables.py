@@ -117,6 +117,7 @@ class Attempt(Base):
     error: Mapped[str | None] = mapped_column(Text)
     error_kind: Mapped[str | None] = mapped_column(String(16))
     seconds: Mapped[float | None] = mapped_column(Float)
+    plan: Mapped[str | None] = mapped_column(String(120))  # how the worker loaded the model for it
     started_at: Mapped[datetime] = mapped_column(Timestamp)
     finished_at: Mapped[datetime | None] = mapped_column(Timestamp)
 
@@ -138,6 +139,7 @@ class Output(Base):
     bytes: Mapped[int] = mapped_column(Integer)
     worker: Mapped[str] = mapped_column(String(200))
     seconds: Mapped[float] = mapped_column(Float)
+    plan: Mapped[str | None] = mapped_column(String(120))  # how the worker loaded the model for it
     created_at: Mapped[datetime] = mapped_column(Timestamp)
 
 
@@ -153,6 +155,7 @@ class Worker(Base):
     last_seen: Mapped[datetime] = mapped_column(Timestamp)
     queues: Mapped[list[str] | None] = mapped_column(JSON)
     loaded_model: Mapped[str | None] = mapped_column(String(300))
+    plan: Mapped[str | None] = mapped_column(String(120))  # how the loaded model sits on its card
     current_job: Mapped[str | None] = mapped_column(String(32))
     step: Mapped[str | None] = mapped_column(String(16))  # "3/4"
     seconds_per_image: Mapped[float | None] = mapped_column(Float)

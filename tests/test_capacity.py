@@ -1,69 +1,142 @@
-"""The fit rules as a table: which card takes which job, and in which queue it waits."""
+"""The loading plan as a table (which strategy on which card), the queues it chooses, and the promise that the
+dispatcher's queue choice and the worker's loader agree on every card."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 
-from schemas.capacity import STRATEGIES, best_strategy, job_queue, need_tier, why_unfit, worker_queues
+from schemas.capacity import (
+    TIER_FLOOR_GIB,
+    TIERS,
+    job_queue,
+    need_tier,
+    reference_card,
+    why_unfit,
+    worker_queues,
+)
+from schemas.plan import PROFILES, RESERVE_GIB, Card, Shape, plan_for
 
-MP_512, MP_1024 = 512 * 512 / 1e6, 1024 * 1024 / 1e6
+MP_1024 = Shape.of(1024, 1024)
+RTX_4060, RTX_3060, RTX_4060_TI, RTX_3090, RTX_4090 = (Card("cuda", 7.996, True), Card("cuda", 12.0, False),
+                                                       Card("cuda", 15.996, True), Card("cuda", 24.0, False),
+                                                       Card("cuda", 23.99, True))
 
 
-@pytest.mark.parametrize(("profile", "megapixels", "vram", "strategy"), [
-    ("klein-4b", MP_1024, 8, "fp8-staged"),
-    ("klein-4b", MP_1024, 12, "bf16-staged"),
-    ("klein-4b", MP_1024, 16, "bf16-staged"),
-    ("klein-4b", MP_1024, 24, "bf16-resident"),
-    ("klein-4b", MP_512, 8, "fp8-staged"),
-    ("klein-9b", MP_1024, 8, None),
-    ("klein-9b", MP_1024, 12, None),
-    ("klein-9b", MP_1024, 16, "fp8-staged"),
-    ("klein-9b", MP_1024, 24, "bf16-staged"),
-    ("klein-9b", MP_1024, 48, "bf16-resident"),
-    ("klein-base-9b", MP_512, 16, "fp8-staged"),
-    ("tiny", MP_1024, 1, "resident"),
+@pytest.mark.parametrize(("profile", "card", "shape", "described"), [
+    ("klein-4b", RTX_4060, MP_1024, "fp8-staged (fp8 torchao, encoder staged)"),  # the design card: 4B on 8 GB
+    ("klein-4b", Card("cuda", 8.0), MP_1024, "fp8-staged (fp8 storage, bf16 compute, encoder staged)"),  # RTX 3070
+    ("klein-4b", RTX_3060, MP_1024, "bf16-staged (encoder staged)"),
+    ("klein-4b", RTX_4060_TI, MP_1024, "bf16-staged (encoder staged)"),
+    ("klein-4b", RTX_4090, MP_1024, "bf16-resident"),
+    ("klein-4b", Card("cuda", 7.996), Shape.of(512, 512), "fp8-staged (fp8 storage, bf16 compute, encoder staged)"),
+    ("klein-9b", RTX_4060_TI, MP_1024, "fp8-staged (fp8 torchao, encoder staged)"),  # 9B on 16 GB
+    ("klein-9b", RTX_3090, MP_1024, "bf16-staged (encoder staged)"),
+    ("klein-9b", Card("cuda", 48.0), MP_1024, "bf16-resident"),
+    ("klein-base-9b", RTX_4060_TI, Shape.of(512, 512), "fp8-staged (fp8 torchao, encoder staged)"),
+    ("klein-4b", Card("mps", 11.2), MP_1024, "bf16-staged (encoder released between stages)"),  # a 16 GB Mac
+    ("klein-4b", Card("cpu", 8.0), MP_1024,
+     "fp8-staged (fp8 storage, bf16 compute, encoder released between stages)"),
+    ("tiny", Card("cpu", 1.0), MP_1024, "bf16-resident"),
 ])
-def test_best_strategy_per_card(profile: str, megapixels: float, vram: float, strategy: str | None) -> None:
-    found = best_strategy(profile, vram, megapixels)
-    assert (found.name if found else None) == strategy
+def test_the_plan_per_card(profile: str, card: Card, shape: Shape, described: str) -> None:
+    plan = plan_for(profile, card, shape)
+    assert plan is not None and plan.describe() == described
+    assert plan.need_gib <= card.gib
 
 
-@pytest.mark.parametrize(("profile", "megapixels", "batch", "tier"), [
-    ("klein-4b", MP_1024, 1, 8),  # the design card: 4B on 8 GB
-    ("klein-9b", MP_1024, 1, 16),  # 9B on 16 GB and up
-    ("klein-4b", MP_1024, 4, 12),  # batches count: four 1 MP images need more room
-    ("klein-9b", MP_1024, 8, 24),
-    ("klein-9b", MP_1024, 32, 80),
-    ("klein-9b", MP_1024, 64, None),
+@pytest.mark.parametrize(("profile", "card"), [
+    ("klein-9b", RTX_4060), ("klein-9b", RTX_3060), ("klein-4b", Card("mps", 7.9)), ("klein-9b", Card("mps", 16.0)),
+    ("klein-4b", Card("cpu", 0.0)),
 ])
-def test_need_tier_counts_resolution_and_batch(profile: str, megapixels: float, batch: int, tier: int | None) -> None:
-    assert need_tier(profile, megapixels, batch) == tier
+def test_no_plan_where_nothing_fits(profile: str, card: Card) -> None:
+    assert plan_for(profile, card, MP_1024) is None
 
 
-def test_every_strategy_fits_its_own_card_at_one_megapixel() -> None:
-    for profile, strategies in STRATEGIES.items():
-        for s in strategies:
-            assert s.need_gb(MP_1024) <= max(s.min_vram_gb, 1), (profile, s)
+def test_every_plan_leaves_the_reserve_free_and_stages_what_it_says() -> None:
+    for profile, tier in itertools.product(PROFILES, TIERS):
+        plan = plan_for(profile, reference_card(tier), MP_1024)
+        if plan is None:
+            continue
+        assert plan.need_gib <= TIER_FLOOR_GIB[tier]
+        assert plan.need_gib - max(plan.encode_gib, plan.denoise_gib) == pytest.approx(RESERVE_GIB)
+        staged = {c.name for c in plan.components if c.staged}
+        assert staged == ({"text_encoder", "transformer"} if plan.strategy.staged else set())
+        assert {c.name: c.storage for c in plan.components}["transformer"] == ("fp8" if plan.strategy.fp8 else "bf16")
 
 
-def test_after_an_oom_a_job_needs_a_bigger_card_than_the_one_that_failed() -> None:
+def test_a_loaded_strategy_is_kept_while_it_fits() -> None:
+    bigger = Shape.of(1024, 1024, 2)
+    assert plan_for("klein-4b", RTX_4090, bigger, keep="bf16-staged").strategy.name == "bf16-staged"  # type: ignore[union-attr]
+    assert plan_for("klein-4b", RTX_4090, bigger).strategy.name == "bf16-resident"  # type: ignore[union-attr]
+    assert plan_for("klein-4b", RTX_4060, MP_1024, keep="bf16-resident").strategy.name == "fp8-staged"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(("profile", "shape", "tier"), [
+    ("klein-4b", MP_1024, 8),  # the design card: 4B on 8 GB
+    ("klein-9b", MP_1024, 16),  # 9B on 16 GB and up
+    ("klein-4b", Shape.of(1024, 1024, 4), 12),  # batches count: four 1 MP images need more room
+    ("klein-4b", Shape.of(1024, 1024, 1, references=1), 8),
+    ("klein-4b", Shape.of(1024, 1024, 1, references=2), 12),  # so do reference images' tokens
+    ("klein-9b", Shape.of(1024, 1024, 8), 16),
+    ("klein-9b", Shape.of(1024, 1024, 16), 24),
+    ("klein-9b", Shape.of(1024, 1024, 32), 48),
+    ("klein-9b", Shape.of(1024, 1024, 64), 48),  # fp8 weights leave the room
+    ("klein-9b", Shape.of(1024, 1024, 128), 80),
+    ("klein-9b", Shape.of(1024, 1024, 200), None),
+    ("tiny", MP_1024, 8),
+])
+def test_need_tier_counts_resolution_batch_and_references(profile: str, shape: Shape, tier: int | None) -> None:
+    assert need_tier(profile, shape) == tier
+
+
+def test_after_an_oom_a_job_needs_a_bigger_class_than_the_one_that_failed() -> None:
     assert job_queue("klein-4b", 1024, 1024) == "kiln.render.vram8"
-    assert job_queue("klein-4b", 1024, 1024, at_least=8) == "kiln.render.vram12"
-    assert job_queue("klein-9b", 1024, 1024, at_least=24) == "kiln.render.vram48"
-    assert job_queue("klein-9b", 1024, 1024, at_least=80) is None
+    assert job_queue("klein-4b", 1024, 1024, above=8) == "kiln.render.vram12"
+    assert job_queue("klein-9b", 1024, 1024, above=24) == "kiln.render.vram48"
+    assert job_queue("klein-9b", 1024, 1024, above=80) is None
 
 
-@pytest.mark.parametrize(("vram", "queues"), [
-    (6, []),
-    (8, ["kiln.render.vram8"]),
-    (16, ["kiln.render.vram16", "kiln.render.vram12", "kiln.render.vram8"]),
-    (24.5, ["kiln.render.vram24", "kiln.render.vram16", "kiln.render.vram12", "kiln.render.vram8"]),
+@pytest.mark.parametrize(("card", "queues"), [
+    (Card("cuda", 6.0), []),
+    (RTX_4060, ["kiln.render.vram8"]),  # 7.996 GiB: an "8 GB" card is a little under 8 GiB
+    (RTX_4060_TI, ["kiln.render.vram16", "kiln.render.vram12", "kiln.render.vram8"]),
+    (Card("cuda", 22.49), ["kiln.render.vram24", "kiln.render.vram16", "kiln.render.vram12", "kiln.render.vram8"]),
+    (Card("cuda", 79.6, True), [f"kiln.render.vram{t}" for t in (80, 48, 24, 16, 12, 8)]),
+    # no fp8 on Apple silicon: a 16 GB Mac's share serves the 8 GB class with bf16, and no 16 GB 9B work
+    (Card("mps", 11.2), ["kiln.render.vram8"]),
+    (Card("mps", 17.0), ["kiln.render.vram12", "kiln.render.vram8"]),
+    (Card("cpu", 0.0), []),  # a CPU worker takes nothing unless --vram says so
+    (Card("cpu", 8.0), ["kiln.render.vram8"]),
 ])
-def test_workers_consume_their_tiers_biggest_first(vram: float, queues: list[str]) -> None:
-    assert worker_queues(vram) == queues
+def test_workers_consume_the_classes_their_card_covers_biggest_first(card: Card, queues: list[str]) -> None:
+    assert worker_queues(card) == queues
+
+
+def test_the_queue_choice_and_the_loader_agree_on_every_card() -> None:
+    """Whatever job the dispatcher puts in a queue, every worker that consumes that queue has a plan for it."""
+    cards = [Card(kind, gib / 4, fp8)  # type: ignore[arg-type]
+             for kind in ("cuda", "mps", "cpu") for gib in range(16, 400, 3) for fp8 in (False, True)
+             if not (fp8 and kind != "cuda")]
+    shapes = [Shape.of(w, h, batch, refs) for w in (256, 512, 768, 1024) for h in (512, 1024)
+              for batch in (1, 2, 4, 8, 16) for refs in (0, 1, 3)]
+    queues = {card: worker_queues(card) for card in cards}
+    checked = 0
+    for profile in PROFILES:
+        for shape in shapes:
+            tier = need_tier(profile, shape)
+            if tier is None:
+                continue
+            for card in cards:
+                if f"kiln.render.vram{tier}" in queues[card]:
+                    assert plan_for(profile, card, shape) is not None, (profile, shape, card)
+                    checked += 1
+    assert checked > 10_000
 
 
 def test_unfit_reasons_say_what_card_is_needed() -> None:
     assert why_unfit("klein-9b", MP_1024, 8) == ("needs a 16 GB card for klein-9b at 1.05 MP; "
-                                                 "the largest worker has 8 GB")
+                                                 "the largest worker takes 8 GB work")
     assert "no worker is registered" in why_unfit("klein-4b", MP_1024, None)
+    assert "with 1 reference image(s)" in why_unfit("klein-4b", Shape.of(1024, 1024, 1, 1), None)

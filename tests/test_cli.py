@@ -76,6 +76,7 @@ def test_catalog_renders_records_exports_and_renders_nothing_new_the_second_time
     assert rows[10]["Title"] == "Chef's Knife 8\"" and rows[10]["kiln_status"] == "succeeded"
     assert rows[10]["kiln_output_uri"] == (tmp_path / "renders" / "catalog" / "knife-01.png").as_uri()
     assert rows[10]["kiln_model"] == "tiny" and rows[10]["kiln_attempts"] == "1" and rows[10]["kiln_error"] == ""
+    assert rows[10]["kiln_plan"] == "bf16-resident"  # how the model was loaded for it
     kiln("export", second["batch_id"][:6], "-o", "results.jsonl", cwd=tmp_path, env=kiln_env)
     lines = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["kiln_job_id"] for r in lines] == [r["kiln_job_id"] for r in rows]
@@ -139,6 +140,16 @@ def test_a_real_model_without_weights_fails_clearly_before_writing_anything(
     assert "--model tiny" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "m.csv"] or sorted(
         p.name for p in tmp_path.iterdir()) == ["m.csv"]
+
+
+def test_rows_this_card_cannot_render_are_refused_before_writing_anything(
+        tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    manifest = write(tmp_path / "m.csv", "prompt\na red shoe\n")
+    done = kiln("render", str(manifest), "--model", "tiny:klein-9b", "--non-commercial", "--vram", "8",
+                cwd=tmp_path, env=kiln_env, check=1)
+    assert "tiny:klein-9b at 1024x1024 needs a 16 GB card; this one (cpu 8.0 GiB) has no plan for it" in done.stderr
+    assert "`kiln submit`" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv"]
 
 
 def test_dry_run_summarizes_and_writes_nothing(tmp_path: Path, kiln_env: dict[str, str]) -> None:
@@ -271,6 +282,11 @@ def test_fleet_commands_without_a_broker_say_which_variable_to_set(tmp_path: Pat
         assert "KILN_BROKER_URL is not set" in done.stderr and "Traceback" not in done.stderr
     bad = kiln("worker", cwd=tmp_path, env={**kiln_env, "KILN_BROKER_URL": "amqp://x"}, check=2)
     assert "KILN_BROKER_URL: must be redis://" in bad.stderr
+    broker = {**kiln_env, "KILN_BROKER_URL": "redis://127.0.0.1:1/0", "KILN_DEVICE": "cpu"}
+    cpu = kiln("worker", cwd=tmp_path, env=broker, check=2)
+    assert "a CPU worker takes work only when --vram GB" in cpu.stderr and "Traceback" not in cpu.stderr
+    assert "--vram 0.2: must be more than 0.5 GB" in kiln("worker", "--vram", "0.2", cwd=tmp_path, env=broker,
+                                                          check=2).stderr
     manifest = write(tmp_path / "m.csv", "prompt\nx\n")
     batch = json.loads(kiln("submit", str(manifest), "--json", cwd=tmp_path, env=kiln_env).stdout)["batch_id"]
     assert "--presign needs S3 storage" in kiln("export", batch, "--presign", "60", cwd=tmp_path, env=kiln_env,

@@ -166,6 +166,20 @@ def test_out_of_memory_moves_the_job_to_a_bigger_card(database_url: str, bucket:
         "out of memory on w8: moved to kiln.render.vram12"
     feed(sessions, bucket, broker)
     assert broker.sent[0][0] == "kiln.render.vram12"
+    # The move is not charged: the job still gets its full attempts on the bigger cards, with the first backoff.
+    now = T0
+    for attempt, worker in enumerate(["w12", "w16", "w12"], start=2):
+        task = broker.take()
+        assert task.job.attempt == attempt
+        outcome = report(sessions, bucket, failed(task, worker, "error"), now)
+        now += timedelta(seconds=10 * 2 ** (attempt - 2))
+        feed(sessions, bucket, broker, now)
+        if attempt < 4:
+            assert outcome == f"failed, retry in {10 * 2 ** (attempt - 2)} s"
+    assert outcome == "dead after 3 attempts on 2 workers"
+    with sessions.begin() as s:
+        assert [a.status for a in s.scalars(select(Attempt).order_by(Attempt.number))] == [
+            "oom", "failed", "failed", "failed"]
 
 
 def test_jobs_of_silent_workers_go_back_to_the_queue(database_url: str, bucket: Bucket) -> None:
@@ -236,9 +250,10 @@ def test_a_key_holding_another_jobs_image_is_not_overwritten(database_url: str, 
 def test_status_names_jobs_that_no_registered_worker_fits(database_url: str, bucket: Bucket) -> None:
     sessions = setup(database_url, "id,prompt,model\nbig,x,klein-9b\nsmall,y,klein-4b\n")
     with sessions.begin() as s:
-        fleet.record_heartbeat(s, Heartbeat(worker="w8", device="cuda", vram_gb=8, queues=[]), T0)
+        fleet.record_heartbeat(s, Heartbeat(worker="w8", device="cuda", vram_gb=8, queues=["kiln.render.vram8"]),
+                               T0)
         assert fleet.unfit_jobs(s, "b1") == [("big", "needs a 16 GB card for klein-9b at 1.05 MP; "
-                                                     "the largest worker has 8 GB")]
+                                                     "the largest worker takes 8 GB work")]
 
 
 def test_a_job_whose_gpu_process_died_goes_back_though_its_worker_still_beats(database_url: str,

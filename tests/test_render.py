@@ -46,7 +46,9 @@ def test_renders_a_png_of_the_asked_size_with_readable_parameters(renderer: Loca
     assert image.info["parameters"] == ("a red shoe, studio light\nSteps: 4, Sampler: Euler (flow matching), "
                                         "CFG scale: 1, Seed: 1234, Size: 512x384, Model: tiny, Version: kiln")
     assert json.loads(image.info["kiln"]) == {"job_id": "j1", "batch_id": "b1", "manifest": "catalog.csv",
-                                              "manifest_row": 3, "row_id": "shoe", "attempt": 1}
+                                              "manifest_row": 3, "row_id": "shoe", "attempt": 1,
+                                              "plan": "bf16-resident"}
+    assert result.plan == "bf16-resident"  # a CPU renders from system memory: everything resident
     assert np.asarray(image).std() > 1  # an image, not a flat fill
 
 
@@ -65,7 +67,7 @@ def test_the_seed_alone_decides_the_image_batched_or_not(renderer: LocalRenderer
 
 
 def test_nan_output_is_a_failed_job_and_nothing_is_stored(renderer: LocalRenderer) -> None:
-    pipe = renderer._pipeline("tiny")
+    pipe = renderer.load([spec()]).pipe
     original = pipe.vae.decoder.conv_out.bias.data.clone()
     pipe.vae.decoder.conv_out.bias.data.fill_(float("nan"))
     try:
@@ -92,11 +94,13 @@ def test_a_reference_image_conditions_the_render(renderer: LocalRenderer, tmp_pa
     assert result.ok, result.error
 
 
-def test_loading_28_text_encoder_layers_keeps_the_hidden_states_the_pipeline_reads(tmp_path: Path) -> None:
+def test_the_text_encoder_loads_27_layers_without_head_and_keeps_the_hidden_states_the_pipeline_reads(
+        tmp_path: Path) -> None:
     full = build_tiny_pipeline(text_layers=36).text_encoder
     full.save_pretrained(tmp_path)
     cut = load_text_encoder(tmp_path, torch.float32)
-    assert cut.config.num_hidden_layers == TEXT_ENCODER_LAYERS == 28
+    assert cut.config.num_hidden_layers == TEXT_ENCODER_LAYERS == 27
+    assert not hasattr(cut, "lm_head")
     ids = torch.randint(0, 250, (1, 32))
     with torch.no_grad():
         want = full(input_ids=ids, output_hidden_states=True).hidden_states
@@ -106,7 +110,8 @@ def test_loading_28_text_encoder_layers_keeps_the_hidden_states_the_pipeline_rea
 
 
 def test_tiny_keeps_the_real_geometry(renderer: LocalRenderer) -> None:
-    pipe = renderer._pipeline("tiny")
+    model = renderer.load([spec()])
+    pipe = model.pipe
     assert pipe.vae_scale_factor == 8
-    assert pipe.transformer.config.in_channels == 128 and pipe.vae.config.latent_channels == 32
+    assert model.transformer.acquire().config.in_channels == 128 and pipe.vae.config.latent_channels == 32
     assert pipe.config.is_distilled is True

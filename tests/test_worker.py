@@ -1,28 +1,41 @@
-"""The worker's own rules: what it measures, and never the same shape on the same card after an OOM."""
+"""What a worker says it has: measured without touching CUDA, a CPU claiming nothing unless told, and --vram
+checked against the machine."""
 
 from __future__ import annotations
 
-from schemas.job import JobSpec
-from worker.fleet import WorkerState, measure_vram_gb
+import sys
 
+import pytest
+import torch
 
-def job(model: str, width: int, height: int) -> JobSpec:
-    return JobSpec(job_id="j", attempt=1, batch_id="b", manifest="m", manifest_row=1, row_id="r", model=model,
-                   prompt="p", width=width, height=height, steps=4, guidance=1.0, seed=1, output_key="k.png")
-
-
-def test_after_an_oom_the_worker_refuses_that_model_at_that_size_and_larger() -> None:
-    state = WorkerState("w", "cuda:RTX 3060", 12, ["kiln.render.vram12"])
-    assert not state.too_big(job("klein-4b", 1024, 1024))
-    state.ceilings["klein-4b"] = 1024 * 768 / 1e6  # what _render records after an OOM at 1024x1024
-    assert state.too_big(job("klein-4b", 1024, 1024))
-    assert state.too_big(job("klein-base-4b", 1024, 1024)) is False  # another profile: untouched
-    assert not state.too_big(job("klein-4b", 768, 1024))
+from schemas.errors import ConfigError
+from schemas.plan import Card
+from worker.device import advertised_card, local_card, system_memory_gib
 
 
 def test_the_worker_measures_its_device_without_touching_cuda() -> None:
-    import sys
+    device, card = advertised_card("auto", None)  # NVML where there is an NVIDIA driver, else this machine
+    assert device == "cpu" or device.startswith(("cuda:", "mps"))
+    if device == "cpu":
+        assert card == Card("cpu", 0.0)  # a CPU worker claims no memory unless --vram says so
+    assert "torch" not in sys.modules or not torch.cuda.is_initialized()
 
-    device, gb = measure_vram_gb("auto")  # NVML where there is an NVIDIA driver, else system memory
-    assert (device == "cpu" or device.startswith("cuda:")) and gb > 1
-    assert "torch" not in sys.modules or not __import__("torch").cuda.is_initialized()
+
+def test_a_cpu_worker_told_its_memory_claims_exactly_that() -> None:
+    assert advertised_card("cpu", 8.0) == ("cpu", Card("cpu", 8.0))
+
+
+def test_an_embedded_run_on_a_cpu_may_use_the_machines_memory() -> None:
+    card = local_card(torch.device("cpu"), None)
+    assert card.kind == "cpu" and card.gib == pytest.approx(system_memory_gib())
+
+
+def test_an_impossible_vram_is_refused_with_what_to_give() -> None:
+    with pytest.raises(ConfigError, match="must be more than 0.5 GB"):
+        advertised_card("cpu", 0.3)
+
+
+def test_a_cpu_may_stand_in_for_a_bigger_card_than_its_memory_with_a_warning(
+        caplog: pytest.LogCaptureFixture) -> None:
+    assert advertised_card("cpu", 1e4)[1] == Card("cpu", 1e4)  # a simulated fleet on one small machine
+    assert "expect swapping" in caplog.text

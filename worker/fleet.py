@@ -4,7 +4,6 @@ uploads, and results and heartbeats go back as messages the dispatcher records."
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import threading
 import time
@@ -15,7 +14,7 @@ from celery import Celery, signals
 from pydantic import ValidationError
 
 from schemas.broker import make_app
-from schemas.capacity import worker_queues
+from schemas.capacity import TIER_FLOOR_GIB, worker_queues
 from schemas.errors import ConfigError
 from schemas.job import JobSpec, RenderResult
 from schemas.messages import (
@@ -27,43 +26,24 @@ from schemas.messages import (
     RenderTask,
     Report,
 )
-from schemas.models import resolve_model
+from schemas.plan import Card
 from schemas.settings import KilnSettings, load_settings
 
 # Imported here, before Celery forks the GPU process, so a replacement process (after a crash or a time limit)
 # starts rendering in a second instead of importing torch and diffusers again. CUDA is first touched in the child.
+from worker.device import advertised_card
 from worker.render import LocalRenderer
 from worker.upload import SignedUpload
 
 log = logging.getLogger("kiln.worker")
 
 
-def measure_vram_gb(device: str) -> tuple[str, float]:
-    """(device name, memory in GB) without initializing CUDA in this process, so the GPU child can."""
-    if device in ("auto", "cuda"):
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(int(os.environ.get("CUDA_VISIBLE_DEVICES", "0").split(",")[0]
-                                                                 or 0))
-            name = pynvml.nvmlDeviceGetName(handle)
-            total = pynvml.nvmlDeviceGetMemoryInfo(handle).total
-            return f"cuda:{name if isinstance(name, str) else name.decode()}", total / 1e9
-        except Exception as exc:  # no NVIDIA driver, no GPU, no pynvml: say so if CUDA was asked for
-            if device == "cuda":
-                raise ConfigError(f"KILN_DEVICE=cuda but NVML sees no GPU ({type(exc).__name__}): "
-                                  "install the NVIDIA driver, or pass --vram GB") from None
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return "cpu", total / 1e9  # a CPU (or Apple unified memory) can hold any model, slowly
-
-
 class WorkerState:
     """What this worker is doing, for its heartbeats; shared by the task and the heartbeat thread."""
 
-    def __init__(self, name: str, device: str, vram_gb: float, queues: list[str]) -> None:
-        self.beat = Heartbeat(worker=name, device=device, vram_gb=vram_gb, queues=queues)
-        self.ceilings: dict[str, float] = {}  # model profile -> largest megapixels known to fit after an OOM
+    def __init__(self, name: str, device: str, card: Card) -> None:
+        self.card = card
+        self.beat = Heartbeat(worker=name, device=device, vram_gb=round(card.gib, 2), queues=worker_queues(card))
         self.lock = threading.Lock()
 
     def update(self, **values: Any) -> None:
@@ -71,19 +51,13 @@ class WorkerState:
         with self.lock:
             self.beat = self.beat.model_copy(update=values)
 
-    def too_big(self, job: JobSpec) -> bool:
-        """True when this card already ran out of memory on this model at this size or smaller."""
-        ceiling = self.ceilings.get(resolve_model(job.model).profile)
-        return ceiling is not None and job.width * job.height / 1e6 > ceiling
 
-
-def build(settings: KilnSettings, name: str, vram_gb: float | None) -> tuple[Celery, WorkerState]:
+def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState]:
     """The Celery app with the render task bound to this worker."""
     if not settings.broker_url:
         raise ConfigError("KILN_BROKER_URL is not set: a worker needs the fleet's Redis, e.g. redis://host:6379/0")
-    device, measured = measure_vram_gb(settings.device)
-    vram = vram_gb if vram_gb is not None else measured
-    state = WorkerState(name, device, vram, worker_queues(vram))
+    device, card = advertised_card(settings.device, settings.vram)
+    state = WorkerState(name, device, card)
     app = make_app(settings.broker_url, settings.job_time_limit_seconds)
     renderer: dict[str, Any] = {}
 
@@ -124,30 +98,27 @@ def build(settings: KilnSettings, name: str, vram_gb: float | None) -> tuple[Cel
 
 def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str, state: WorkerState,
             renderer: dict[str, Any]) -> RenderResult:
-    if state.too_big(job):
-        return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,
-                            error_kind="oom", error=f"{name} ran out of memory on this model at this size before")
     if "local" not in renderer:
-        renderer["local"] = LocalRenderer(settings, name)
+        renderer["local"] = LocalRenderer(settings, name, card=state.card)
     local: LocalRenderer = renderer["local"]
     state.update(current_job=job.job_id, step=0, steps=job.steps)
     started = time.perf_counter()
     upload = SignedUpload(message.upload, settings.storage_timeout_seconds, settings.upload_retry_seconds)
     [result] = local.render([job], lambda step, steps: state.update(step=step, steps=steps), upload)
-    if result.error_kind == "oom":
-        state.ceilings[resolve_model(job.model).profile] = job.width * job.height / 1e6 - 1e-6
     seconds = round(time.perf_counter() - started, 3) if result.ok else state.beat.seconds_per_image
-    state.update(current_job=None, step=None, steps=None, loaded_model=local.loaded_model, seconds_per_image=seconds)
+    state.update(current_job=None, step=None, steps=None, loaded_model=local.loaded_model,
+                 plan=local.loaded_plan, seconds_per_image=seconds)
     return result
 
 
 @click.command("worker")
 @click.option("--name", help="Worker name [default: host name].")
-@click.option("--vram", type=float, help="GB of GPU memory to use (default: measured); leave room for a game.")
+@click.option("--vram", type=float, help="[env KILN_VRAM] GB of GPU memory to use, CUDA context included; the "
+              "process is capped there, so a game keeps the rest [default: the whole card; a CPU: none].")
 @click.option("--device", type=click.Choice(["auto", "cuda", "mps", "cpu"]), help="[env KILN_DEVICE; auto]")
 @click.option("--broker-url", help="[env KILN_BROKER_URL] The fleet's Redis.")
 @click.option("--cache-dir", type=click.Path(), help="[env KILN_CACHE_DIR; ~/.cache/kiln]")
-def command(name: str | None, vram: float | None, **options: Any) -> None:
+def command(name: str | None, **options: Any) -> None:
     """Render for the fleet: take the jobs that fit this card from the broker until stopped.
 
     Needs only KILN_BROKER_URL: uploads go through signed URLs, results back through the broker.
@@ -155,11 +126,14 @@ def command(name: str | None, vram: float | None, **options: Any) -> None:
     settings = load_settings(**options)
     logging.getLogger("kiln").setLevel(logging.INFO)  # a service tells its log what it does
     name = name or socket.gethostname()
-    app, state = build(settings, name, vram)
+    app, state = build(settings, name)
     beat = state.beat
-    click.echo(f"worker {name}: {beat.device}, {beat.vram_gb:.1f} GB, queues {', '.join(beat.queues) or 'none'}",
-               err=True)
+    click.echo(f"worker {name}: {beat.device}, {state.card}, queues {', '.join(beat.queues) or 'none'}", err=True)
     if not beat.queues:
-        raise ConfigError(f"{beat.vram_gb:.1f} GB fits no job Kiln schedules (the smallest needs 8 GB)")
+        if state.card.kind == "cpu" and settings.vram is None:
+            raise ConfigError("this worker has no GPU: a CPU worker takes work only when --vram GB (or KILN_VRAM) "
+                              "says how much of this machine's memory it may use")
+        raise ConfigError(f"{state.card} fits no job Kiln schedules (the smallest class is an 8 GB card, "
+                          f"{TIER_FLOOR_GIB[8]} GiB usable)")
     app.worker_main(["worker", "--pool", "prefork", "--concurrency", "1", "-Q", ",".join(beat.queues),
                      "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])

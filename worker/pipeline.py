@@ -1,4 +1,5 @@
-"""Loading FLUX.2 [klein] pipelines: where the weights are, which device, which dtype, what fits.
+"""Loading FLUX.2 [klein] as its plan says, and running it: prompts through the text encoder (cached), then the
+transformer and the VAE through diffusers' Flux2KleinPipeline with `prompt_embeds`.
 
 The only worker module that knows about the Hugging Face hub.
 """
@@ -6,51 +7,47 @@ The only worker module that knows about the Hugging Face hub.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import Flux2KleinPipeline
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
-from transformers import AutoConfig, Qwen3ForCausalLM
 
-from schemas.errors import ModelError
-from schemas.models import ModelSpec, weights_location
-from worker.tiny import ensure_tiny
+# torchao and torch announce optional kernels they cannot load on this machine at import; Kiln reports what it uses.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
+import diffusers.utils.logging as diffusers_logging  # noqa: E402
+import transformers.utils.logging as transformers_logging  # noqa: E402
+
+diffusers_logging.set_verbosity_error()
+from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel  # noqa: E402
+from huggingface_hub import snapshot_download  # noqa: E402
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError  # noqa: E402
+from transformers import AutoConfig, Qwen3Model  # noqa: E402
+
+from schemas.errors import ModelError  # noqa: E402
+from schemas.models import ModelSpec, weights_location  # noqa: E402
+from schemas.plan import ENCODE_CHUNK, Plan  # noqa: E402
+from worker.placement import slot, to_fp8  # noqa: E402
+from worker.prompts import PromptCache  # noqa: E402
+from worker.tiny import ensure_tiny  # noqa: E402
 
 log = logging.getLogger("kiln.worker")
 
-# The pipeline stacks the text encoder's hidden states 9, 18 and 27; hidden state 27 is the input of layer 27,
-# so layers 28 and up (and the LM head) never matter. Loading 28 of the 36 layers saves about a quarter.
+# The pipeline stacks the text encoder's hidden states 9, 18 and 27. Hidden state 27 is the output of layer 26,
+# so only 27 of Qwen3's 36 layers matter, and the final norm (which transformers applies to the last hidden
+# state it returns) must go. No LM head: the pipeline never reads logits.
 TEXT_ENCODER_OUT_LAYERS = (9, 18, 27)
-TEXT_ENCODER_LAYERS = max(TEXT_ENCODER_OUT_LAYERS) + 1
+TEXT_ENCODER_LAYERS = max(TEXT_ENCODER_OUT_LAYERS)
+MAX_SEQUENCE_LENGTH = 512
+StepCallback = Callable[[int, int], None]
 
 
 def quiet_libraries() -> None:
     """Kiln draws its own progress; keep diffusers' and transformers' loading bars and chatter off the terminal."""
-    import diffusers.utils.logging as diffusers_logging
-    import transformers.utils.logging as transformers_logging
-
     for lib in (diffusers_logging, transformers_logging):
         lib.disable_progress_bar()
         lib.set_verbosity_error()
-
-
-def pick_device(preference: str) -> torch.device:
-    """CUDA when present, then Apple MPS, else the CPU; or exactly what KILN_DEVICE names."""
-    if preference == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if preference == "cuda" and not torch.cuda.is_available():
-        raise ModelError("KILN_DEVICE=cuda but torch sees no CUDA GPU: install the CUDA build of torch "
-                         "(README, 'Real models on a GPU') or use KILN_DEVICE=auto")
-    if preference == "mps" and not torch.backends.mps.is_available():
-        raise ModelError("KILN_DEVICE=mps but this torch has no Apple MPS support: use KILN_DEVICE=auto")
-    return torch.device(preference)
 
 
 def weights_folder(spec: ModelSpec, cache_dir: Path) -> Path:
@@ -82,36 +79,133 @@ def _missing(spec: ModelSpec, what: str) -> str:
             "huggingface.co), or set --model to a local diffusers folder, or try --model tiny")
 
 
-def load_pipeline(spec: ModelSpec, cache_dir: Path, device: torch.device) -> Any:
-    """Load `spec` once onto `device`; on a CUDA card too small to hold it all, offload idle components."""
+def load_text_encoder(folder: Path, dtype: torch.dtype) -> Any:
+    """The Qwen3 text encoder as klein reads it: 27 layers, no final norm, no LM head."""
+    config = AutoConfig.from_pretrained(folder)
+    config.num_hidden_layers = min(config.num_hidden_layers, TEXT_ENCODER_LAYERS)
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:config.num_hidden_layers]
+    encoder = Qwen3Model.from_pretrained(folder, config=config, dtype=dtype)
+    encoder.norm = torch.nn.Identity()  # type: ignore[assignment]
+    return encoder.eval()
+
+
+def compute_dtype(spec: ModelSpec) -> torch.dtype:
+    """bf16 for real weights; the tiny model computes in float32 (a CPU's bf16 is slow and tiny needs no savings)."""
+    return torch.float32 if spec.is_tiny else torch.bfloat16
+
+
+class LoadedModel:
+    """One model loaded on one device as its plan says, with the prompt embeddings it has computed."""
+
+    def __init__(self, spec: ModelSpec, folder: Path, plan: Plan, device: torch.device, cache: PromptCache) -> None:
+        self.spec, self.plan, self.device, self.cache = spec, plan, device, cache
+        self.dtype = compute_dtype(spec)
+        staged, release = plan.strategy.staged, plan.release_staged
+        self.pipe = Flux2KleinPipeline.from_pretrained(folder, text_encoder=None, transformer=None, dtype=self.dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe.vae.to(device).enable_slicing()  # decode one image at a time: the plan counts one
+        self.encoder = slot(self._loader(lambda: load_text_encoder(folder / "text_encoder", self.dtype), folder),
+                            device, staged, release)
+        self.transformer = slot(self._loader(lambda: self._load_transformer(folder), folder), device, staged, release)
+
+    def _loader(self, load: Callable[[], Any], folder: Path) -> Callable[[], Any]:
+        # A released component loads again at its next stage, long after load_model returned: its failures must
+        # read the same as the first load's.
+        def guarded() -> Any:
+            try:
+                return load()
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"cannot load {self.spec.name} from {folder}: {exc}") from None
+        return guarded
+
+    def _load_transformer(self, folder: Path) -> Any:
+        transformer = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=self.dtype)
+        if self.plan.fp8:
+            transformer = to_fp8(transformer, self.plan.fp8, self.dtype, self.device)
+        return transformer.eval()
+
+    def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Host-memory embeddings of `prompts` (and of "" when the model runs real CFG), from the cache or from
+        one encoder stage for all that are missing: on a staged plan the transformer leaves the card for it."""
+        wanted = dict.fromkeys([*prompts, *([""] if self.needs_negative else [])])
+        found = {p: self.cache.get(self.spec.name, p) for p in wanted}
+        missing = [p for p, e in found.items() if e is None]
+        if missing:
+            self.transformer.park()
+            encoder = self.encoder.acquire()
+            with torch.no_grad():
+                for i in range(0, len(missing), ENCODE_CHUNK):
+                    chunk = missing[i:i + ENCODE_CHUNK]
+                    embeds = Flux2KleinPipeline._get_qwen3_prompt_embeds(
+                        text_encoder=encoder, tokenizer=self.pipe.tokenizer, prompt=chunk, dtype=self.dtype,
+                        device=self.device, max_sequence_length=MAX_SEQUENCE_LENGTH,
+                        hidden_states_layers=list(TEXT_ENCODER_OUT_LAYERS))
+                    for prompt, embedding in zip(chunk, embeds.to("cpu"), strict=True):
+                        found[prompt] = embedding
+                        self.cache.put(self.spec.name, prompt, embedding)
+                    del embeds
+            del encoder  # the slot's reference is the only one left, so parking frees it
+            self.encoder.park()
+        return found  # type: ignore[return-value]
+
+    @property
+    def needs_negative(self) -> bool:
+        """Base models run real CFG, with the empty prompt as the negative (distilled ones ignore guidance)."""
+        return not self.pipe.config.is_distilled
+
+    def generate(self, prompts: Sequence[str], *, width: int, height: int, steps: int, guidance: float,
+                 seeds: Sequence[int], image: Any = None, on_step: StepCallback | None = None,
+                 embeddings: dict[str, torch.Tensor] | None = None, output_type: str = "np") -> Any:
+        """Denoise and decode one image per prompt, each from its own seed, in one pipeline call. `embeddings`
+        (from `encode`) saves the encoder stage; prompts missing from it are encoded first."""
+        if embeddings is None or any(p not in embeddings for p in prompts):
+            embeddings = self.encode(prompts)
+        embeds = torch.stack([embeddings[p] for p in prompts]).to(self.device)
+        negative = None
+        if guidance > 1 and self.needs_negative:
+            negative = torch.stack([embeddings[""]] * len(prompts)).to(self.device)
+
+        def step_end(_pipe: Any, step: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            if on_step:
+                on_step(step + 1, steps)
+            return tensors
+
+        # The pipeline holds the transformer only during the call, so parking it (or releasing it) frees it.
+        self.pipe.register_modules(transformer=self.transformer.acquire())
+        try:
+            result = self.pipe(
+                prompt_embeds=embeds, negative_prompt_embeds=negative, image=image, width=width, height=height,
+                num_inference_steps=steps, guidance_scale=guidance,
+                # one CPU generator per image: each job's seed alone decides its noise, batched or not, anywhere
+                generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
+                output_type=output_type, callback_on_step_end=step_end)
+        finally:
+            self.pipe.register_modules(transformer=None)
+        return result.images
+
+    def rest(self) -> None:
+        """Put every component where the plan keeps it between calls: staged ones off the card. After an OOM,
+        this (with the failed call's frames gone) is what lets the next call start from a clean card."""
+        self.encoder.park()
+        self.transformer.park()
+
+    def unload(self) -> None:
+        """Drop every component (before loading another model)."""
+        self.rest()
+        self.pipe = None
+        self.encoder = self.transformer = None  # type: ignore[assignment]
+
+
+def load_model(spec: ModelSpec, cache_dir: Path, plan: Plan, device: torch.device, cache: PromptCache) -> LoadedModel:
+    """Load `spec` on `device` as `plan` says, or raise ModelError saying why not (an OOM while loading is raised
+    as torch.OutOfMemoryError, for the caller to treat like any other)."""
     folder = weights_folder(spec, cache_dir)
-    dtype = torch.float32 if spec.is_tiny else torch.bfloat16
     if device.type == "cpu" and not spec.is_tiny:
         log.warning("rendering %s on the CPU: expect minutes per image; a CUDA GPU takes about a second", spec.name)
     try:
-        text_encoder = load_text_encoder(folder / "text_encoder", dtype)
-        pipe = Flux2KleinPipeline.from_pretrained(folder, text_encoder=text_encoder, dtype=dtype)
+        model = LoadedModel(spec, folder, plan, device, cache)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {spec.name} from {folder}: {exc}") from None
-    pipe.set_progress_bar_config(disable=True)
-    if device.type == "cuda" and _weights_bytes(pipe) * 1.2 > torch.cuda.get_device_properties(device).total_memory:
-        log.info("%s does not fit this GPU whole: components move to it one at a time", spec.name)
-        pipe.enable_model_cpu_offload(device=device)
-    else:
-        pipe.to(device)
-    return pipe
-
-
-def load_text_encoder(folder: Path, dtype: torch.dtype) -> Any:
-    """The Qwen3 text encoder with only the layers whose hidden states the pipeline reads."""
-    config = AutoConfig.from_pretrained(folder)
-    if config.num_hidden_layers > TEXT_ENCODER_LAYERS:
-        config.num_hidden_layers = TEXT_ENCODER_LAYERS
-        if getattr(config, "layer_types", None):
-            config.layer_types = config.layer_types[:TEXT_ENCODER_LAYERS]
-    return Qwen3ForCausalLM.from_pretrained(folder, config=config, dtype=dtype)
-
-
-def _weights_bytes(pipe: Any) -> int:
-    return sum(p.numel() * p.element_size() for m in (pipe.transformer, pipe.text_encoder, pipe.vae)
-               for p in m.parameters())
+    log.info("loaded %s on %s: %s", spec.name, device, plan.describe())
+    return model

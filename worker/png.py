@@ -20,19 +20,19 @@ def parameters_text(job: JobSpec) -> str:
             f"Seed: {job.seed}, Size: {job.width}x{job.height}, Model: {job.model}, Version: kiln")
 
 
-def kiln_text(job: JobSpec) -> str:
-    """The `kiln` chunk: where the image came from, as JSON."""
+def kiln_text(job: JobSpec, plan: str) -> str:
+    """The `kiln` chunk: where the image came from and how the model was loaded for it, as JSON."""
     return json.dumps({"job_id": job.job_id, "batch_id": job.batch_id, "manifest": job.manifest,
-                       "manifest_row": job.manifest_row, "row_id": job.row_id, "attempt": job.attempt},
-                      ensure_ascii=False)
+                       "manifest_row": job.manifest_row, "row_id": job.row_id, "attempt": job.attempt,
+                       "plan": plan}, ensure_ascii=False)
 
 
-def encode_png(pixels: np.ndarray, job: JobSpec) -> bytes:
+def encode_png(pixels: np.ndarray, job: JobSpec, plan: str) -> bytes:
     """Encode an HxWx3 float image in [0, 1] as PNG bytes with Kiln's metadata chunks."""
     image = Image.fromarray((np.clip(pixels, 0.0, 1.0) * 255).round().astype(np.uint8), mode="RGB")
     info = PngInfo()
     info.add_text("parameters", parameters_text(job))  # iTXt where the prompt is not Latin-1
-    info.add_text("kiln", kiln_text(job))
+    info.add_text("kiln", kiln_text(job, plan))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()

@@ -1,4 +1,5 @@
-"""Rendering: JobSpecs in, stored PNGs and RenderResults out. One pipeline per model, loaded once and reused."""
+"""Rendering: JobSpecs in, stored PNGs and RenderResults out. One model at a time, loaded as the plan for this
+card says and kept while its plan fits the jobs that come."""
 
 from __future__ import annotations
 
@@ -6,36 +7,49 @@ import gc
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from schemas.capacity import need_tier
 from schemas.errors import KilnError, RenderError
 from schemas.job import JobSpec, RenderResult
 from schemas.models import ModelSpec, resolve_model
+from schemas.plan import STAGES, Card, Plan, Shape, Stage, plan_for
 from schemas.renderer import StepCallback, Storage
 from schemas.settings import KilnSettings
-from worker.pipeline import TEXT_ENCODER_OUT_LAYERS, load_pipeline, pick_device, quiet_libraries, weights_folder
+from worker.device import cap_memory, device_name, free_cached, local_card, pick_device
+from worker.pipeline import LoadedModel, load_model, quiet_libraries, weights_folder
 from worker.png import encode_png
+from worker.prompts import PromptCache
 from worker.storage import open_storage
 
 log = logging.getLogger("kiln.worker")
-
+# What CUDA libraries say when an allocation fails outside torch's allocator (cuBLAS workspaces, cuDNN plans).
+T = TypeVar("T")
+ALLOCATION_FAILURES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 
 
 class LocalRenderer:
-    """Renders on this machine's best device and writes to KILN_STORAGE_URL."""
+    """Renders on this machine's best device, within its card's memory, and writes to KILN_STORAGE_URL."""
 
-    def __init__(self, settings: KilnSettings, worker: str, storage: Storage | None = None) -> None:
+    def __init__(self, settings: KilnSettings, worker: str, storage: Storage | None = None,
+                 card: Card | None = None) -> None:
         self.settings = settings
         self.worker = worker
         self.storage = storage or open_storage(settings.storage_url)
         self.device = pick_device(settings.device)
+        self.card = card or local_card(self.device, settings.vram)
+        cap_memory(self.device, self.card)
         quiet_libraries()
-        self._loaded: tuple[str, Any] | None = None
+        self.prompts = PromptCache(settings.prompt_cache_mb * 2**20)
+        # (model profile, stage) -> the smallest planned need (GiB) of that stage that ran out of memory here;
+        # plans that need as much in that stage are refused, smaller ones still run
+        self.ceilings: dict[tuple[str, Stage], float] = {}
+        self._loaded: LoadedModel | None = None
 
     @property
     def storage_uri(self) -> str:
@@ -45,103 +59,188 @@ class LocalRenderer:
     @property
     def device_name(self) -> str:
         """What renders, in words: 'cuda:NVIDIA GeForce RTX 4070', 'mps', 'cpu'."""
-        if self.device.type == "cuda":
-            return f"cuda:{torch.cuda.get_device_name(self.device)}"
-        return self.device.type
+        return device_name(self.device)
 
     @property
     def vram_mb(self) -> int | None:
-        """Total memory of the CUDA device in MiB, when there is one."""
-        if self.device.type != "cuda":
-            return None
-        return int(torch.cuda.get_device_properties(self.device).total_memory // 2**20)
+        """The memory Kiln may use on this card, in MiB."""
+        return int(self.card.gib * 1024)
 
     @property
     def loaded_model(self) -> str | None:
         """The model whose pipeline is in memory."""
-        return self._loaded[0] if self._loaded else None
+        return self._loaded.spec.name if self._loaded else None
+
+    @property
+    def loaded_plan(self) -> str | None:
+        """How the model in memory is loaded, in words."""
+        return self._loaded.plan.describe() if self._loaded else None
 
     def prepare(self, models: Sequence[ModelSpec]) -> None:
         """Make sure every model's weights are on this machine (download or build them) before any work starts."""
         for spec in models:
             weights_folder(spec, self.settings.cache_dir)
 
+    def why_unfit(self, model: str, width: int, height: int, references: int) -> str | None:
+        """Why this machine cannot render one such image (no plan fits its card), or None when it can."""
+        spec = resolve_model(model)
+        shape = Shape.of(width, height, 1, references)
+        if plan_for(spec.profile, self.card, shape) is not None:
+            return None
+        tier = need_tier(spec.profile, shape)
+        needs = f"a {tier} GB card" if tier else "more memory than any card Kiln knows"
+        return f"{model} at {width}x{height} needs {needs}; this one ({self.card}) has no plan for it"
+
+    def plan(self, jobs: Sequence[JobSpec]) -> tuple[Plan, int]:
+        """The plan for rendering `jobs` (one shape) here, and how many go in one pipeline call: all of them when
+        they fit at once, else as many as fit without a slower strategy than one alone would get. Raises
+        RenderError (kind "oom") when not even one fits this card, or one ran out of memory here before."""
+        lead = jobs[0]
+        spec = resolve_model(lead.model)
+        references = 1 if lead.reference else 0
+        keep = self._loaded.plan.strategy.name if self._loaded and self._loaded.spec.name == spec.name else None
+        single = plan_for(spec.profile, self.card, Shape.of(lead.width, lead.height, 1, references), keep=keep)
+        what = f"{spec.name} at {lead.width}x{lead.height}"
+        if single is None:
+            raise RenderError(f"{what} fits no plan on this card ({self.card}): it needs a bigger card", "oom")
+        over = self._over_ceiling(single)
+        if over:
+            raise RenderError(f"{what} {over}", "oom")
+        for n in range(len(jobs), 1, -1):
+            batched = plan_for(spec.profile, self.card, Shape.of(lead.width, lead.height, n, references),
+                               keep=single.strategy.name)
+            if batched and batched.strategy == single.strategy and not self._over_ceiling(batched):
+                return batched, n
+        return single, 1
+
+    def _over_ceiling(self, plan: Plan) -> str | None:
+        for stage in STAGES:
+            need, ceiling = plan.stage_gib(stage), self.ceilings.get((plan.profile, stage))
+            if ceiling is not None and need >= ceiling:
+                return (f"needs {need:.1f} GiB to {stage} as planned, and this card ran out of memory at "
+                        f"{ceiling:.1f} GiB there on this model before")
+        return None
+
+    def load(self, jobs: Sequence[JobSpec]) -> LoadedModel:
+        """The model for `jobs`, loaded as their plan on this card says (reused while that plan fits)."""
+        return self._model(resolve_model(jobs[0].model), self.plan(jobs)[0])
+
     def render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None,
                storage: Storage | None = None) -> list[RenderResult]:
-        """Render jobs of one shape in one pipeline call and store them (in `storage`, else the configured one);
-        a failure is reported per job, never raised."""
+        """Render jobs of one shape and store them (in `storage`, else the configured one): their prompts in one
+        encoder stage, then as many images per pipeline call as the plan fits. A failure is reported per job,
+        never raised."""
         started = time.perf_counter()
+        plan: Plan | None = None
         try:
-            images = self._generate(jobs, on_step)
-        except RenderError as exc:
-            if len(jobs) > 1 and exc.kind == "oom":  # find out which ones fit alone
-                return [r for job in jobs for r in self.render([job], on_step, storage)]
-            return [self._failed(job, exc, time.perf_counter() - started) for job in jobs]
-        seconds = (time.perf_counter() - started) / len(jobs)
-        target = storage or self.storage
-        return [self._store(job, image, seconds, target) for job, image in zip(jobs, images, strict=True)]
+            plan, per_call = self.plan(jobs)
+            images = self._generate(jobs, plan, per_call, on_step)
+        except KilnError as exc:  # RenderError, or a ModelError from a component loading for its stage
+            # A fresh error: the caught one's traceback holds the failed call's frames, and with them its tensors.
+            error = RenderError(str(exc), exc.kind if isinstance(exc, RenderError) else "error")
+        else:
+            seconds = (time.perf_counter() - started) / len(jobs)
+            target = storage or self.storage
+            return [self._store(job, image, seconds, target, plan)
+                    for job, image in zip(jobs, images, strict=True)]
+        if len(jobs) > 1 and error.kind == "oom":  # find out which ones fit alone
+            return [r for job in jobs for r in self.render([job], on_step, storage)]
+        return [self._failed(job, error, time.perf_counter() - started, plan) for job in jobs]
 
-    def _pipeline(self, name: str) -> Any:
-        if self._loaded and self._loaded[0] == name:
-            return self._loaded[1]
-        self._loaded = None  # free the old pipeline before loading the next
-        self._free()
-        pipe = load_pipeline(resolve_model(name), self.settings.cache_dir, self.device)
-        self._loaded = (name, pipe)
-        return pipe
-
-    def _generate(self, jobs: Sequence[JobSpec], on_step: StepCallback | None) -> np.ndarray:
-        lead = jobs[0]
+    def _model(self, spec: ModelSpec, plan: Plan) -> LoadedModel:
+        loaded = self._loaded
+        if loaded and loaded.spec.name == spec.name and loaded.plan.strategy == plan.strategy \
+                and loaded.plan.fp8 == plan.fp8:
+            return loaded
+        self._unload()  # free the old model before loading the next
         try:
-            pipe = self._pipeline(lead.model)
+            loaded, oom = _unless_out_of_memory(
+                lambda: load_model(spec, self.settings.cache_dir, plan, self.device, self.prompts))
         except KilnError as exc:
             raise RenderError(str(exc), "error") from None
+        if loaded is not None:
+            self._loaded = loaded
+            return loaded
+        self._unload()  # the half-loaded model was referenced only by the failed call, gone now
+        self._lower_ceiling(plan, *STAGES)
+        raise RenderError(f"out of memory loading {spec.name} ({plan.describe()}) on {self.device_name}", "oom")
+
+    def _generate(self, jobs: Sequence[JobSpec], plan: Plan, per_call: int,
+                  on_step: StepCallback | None) -> list[np.ndarray]:
+        lead = jobs[0]
+        model = self._model(resolve_model(lead.model), plan)
         image = _reference(lead.reference) if lead.reference else None
 
-        def step_end(_pipe: Any, step: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-            if on_step:
-                on_step(step + 1, lead.steps)
-            return tensors
+        def denoise() -> list[np.ndarray]:
+            images: list[np.ndarray] = []
+            for i in range(0, len(jobs), per_call):
+                chunk = jobs[i:i + per_call]
+                images.extend(model.generate(
+                    [j.prompt for j in chunk], width=lead.width, height=lead.height, steps=lead.steps,
+                    guidance=lead.guidance, seeds=[j.seed for j in chunk], image=image, on_step=on_step,
+                    embeddings=embeddings))
+            return images
 
-        try:
-            result = pipe(
-                prompt=[j.prompt for j in jobs], image=image, width=lead.width, height=lead.height,
-                num_inference_steps=lead.steps, guidance_scale=lead.guidance,
-                # one CPU generator per image: each job's seed alone decides its noise, batched or not,
-                # on whatever device renders it
-                generator=[torch.Generator("cpu").manual_seed(j.seed) for j in jobs],
-                text_encoder_out_layers=TEXT_ENCODER_OUT_LAYERS, output_type="np",
-                callback_on_step_end=step_end)
-        except torch.OutOfMemoryError:
-            self._free()
-            raise RenderError(f"out of memory at {lead.width}x{lead.height} x{len(jobs)} on {self.device_name}",
-                              "oom") from None
-        return np.asarray(result.images)
+        embeddings, oom = _unless_out_of_memory(lambda: model.encode([j.prompt for j in jobs]))
+        stage: Stage = "encode"
+        if not oom:
+            images, oom = _unless_out_of_memory(denoise)
+            stage = "denoise"
+            if not oom:
+                return images  # type: ignore[return-value]
+        model.rest()
+        self._lower_ceiling(plan, stage)
+        raise RenderError(f"out of memory at {lead.width}x{lead.height} x{per_call} on {self.device_name} while "
+                          f"{'encoding prompts' if stage == 'encode' else 'denoising'} ({plan.describe()}, planned "
+                          f"{plan.stage_gib(stage):.1f} GiB)", "oom")
 
-    def _store(self, job: JobSpec, pixels: np.ndarray, seconds: float, storage: Storage) -> RenderResult:
+    def _lower_ceiling(self, plan: Plan, *stages: Stage) -> None:
+        for stage in stages:
+            need = plan.stage_gib(stage)
+            self.ceilings[(plan.profile, stage)] = min(need, self.ceilings.get((plan.profile, stage), need))
+        gc.collect()
+        free_cached(self.device)
+
+    def _store(self, job: JobSpec, pixels: np.ndarray, seconds: float, storage: Storage, plan: Plan) -> RenderResult:
         if not np.isfinite(pixels).all():
-            return self._failed(job, RenderError("the model produced NaN or infinite pixels", "nan"), seconds)
+            return self._failed(job, RenderError("the model produced NaN or infinite pixels", "nan"), seconds, plan)
         try:
-            data = encode_png(pixels, job)
+            data = encode_png(pixels, job, plan.describe())
             uri = storage.put(job.output_key, data)
         except KilnError as exc:
-            return self._failed(job, RenderError(str(exc), "error"), seconds)
+            return self._failed(job, RenderError(str(exc), "error"), seconds, plan)
         return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=True, worker=self.worker, seconds=seconds,
                             uri=uri, sha256=hashlib.sha256(data).hexdigest(), md5=hashlib.md5(data).hexdigest(),
-                            bytes=len(data))
+                            bytes=len(data), plan=plan.describe())
 
-    def _failed(self, job: JobSpec, exc: RenderError, seconds: float) -> RenderResult:
+    def _failed(self, job: JobSpec, exc: RenderError, seconds: float, plan: Plan | None) -> RenderResult:
         log.warning("job %s (row %s) failed: %s", job.job_id, job.row_id, exc)
         return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=self.worker, seconds=seconds,
-                            error=str(exc), error_kind=exc.kind)
+                            error=str(exc), error_kind=exc.kind, plan=plan.describe() if plan else None)
 
-    def _free(self) -> None:
+    def _unload(self) -> None:
+        if self._loaded is not None:
+            self._loaded.unload()
+            self._loaded = None
         gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        free_cached(self.device)
 
 
-def _reference(path: str) -> Image.Image:
+def _unless_out_of_memory(work: Callable[[], T]) -> tuple[T | None, bool]:
+    """(what `work` returns, False), or (None, True) when the device ran out of memory. When this returns, the
+    caught error is gone, and with its traceback every frame and tensor of the failed call: nothing is retried,
+    nor the card cleaned, while they are alive."""
+    try:
+        return work(), False
+    except torch.OutOfMemoryError:
+        pass
+    except RuntimeError as exc:
+        if not any(marker in str(exc) for marker in ALLOCATION_FAILURES):
+            raise
+    return None, True
+
+
+def _reference(path: str) -> Any:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")

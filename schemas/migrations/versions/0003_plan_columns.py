@@ -1,0 +1,31 @@
+"""Loading plans: how a worker loaded the model for each attempt and output, and what each worker has loaded.
+
+Revision ID: 0003
+Revises: 0002
+Create Date: 2026-11-27 17:40:00.000000
+
+"""
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+# revision identifiers, used by Alembic.
+revision: str = '0003'
+down_revision: str | Sequence[str] | None = '0002'
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+
+def upgrade() -> None:
+    """Upgrade schema."""
+    for table in ('attempts', 'outputs', 'workers'):
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.add_column(sa.Column('plan', sa.String(length=120), nullable=True))
+
+
+def downgrade() -> None:
+    """Downgrade schema."""
+    for table in ('workers', 'outputs', 'attempts'):
+        with op.batch_alter_table(table, schema=None) as batch_op:
+            batch_op.drop_column('plan')
