@@ -100,12 +100,11 @@ class LocalRenderer:
         references = 1 if lead.reference else 0
         keep = self._loaded.plan.strategy.name if self._loaded and self._loaded.spec.name == spec.name else None
         single = plan_for(spec.profile, self.card, Shape.of(lead.width, lead.height, 1, references), keep=keep)
-        what = f"{spec.name} at {lead.width}x{lead.height}"
         if single is None:
-            raise RenderError(f"{what} fits no plan on this card ({self.card}): it needs a bigger card", "oom")
+            raise RenderError(self.why_unfit(lead.model, lead.width, lead.height, references) or "", "oom")
         over = self._over_ceiling(single)
         if over:
-            raise RenderError(f"{what} {over}", "oom")
+            raise RenderError(f"{spec.name} at {lead.width}x{lead.height} {over}", "oom")
         for n in range(len(jobs), 1, -1):
             batched = plan_for(spec.profile, self.card, Shape.of(lead.width, lead.height, n, references),
                                keep=single.strategy.name)
