@@ -212,3 +212,10 @@ def test_a_component_that_fails_to_load_at_its_stage_fails_the_job_with_the_reas
     [result] = r.render([job(model=str(broken))])
     assert (result.ok, result.error_kind) == (False, "error")
     assert f"cannot load {broken} from {broken}" in (result.error or "")
+
+
+def test_a_job_no_plan_fits_is_refused_as_out_of_memory_so_the_fleet_moves_it_up(cache_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    [result] = renderer(cache_dir, tmp_path, EIGHT_GB_CPU).render([job(model="tiny:klein-9b")])
+    assert (result.ok, result.error_kind) == (False, "oom")
+    assert result.error == "tiny:klein-9b at 256x256 needs a 16 GB card; this one (cpu 8.0 GiB) has no plan for it"
