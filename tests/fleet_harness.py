@@ -75,8 +75,11 @@ class Fleet:
     def dispatcher(self, **env: str) -> subprocess.Popen[bytes]:
         return self.start("dispatcher", ["dispatcher"], {**self.env, **env})
 
-    def worker(self, name: str, vram: float) -> subprocess.Popen[bytes]:
-        return self.start(name, ["worker", "--name", name, "--vram", str(vram)], self.worker_env)
+    def worker(self, name: str, vram: float, dispatchers_env: bool = False) -> subprocess.Popen[bytes]:
+        """A worker with only what it needs, or (dispatchers_env) started from the dispatcher's own shell: the
+        database, S3 storage and credentials it does not use set too, as on one machine or a shared env file."""
+        env = {**self.env, **self.worker_env} if dispatchers_env else self.worker_env
+        return self.start(name, ["worker", "--name", name, "--vram", str(vram)], env)
 
     def signal(self, name: str, signum: int) -> None:
         """Signal a process and its children, as switching a PC off or freezing it would."""

@@ -115,3 +115,31 @@ def test_tiny_keeps_the_real_geometry(renderer: LocalRenderer) -> None:
     assert pipe.vae_scale_factor == 8
     assert model.transformer.acquire().config.in_channels == 128 and pipe.vae.config.latent_channels == 32
     assert pipe.config.is_distilled is True
+
+
+def test_a_reference_that_declares_gigapixels_fails_its_job_as_bad_input(renderer: LocalRenderer,
+                                                                         tmp_path: Path) -> None:
+    from tests.test_expand import png_header
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(200000, 200000))  # edited after it was submitted, say
+    [result] = renderer.render([spec(reference=str(bomb), output_key="cat/bomb.png")])
+    assert (result.ok, result.error_kind) == (False, "bad_input")
+    assert "bomb.png cannot be read" in (result.error or "")
+
+
+def test_an_unforeseen_error_fails_the_jobs_in_hand_and_the_next_job_renders(renderer: LocalRenderer) -> None:
+    transformer = renderer.load([spec()]).transformer.acquire()
+
+    def broken(_module: object, _args: object) -> None:
+        raise ValueError("something no one planned for\nwith a second line")
+
+    handle = transformer.register_forward_pre_hook(broken)
+    try:
+        results = renderer.render([spec(job_id="x1", output_key="u/1.png"), spec(job_id="x2", output_key="u/2.png")])
+    finally:
+        handle.remove()
+    assert [(r.ok, r.error_kind, r.error) for r in results] == [
+        (False, "error", "ValueError: something no one planned for")] * 2
+    [after] = renderer.render([spec(job_id="x3", output_key="u/3.png")])
+    assert after.ok, after.error

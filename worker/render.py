@@ -40,7 +40,8 @@ class LocalRenderer:
                  card: Card | None = None) -> None:
         self.settings = settings
         self.worker = worker
-        self.storage = storage or open_storage(settings.storage_url)
+        self._storage = storage  # opened when first needed: a fleet worker writes only through signed uploads,
+        # whatever KILN_STORAGE_URL its environment happens to hold
         self.device = pick_device(settings.device)
         self.card = card or local_card(self.device, settings.vram)
         cap_memory(self.device, self.card)
@@ -50,6 +51,13 @@ class LocalRenderer:
         # plans that need as much in that stage are refused, smaller ones still run
         self.ceilings: dict[tuple[str, Stage], float] = {}
         self._loaded: LoadedModel | None = None
+
+    @property
+    def storage(self) -> Storage:
+        """Where images go unless a render names other storage: KILN_STORAGE_URL."""
+        if self._storage is None:
+            self._storage = open_storage(self.settings.storage_url)
+        return self._storage
 
     @property
     def storage_uri(self) -> str:
@@ -128,7 +136,17 @@ class LocalRenderer:
                storage: Storage | None = None) -> list[RenderResult]:
         """Render jobs of one shape and store them (in `storage`, else the configured one): their prompts in one
         encoder stage, then as many images per pipeline call as the plan fits. A failure is reported per job,
-        never raised."""
+        never raised: a bug or an unforeseen library error fails the jobs in hand, and the batch goes on."""
+        try:
+            return self._render(jobs, on_step, storage)
+        except Exception as exc:
+            log.debug("render failed", exc_info=True)  # the traceback, for --debug
+            error = RenderError(f"{type(exc).__name__}: {first_line(exc)}", "error")
+        self._unload()  # whatever state the failure left the model in, the next job starts from a fresh load
+        return [self._failed(job, error, 0.0, None) for job in jobs]
+
+    def _render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None,
+                storage: Storage | None) -> list[RenderResult]:
         started = time.perf_counter()
         plan: Plan | None = None
         try:
@@ -143,7 +161,7 @@ class LocalRenderer:
             return [self._store(job, image, seconds, target, plan)
                     for job, image in zip(jobs, images, strict=True)]
         if len(jobs) > 1 and error.kind == "oom":  # find out which ones fit alone
-            return [r for job in jobs for r in self.render([job], on_step, storage)]
+            return [r for job in jobs for r in self._render([job], on_step, storage)]
         return [self._failed(job, error, time.perf_counter() - started, plan) for job in jobs]
 
     def _model(self, spec: ModelSpec, plan: Plan) -> LoadedModel:
@@ -243,5 +261,11 @@ def _reference(path: str) -> Any:
     try:
         with Image.open(path) as img:
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise RenderError(f"reference image {path} cannot be read: {exc}", "bad_input") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """An error's first line, without the rest of a long library message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
