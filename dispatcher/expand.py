@@ -6,14 +6,17 @@ every machine, because each comes from a hash of the row, never from time or ran
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
 from pydantic import ValidationError
 
 from dispatcher.reader import RawManifest, Record
@@ -25,6 +28,7 @@ from schemas.models import DEFAULT_MODEL, ModelSpec, resolve_model
 
 REFERENCE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_REFERENCE_BYTES = 20 * 2**20
+MAX_REFERENCE_PIXELS = 64 * 10**6  # a 50 MP packshot opens; a file that declares gigapixels is refused
 
 
 @dataclass(frozen=True)
@@ -266,4 +270,28 @@ def _reference(path_text: str, options: Options) -> str:
         raise _RowProblem(f'column "reference": {path_text!r} does not exist (paths are relative to the manifest)')
     if path.stat().st_size > MAX_REFERENCE_BYTES:
         raise _RowProblem(f'column "reference": {path_text!r} is over {MAX_REFERENCE_BYTES // 2**20} MiB')
+    problem = _image_problem(path.resolve(), path.stat().st_mtime_ns)
+    if problem:
+        raise _RowProblem(f'column "reference": {path_text!r} {problem}')
     return str(path.resolve())
+
+
+@functools.lru_cache(maxsize=4096)
+def _image_problem(path: Path, _mtime_ns: int) -> str | None:
+    """What is wrong with a reference image, read from its header only (a row may share it with thousands)."""
+    width: int | None = None
+    height: int | None = None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except Image.DecompressionBombError:  # declares more than Pillow opens at all
+        pass
+    except (OSError, ValueError) as exc:
+        return f"is not a readable image ({exc})"
+    if width is None or height is None or width * height > MAX_REFERENCE_PIXELS:
+        size = f"{width}x{height} pixels" if width and height else "more pixels than Pillow will open"
+        return (f"declares {size}, over the {MAX_REFERENCE_PIXELS // 10**6} MP Kiln opens: klein uses at most 1 MP "
+                "of a reference, so save a smaller copy")
+    return None

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -178,7 +179,9 @@ def test_submit_records_a_batch_that_render_then_completes(tmp_path: Path, kiln_
 
 
 def test_a_failing_job_is_recorded_and_the_batch_goes_on(tmp_path: Path, kiln_env: dict[str, str]) -> None:
-    (tmp_path / "broken.png").write_bytes(b"this is not an image")
+    Image.fromarray(np.full((256, 256, 3), 99, dtype=np.uint8)).save(tmp_path / "broken.png")
+    data = (tmp_path / "broken.png").read_bytes()
+    (tmp_path / "broken.png").write_bytes(data[:len(data) // 2])  # a sound header, cut short: fails when decoded
     manifest = write(tmp_path / "m.csv", "id,prompt,reference,width,height\n"
                                          "a,x,,256,256\nb,y,broken.png,256,256\nc,z,,256,256\n")
     done = kiln("render", str(manifest), "--model", "tiny", cwd=tmp_path, env=kiln_env, check=1)

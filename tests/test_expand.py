@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -148,8 +150,16 @@ def test_json_variables_must_be_scalars() -> None:
                                                                          "m.json")
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that declares width x height with no pixel data: enough for a header check, nothing to decode."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", b"") + chunk(b"IEND", b""))
+
+
 def test_reference_paths_resolve_against_the_manifest_folder(tmp_path: Path) -> None:
-    (tmp_path / "ref.png").write_bytes(b"\x89PNG")
+    (tmp_path / "ref.png").write_bytes(png_header(640, 480))
     opts = Options(batch="b", base_dir=tmp_path)
     job = expand(parse_manifest(b"prompt,reference\nx,ref.png\n", "m.csv"), opts).jobs[0]
     assert job.reference == str((tmp_path / "ref.png").resolve())
@@ -168,3 +178,16 @@ def test_reference_images_over_20_mib_are_refused(tmp_path: Path) -> None:
     with pytest.raises(ManifestError) as caught:
         expand(parse_manifest(b"prompt,reference\nx,big.png\n", "m.csv"), Options(batch="b", base_dir=tmp_path))
     assert "m.csv line 2: column \"reference\": 'big.png' is over 20 MiB" in str(caught.value)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"not an image at all", "'ref.png' is not a readable image"),
+    (png_header(10000, 10000), "'ref.png' declares 10000x10000 pixels, over the 64 MP Kiln opens"),
+    (png_header(200000, 200000), "declares more pixels than Pillow will open, over the 64 MP"),
+])
+def test_reference_images_are_checked_from_their_header_before_anything_starts(
+        tmp_path: Path, content: bytes, message: str) -> None:
+    (tmp_path / "ref.png").write_bytes(content)
+    with pytest.raises(ManifestError) as caught:
+        expand(parse_manifest(b"prompt,reference\nx,ref.png\n", "m.csv"), Options(batch="b", base_dir=tmp_path))
+    assert message in str(caught.value)
