@@ -36,12 +36,14 @@ class Policy:
     worker_timeout: timedelta
     max_attempts: int
     retry_base: timedelta
+    time_limit: timedelta = timedelta(minutes=30)  # a worker kills a render running longer
 
     @classmethod
     def from_settings(cls, s: KilnSettings) -> Policy:
         """Build from KilnSettings."""
         return cls(s.backlog, timedelta(seconds=s.message_ttl_seconds), timedelta(seconds=s.worker_timeout_seconds),
-                   s.max_attempts, timedelta(seconds=s.retry_base_seconds))
+                   s.max_attempts, timedelta(seconds=s.retry_base_seconds),
+                   timedelta(seconds=s.job_time_limit_seconds))
 
 
 def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publish: Publish,
@@ -210,15 +212,23 @@ def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
 
 def reap(session: Session, now: datetime, policy: Policy) -> int:
     """Give back the running jobs of workers that went silent, or that live but say they are not on the job
-    (its GPU process died and Celery gave up on the message). A job whose workers keep vanishing goes dead."""
+    (its GPU process died and Celery gave up on the message), and every job running past its time limit plus the
+    worker timeout, whatever its worker's heartbeats say (a render hung where the worker cannot kill it). A job
+    whose workers keep vanishing goes dead."""
     cutoff = now - policy.worker_timeout
     silent = or_(Worker.last_seen.is_(None), Worker.last_seen < cutoff)
     elsewhere = or_(Worker.current_job.is_(None), Worker.current_job != Job.id)
-    rows = session.execute(select(Job.id, Job.attempts, Job.worker, silent).outerjoin(Worker, Worker.name == Job.worker)
-                           .where(Job.status == JobStatus.RUNNING, Job.updated_at < cutoff, or_(silent, elsewhere)))
+    overdue = Job.updated_at < cutoff - policy.time_limit
+    rows = session.execute(select(Job.id, Job.attempts, Job.worker, silent, overdue)
+                           .outerjoin(Worker, Worker.name == Job.worker)
+                           .where(Job.status == JobStatus.RUNNING, Job.updated_at < cutoff,
+                                  or_(silent, elsewhere, overdue)))
     reaped = 0
-    for job_id, attempt, worker, was_silent in rows.all():
-        reason = f"worker {worker} " + ("went silent" if was_silent else "stopped working on it (its process died)")
+    for job_id, attempt, worker, was_silent, was_overdue in rows.all():
+        reason = f"worker {worker} " + (
+            "went silent" if was_silent else
+            f"ran past the {policy.time_limit.total_seconds():.0f} s time limit" if was_overdue else
+            "stopped working on it (its process died)")
         try:
             with session.begin_nested():  # all of it, or none if the job moved meanwhile
                 store.finish_attempt(session, job_id, attempt, "lost", now, error=reason)

@@ -272,6 +272,25 @@ def test_a_job_whose_gpu_process_died_goes_back_though_its_worker_still_beats(da
     assert job_row(sessions, task.job.job_id).status is JobStatus.QUEUED
 
 
+def test_no_job_stays_running_past_its_time_limit_whatever_the_heartbeats_say(database_url: str,
+                                                                              bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    task = broker.take()
+    report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1"))
+    limit = POLICY.time_limit + POLICY.worker_timeout
+    reaped = []
+    for now in (T0 + limit - timedelta(seconds=1), T0 + limit + timedelta(seconds=1)):
+        with sessions.begin() as s:  # a live worker, beating, that still says it is on the job: a hung render
+            fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[],
+                                                current_job=task.job.job_id), now)
+            reaped.append(fleet.reap(s, now, POLICY))
+    assert reaped == [0, 1] and job_row(sessions, task.job.job_id).status is JobStatus.QUEUED
+    with sessions.begin() as s:
+        assert s.scalar(select(Attempt.error)) == "worker w1 ran past the 1800 s time limit"
+
+
 def test_a_job_that_keeps_killing_its_workers_goes_dead(database_url: str, bucket: Bucket) -> None:
     sessions = setup(database_url, "id,prompt\na,x\n")
     broker = Broker()
