@@ -184,10 +184,11 @@ def _fail(session: Session, job: Job, result: RenderResult, now: datetime, polic
 
 
 def _charged(session: Session, job_id: str) -> tuple[int, int]:
-    """(attempts charged to a job, workers they were on): the ones that failed or were lost. Attempts that ran
-    out of memory moved the job to a bigger card and are the card's, not the job's."""
+    """(attempts charged to a job since it was last submitted, workers they were on): the ones that failed or
+    were lost. Attempts that ran out of memory moved the job to a bigger card and are the card's, not the job's."""
+    since = select(Job.budget_from).where(Job.id == job_id).scalar_subquery()
     charged, workers = session.execute(select(func.count(), func.count(func.distinct(Attempt.worker))).where(
-        Attempt.job_id == job_id, Attempt.status.in_(["failed", "lost"]))).one()
+        Attempt.job_id == job_id, Attempt.number > since, Attempt.status.in_(["failed", "lost"]))).one()
     return charged, workers
 
 

@@ -141,9 +141,9 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
                             output_key=planned.output_key, reference=planned.reference, status=JobStatus.QUEUED,
                             attempts=0, created_at=now, updated_at=now))
             new += 1
-        elif job.status in REQUEUEABLE:
+        elif job.status in REQUEUEABLE:  # asked for again: a fresh attempt budget, the history kept
             move(session, job.id, job.status, JobStatus.QUEUED, job.attempts, now, error=None, published_at=None,
-                  not_before=None)
+                  not_before=None, budget_from=job.attempts)
             requeued += 1
         elif job.status is JobStatus.SUCCEEDED:
             done += 1

@@ -11,7 +11,7 @@ from typing import Any
 
 import boto3
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dispatcher import fleet, store
 from dispatcher.bucket import Bucket
@@ -145,6 +145,27 @@ def test_transient_failures_back_off_then_die_after_attempts_on_two_workers(data
     assert outcome == "dead after 3 attempts on 2 workers"
     job = job_row(sessions, task.job.job_id)
     assert (job.status, job.error) == (JobStatus.DEAD, "boom (error)")
+
+
+def test_a_resubmitted_dead_job_gets_a_fresh_attempt_budget(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    now = T0
+    outcomes = []
+    for round_ in range(2):
+        for worker in ["w1", "w2", "w1"]:
+            feed(sessions, bucket, broker, now)
+            outcomes.append(report(sessions, bucket, failed(broker.take(), worker, "error"), now))
+            now += timedelta(minutes=5)
+        if round_ == 0:  # the manifest submitted again
+            with sessions.begin() as s:
+                expansion = expand(parse_manifest(b"id,prompt\na,x\n", "m.csv"),
+                                   Options(batch="b1", base_dir=Path.cwd()))
+                store.record_batch(s, Batch(id="b2", name="b1", manifest="m.csv", manifest_sha256="0",
+                                            created_at=now), expansion, now)
+    assert [o.split(",")[0] for o in outcomes] == ["failed", "failed", "dead after 3 attempts on 2 workers"] * 2
+    with sessions.begin() as s:
+        assert s.scalar(select(func.count()).select_from(Attempt)) == 6  # the history is kept
 
 
 def test_bad_input_is_not_retried(database_url: str, bucket: Bucket) -> None:
