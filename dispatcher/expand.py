@@ -159,8 +159,26 @@ class _RowProblem(Exception):
         self.incomplete = incomplete
 
 
+def unstorable(text: str) -> str | None:
+    """Why a database Kiln supports cannot store `text`, or None: PostgreSQL refuses NUL characters, and no
+    UTF-8 database takes a lone surrogate (a broken \\ud800 escape in JSON)."""
+    if "\x00" in text:
+        return "contains a NUL character (\\x00), which PostgreSQL cannot store: remove it"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains a lone surrogate (a broken \\uXXXX escape), which is not text: fix the escape"
+    return None
+
+
 def _validate(record: Record, manifest: RawManifest, problems: _Problems) -> RowFields | None:
     values = {**manifest.defaults, **record.values}
+    bad = [f"a column name {unstorable(k)}" if unstorable(k) else f'column "{k}": {unstorable(v)}'
+           for k, v in values.items() if unstorable(k) or (isinstance(v, str) and unstorable(v))]
+    for problem in bad:
+        problems.add(record.where, problem)
+    if bad:
+        return None
     # An empty cell means "not given" for a field; for a variable it stays an empty value.
     values = {k: v for k, v in values.items() if not (k in FIELDS and (v is None or v == ""))}
     try:
@@ -221,6 +239,8 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                       "seed": str(seed), "model": spec.name, "width": str(width), "height": str(height),
                       "batch": options.batch}
             prompt = _fill("prompt", prompt_template, values)
+            if unstorable(prompt):  # a template or matrix value brought it in
+                raise _RowProblem(f"the prompt {unstorable(prompt)}")
             if len(prompt) > MAX_PROMPT_CHARS:
                 raise _RowProblem(f"the prompt is {len(prompt)} characters after filling in the template; "
                                   f"the limit is {MAX_PROMPT_CHARS}")

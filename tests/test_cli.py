@@ -153,6 +153,19 @@ def test_rows_this_card_cannot_render_are_refused_before_writing_anything(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.csv"]
 
 
+def test_text_a_database_cannot_store_is_a_clear_error_on_sqlite_and_postgresql(
+        tmp_path: Path, kiln_env: dict[str, str], database_url: str) -> None:
+    env = {**kiln_env, "KILN_DATABASE_URL": database_url}
+    manifest = tmp_path / "m.json"
+    manifest.write_text('[{"id": "a", "prompt": "soap\\u0000dish"}, {"id": "b", "prompt": "towel"}]')
+    done = kiln("submit", str(manifest), cwd=tmp_path, env=env, check=2)
+    assert "m.json [0]: column \"prompt\": contains a NUL character" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert json.loads(kiln("status", "--json", cwd=tmp_path, env=env).stdout) == []  # nothing was written
+    manifest.write_text('[{"id": "a", "prompt": "soap dish"}, {"id": "b", "prompt": "towel"}]')
+    assert json.loads(kiln("submit", str(manifest), "--json", cwd=tmp_path, env=env).stdout)["queued"] == 2
+
+
 def test_dry_run_summarizes_and_writes_nothing(tmp_path: Path, kiln_env: dict[str, str]) -> None:
     done = kiln("submit", str(ROOT / "examples" / "lookbook.json"), "--dry-run", "--json", cwd=tmp_path, env=kiln_env)
     summary = json.loads(done.stdout)

@@ -191,3 +191,14 @@ def test_reference_images_are_checked_from_their_header_before_anything_starts(
     with pytest.raises(ManifestError) as caught:
         expand(parse_manifest(b"prompt,reference\nx,ref.png\n", "m.csv"), Options(batch="b", base_dir=tmp_path))
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize(("data", "name", "message"), [
+    ("prompt\nsoap\x00dish\n", "m.csv", 'column "prompt": contains a NUL character (\\x00), which PostgreSQL cannot'),
+    ("prompt,colour\nx,r\x00ed\n", "m.csv", 'column "colour": contains a NUL character'),
+    ('[{"prompt": "x", "tag": "\\ud800"}]', "m.json", 'column "tag": contains a lone surrogate'),
+    ('{"prompt": "a {bg}", "matrix": {"bg": ["w\\u0000b"]}, "items": [{"id": "1"}]}', "m.json",
+     "the prompt contains a NUL character"),
+])
+def test_text_no_supported_database_can_store_is_refused_at_validation(data: str, name: str, message: str) -> None:
+    assert message in rejection(data, name)
