@@ -139,11 +139,14 @@ def _plan(manifest: Path, settings: KilnSettings, params: dict[str, Any]) -> Exp
 
 def _record(manifest: Path, sessions: sessionmaker[Session], expansion: Expansion,
             params: dict[str, Any]) -> store.Recorded:
-    batch = Batch(id=uuid.uuid4().hex[:12], name=params.get("name") or manifest.stem, manifest=str(manifest),
-                  manifest_sha256=_sha256(manifest), non_commercial=params["non_commercial"], created_at=utcnow(),
-                  priority=params.get("priority") or 0, paused=False)
-    with sessions.begin() as session:  # all or nothing
-        return store.record_batch(session, batch, expansion, utcnow())
+    digest = _sha256(manifest)
+
+    def batch() -> Batch:
+        return Batch(id=uuid.uuid4().hex[:12], name=params.get("name") or manifest.stem, manifest=str(manifest),
+                     manifest_sha256=digest, non_commercial=params["non_commercial"], created_at=utcnow(),
+                     priority=params.get("priority") or 0, paused=False)
+
+    return store.record_new_batch(sessions, batch, expansion, utcnow)  # all or nothing
 
 
 def _sha256(path: Path) -> str:

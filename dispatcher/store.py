@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, func, select, update
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher.expand import Expansion
@@ -30,6 +30,7 @@ MIGRATIONS = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
 MIGRATION_LOCK = 0x4B494C4E  # "KILN": the advisory lock that serializes migrations on PostgreSQL
 CHUNK = 500  # ids per IN (...) query, well under every database's parameter limit
 BUSY_SECONDS = 10  # how long SQLite waits for another process's write lock before giving up
+RECORD_TRIES = 3  # a submit racing others for the same new jobs records again after the first one commits
 
 
 def open_database(url: str) -> sessionmaker[Session]:
@@ -156,6 +157,20 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
     session.add_all(links)
     session.flush()
     return Recorded(batch.id, len(ids), new, requeued, done, active)
+
+
+def record_new_batch(sessions: sessionmaker[Session], make_batch: Callable[[], Batch], expansion: Expansion,
+                     clock: Callable[[], datetime]) -> Recorded:
+    """Record a batch in a transaction of its own. When a concurrent submit of the same jobs commits first (their
+    ids clash), record it again: the jobs exist by then, and are linked instead of inserted."""
+    for attempt in range(RECORD_TRIES):
+        try:
+            with sessions.begin() as session:
+                return record_batch(session, make_batch(), expansion, clock())
+        except IntegrityError:
+            if attempt == RECORD_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def move(session: Session, job_id: str, current: JobStatus, target: JobStatus, attempt: int, now: datetime,

@@ -163,3 +163,28 @@ def test_processes_starting_together_migrate_the_database_once(database_url: str
     for t in threads:
         t.join(timeout=60)
     assert errors == []
+
+
+def test_a_submit_racing_another_for_the_same_new_jobs_links_them_instead_of_failing(postgres_url: str) -> None:
+    sessions = store.open_database(postgres_url)
+    jobs = expansion()
+
+    def batch(batch_id: str) -> Batch:
+        return Batch(id=batch_id, name="b", manifest="m.csv", manifest_sha256="0" * 64, created_at=T0)
+
+    first = sessions()
+    first.begin()
+    store.record_batch(first, batch("b1"), jobs, T0)  # inserted, not committed: the race's winner, mid-way
+    second: list[store.Recorded] = []
+    racer = threading.Thread(target=lambda: second.append(store.record_new_batch(sessions, lambda: batch("b2"),
+                                                                                  jobs, lambda: T0)))
+    racer.start()
+    racer.join(1.0)
+    assert racer.is_alive()  # waiting on the winner's uncommitted job rows
+    first.commit()
+    first.close()
+    racer.join(30)
+    assert not racer.is_alive() and (second[0].new, second[0].jobs) == (0, 3)  # linked, not inserted twice
+    with sessions.begin() as s:
+        assert len(s.scalars(select(Job)).all()) == 3
+        assert {b: store.batch_counts(s, b)["queued"] for b in ("b1", "b2")} == {"b1": 3, "b2": 3}
