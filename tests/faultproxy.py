@@ -9,6 +9,7 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -23,6 +24,27 @@ class _Fault:
 
     def __init__(self, count: int, methods: set[str] | None, status: int = 0, stall: float = 0.0) -> None:
         self.count, self.methods, self.status, self.stall = count, methods, status, stall
+
+
+class _Every:
+    """A standing fault in proportion to traffic: among requests with a method in `methods`, after every `every`
+    that pass, the next `burst()` fail with a status from `statuses`. A slow machine sends fewer requests and
+    gets fewer faults, so a test checks Kiln, not the machine's speed."""
+
+    def __init__(self, every: int, burst: Callable[[], int], statuses: Callable[[], int], methods: set[str]) -> None:
+        self.every, self.burst, self.statuses, self.methods = every, burst, statuses, methods
+        self.passed, self.failing, self.status = 0, 0, 0
+
+    def take(self, method: str) -> _Fault | None:
+        if method not in self.methods:
+            return None
+        if self.failing:
+            self.failing -= 1
+            return _Fault(0, None, status=self.status)
+        self.passed += 1
+        if self.passed % self.every == 0:
+            self.failing, self.status = self.burst(), self.statuses()
+        return None
 
 
 class _Server(ThreadingHTTPServer):
@@ -63,6 +85,7 @@ class S3FaultProxy:
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.faults: list[_Fault] = []
+        self.rules: list[_Every] = []
         self.injected: Counter[str] = Counter()
         self.lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
@@ -138,6 +161,11 @@ class S3FaultProxy:
         with self.lock:
             self.faults.append(_Fault(count, methods, stall=seconds))
 
+    def fail_every(self, every: int, burst: Callable[[], int], statuses: Callable[[], int], methods: set[str]) -> None:
+        """From now on, after every `every` matching requests that pass, fail the next `burst()` of them."""
+        with self.lock:
+            self.rules.append(_Every(every, burst, statuses, methods))
+
     def _take(self, method: str) -> _Fault | None:
         with self.lock:
             for fault in self.faults:
@@ -146,6 +174,11 @@ class S3FaultProxy:
                     self.injected[f"{fault.status or 'stall'} {method}"] += 1
                     self.faults = [f for f in self.faults if f.count > 0]
                     return fault
+            for rule in self.rules:
+                found = rule.take(method)
+                if found:
+                    self.injected[f"{found.status} {method}"] += 1
+                    return found
         return None
 
 
