@@ -19,6 +19,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from schemas.errors import ConfigError, StorageError
 from schemas.keys import key_problem
 from schemas.messages import Upload
+from schemas.settings import KilnSettings
+from schemas.storage import KeyTakenError
 
 JOB_META = "kiln-job"
 UPLOAD_SECONDS = 24 * 3600  # a signed PUT outlives any wait in a bounded queue
@@ -31,11 +33,6 @@ class StoredObject:
     md5: str  # the ETag of a single-part PUT
     size: int
     job_id: str | None
-
-
-def is_s3(url: str) -> bool:
-    """True for s3://bucket/prefix storage URLs."""
-    return url.startswith("s3://")
 
 
 class Bucket:
@@ -121,11 +118,26 @@ class Bucket:
         return StoredObject(md5=head["ETag"].strip('"'), size=head["ContentLength"],
                             job_id=head.get("Metadata", {}).get(JOB_META))
 
-    def put(self, key: str, data: bytes) -> str:
-        """Write with the dispatcher's own credentials (the embedded `kiln render` to S3); MD5-verified."""
+    @classmethod
+    def from_settings(cls, settings: KilnSettings) -> Bucket:
+        """The bucket KILN_STORAGE_URL names, through KILN_S3_ENDPOINT_URL."""
+        return cls(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds)
+
+    def put(self, key: str, data: bytes, job_id: str) -> str:
+        """Write with the dispatcher's own credentials (the embedded `kiln render` to S3), MD5-verified and once:
+        created only where nothing is; over this job's own earlier image, replaced; another job's is refused."""
+        body = {"Bucket": self.name, "Key": self.key(key), "Body": data, "ContentType": "image/png",
+                "ContentMD5": base64.b64encode(hashlib.md5(data).digest()).decode(), "Metadata": {JOB_META: job_id}}
         try:
-            self.client.put_object(Bucket=self.name, Key=self.key(key), Body=data, ContentType="image/png",
-                                   ContentMD5=base64.b64encode(hashlib.md5(data).digest()).decode())
+            try:
+                self.client.put_object(IfNoneMatch="*", **body)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "PreconditionFailed":
+                    raise
+                owner = (self.stat(key) or StoredObject("", 0, None)).job_id
+                if owner != job_id:
+                    raise KeyTakenError(self.uri(key), owner) from None
+                self.client.put_object(**body)
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"cannot write {self.uri(key)}: {_reason(exc)}") from None
         return self.uri(key)

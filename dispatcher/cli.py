@@ -23,13 +23,14 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import exporter, fleet, runner, store
-from dispatcher.bucket import Bucket, is_s3
+from dispatcher.bucket import Bucket
 from dispatcher.expand import Expansion, Options, expand
 from dispatcher.reader import read_manifest
 from schemas.errors import ConfigError, KilnError, ManifestError, ModelError
 from schemas.job import JobSpec, RenderResult
 from schemas.models import REGISTRY, known_names, resolve_model, weights_location
 from schemas.settings import KilnSettings, load_settings
+from schemas.storage import open_storage, scheme
 from schemas.tables import Batch
 
 out = Console()
@@ -172,11 +173,8 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
                                 ("database_url", "storage_url", "device", "batch_size", "vram", "cache_dir",
                                  "max_jobs")})
     expansion = _plan(manifest, settings, params)
-    storage = None
-    if is_s3(settings.storage_url):  # the renderer writes local folders; S3 goes through our own credentials
-        storage = Bucket(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds)
-        storage.check()
-        settings = settings.model_copy(update={"storage_url": "renders"})
+    storage = open_storage(settings)  # a folder, or S3 with our own credentials
+    storage.check()
     renderer = runner.load_renderer(settings, runner.local_worker_name())
     renderer.prepare(list(expansion.models.values()))  # missing weights fail before anything is written
     shapes = {(j.model, j.width, j.height, 1 if j.reference else 0) for j in expansion.jobs}
@@ -206,7 +204,7 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
               "failed": summary.failed, "already_done": recorded.already_done,
               "skipped_rows": expansion.skipped_rows, "counts": counts, "wall_seconds": round(summary.seconds, 3),
               "seconds_per_image": summary.seconds_per_image and round(summary.seconds_per_image, 3),
-              "storage": storage.uri("") if storage else renderer.storage_uri, "device": renderer.device_name}
+              "storage": storage.uri(""), "device": renderer.device_name}
     if as_json:
         out.print_json(data=report)
     else:
@@ -361,7 +359,7 @@ def export(batch: str, target: Path | None, database_url: str | None, presign_se
             raise KilnError(f"no batch {batch!r}: `kiln status` lists the recent ones")
         rows = list(store.export_rows(session, found.id))
     if presign_seconds:
-        if not is_s3(settings.storage_url):
+        if scheme(settings.storage_url) != "s3":
             raise ConfigError("--presign needs S3 storage: set KILN_STORAGE_URL=s3://bucket/prefix")
         bucket = Bucket(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds)
         for row in rows:

@@ -20,6 +20,7 @@ from schemas.messages import Heartbeat, RenderTask, Report
 from schemas.models import resolve_model
 from schemas.plan import PROFILES, Shape
 from schemas.settings import KilnSettings
+from schemas.storage import KeyTakenError
 from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
 
 Publish = Callable[[str, dict[str, Any]], None]  # (queue, RenderTask payload)
@@ -137,8 +138,7 @@ def _succeed(session: Session, job: Job, result: RenderResult, now: datetime, po
     if stored.job_id != job.id:
         return _fail(session, job, result.model_copy(update={
             "ok": False, "error_kind": "bad_input",
-            "error": f"{bucket.uri(job.output_key)} already holds the image of job {stored.job_id}: delete it "
-                     "or give this manifest another output template"}), now, policy)
+            "error": str(KeyTakenError(bucket.uri(job.output_key), stored.job_id))}), now, policy)
     own = result.md5 == stored.md5  # False: an earlier attempt's upload of this same job stood
     store.move(session, job.id, JobStatus.RUNNING, JobStatus.SUCCEEDED, job.attempts, now, error=None)
     store.finish_attempt(session, job.id, job.attempts, "succeeded", now, seconds=result.seconds, plan=result.plan)

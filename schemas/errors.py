@@ -6,6 +6,7 @@
     ├── ModelError       a model is unknown, unlicensed for this use, or its weights are missing
     ├── RenderError      one job could not be rendered (recorded on the job; the batch goes on)
     ├── StorageError     an output could not be written
+    │   └── KeyTakenError    its key holds another job's image (schemas.storage)
     └── StaleStateError  a status change lost its compare-and-set (a late or duplicate writer)
 """
 

@@ -7,20 +7,10 @@ from typing import Protocol
 
 from schemas.job import JobSpec, RenderResult
 from schemas.models import ModelSpec
+from schemas.storage import Storage
 
 StepCallback = Callable[[int, int], None]  # (steps done, steps in all) of the call in progress
-
-
-class Storage(Protocol):
-    """Stores one object per key and says where it is."""
-
-    def put(self, key: str, data: bytes) -> str:
-        """Store `data` under `key` and return the object's URI."""
-        ...
-
-    def uri(self, key: str) -> str:
-        """The URI an object at `key` has (whether or not it exists yet); the prefix's URI for ''."""
-        ...
+__all__ = ["Renderer", "StepCallback", "Storage"]
 
 
 class Renderer(Protocol):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import signal
@@ -189,6 +190,20 @@ def test_submit_records_a_batch_that_render_then_completes(tmp_path: Path, kiln_
     assert rendered["rendered"] == 2
     status = json.loads(kiln("status", submitted["batch_id"], "--json", cwd=tmp_path, env=kiln_env).stdout)
     assert status["counts"]["succeeded"] == 2
+
+
+def test_an_edited_row_never_overwrites_the_image_another_job_made(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    manifest = write(tmp_path / "m.csv", "id,prompt,width,height\nmug,a blue mug,256,256\n")
+    kiln("render", str(manifest), "--model", "tiny", cwd=tmp_path, env=kiln_env)
+    image = tmp_path / "renders" / "m" / "mug.png"
+    before = image.read_bytes()
+    write(manifest, "id,prompt,width,height\nmug,a red mug,256,256\n")  # same id, so the same output key
+    done = kiln("render", str(manifest), "--model", "tiny", cwd=tmp_path, env=kiln_env, check=1)
+    assert "already holds the image of job" in done.stdout and "another output template" in done.stdout
+    assert image.read_bytes() == before
+    [(sha,)] = sql(tmp_path / "kiln.db", "SELECT sha256 FROM outputs")
+    assert sha == hashlib.sha256(before).hexdigest()  # the output row still describes the file it points at
+    assert sql(tmp_path / "kiln.db", "SELECT status FROM jobs WHERE prompt = 'a red mug'") == [("failed",)]
 
 
 def test_a_failing_job_is_recorded_and_the_batch_goes_on(tmp_path: Path, kiln_env: dict[str, str]) -> None:

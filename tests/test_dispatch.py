@@ -82,7 +82,7 @@ def report(sessions, bucket: Bucket, message: Report, now: datetime = T0) -> str
 
 def render(task: RenderTask, worker: str, data: bytes = b"\x89PNG fake") -> Report:
     """What a worker does with a task: upload through the signed URL and report."""
-    SignedUpload(task.upload).put(task.job.output_key, data)
+    SignedUpload(task.upload).put(task.job.output_key, data, task.job.job_id)
     job = task.job
     return Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=worker, result=RenderResult(
         job_id=job.job_id, attempt=job.attempt, ok=True, worker=worker, seconds=0.1, uri=task.upload.uri,

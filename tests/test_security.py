@@ -87,11 +87,11 @@ def test_the_dispatchers_storage_calls_need_nothing_beyond_the_prefix_policy(
         bucket = Bucket("s3://renders/catalog", endpoint)
         bucket.check()
         assert bucket.reachable() is None
-        assert bucket.put("a.png", b"png bytes") == "s3://renders/catalog/a.png"
+        assert bucket.put("a.png", b"png bytes", "j1") == "s3://renders/catalog/a.png"
         stored = bucket.stat("a.png")
         assert stored is not None and stored.size == 9
         assert bucket.stat("missing.png") is None
         with pytest.raises(StorageError, match="AccessDenied"):
-            Bucket("s3://renders/elsewhere", endpoint).put("a.png", b"x")
+            Bucket("s3://renders/elsewhere", endpoint).put("a.png", b"x", "j1")
         with pytest.raises(botocore.exceptions.ClientError, match="AccessDenied"):
             bucket.client.delete_object(Bucket="renders", Key="catalog/a.png")

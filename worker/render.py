@@ -21,11 +21,11 @@ from schemas.models import ModelSpec, resolve_model
 from schemas.plan import STAGES, Card, Plan, Shape, Stage, plan_for
 from schemas.renderer import StepCallback, Storage
 from schemas.settings import KilnSettings
+from schemas.storage import KeyTakenError, open_storage
 from worker.device import cap_memory, device_name, free_cached, local_card, pick_device
 from worker.pipeline import LoadedModel, load_model, quiet_libraries, weights_folder
 from worker.png import encode_png
 from worker.prompts import PromptCache
-from worker.storage import open_storage
 
 log = logging.getLogger("kiln.worker")
 # What CUDA libraries say when an allocation fails outside torch's allocator (cuBLAS workspaces, cuDNN plans).
@@ -56,7 +56,7 @@ class LocalRenderer:
     def storage(self) -> Storage:
         """Where images go unless a render names other storage: KILN_STORAGE_URL."""
         if self._storage is None:
-            self._storage = open_storage(self.settings.storage_url)
+            self._storage = open_storage(self.settings)
         return self._storage
 
     @property
@@ -223,9 +223,10 @@ class LocalRenderer:
             return self._failed(job, RenderError("the model produced NaN or infinite pixels", "nan"), seconds, plan)
         try:
             data = encode_png(pixels, job, plan.describe())
-            uri = storage.put(job.output_key, data)
-        except KilnError as exc:
-            return self._failed(job, RenderError(str(exc), "error"), seconds, plan)
+            uri = storage.put(job.output_key, data, job.job_id)
+        except KilnError as exc:  # another job's image at the key is the manifest's doing: not retried
+            kind = "bad_input" if isinstance(exc, KeyTakenError) else "error"
+            return self._failed(job, RenderError(str(exc), kind), seconds, plan)
         return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=True, worker=self.worker, seconds=seconds,
                             uri=uri, sha256=hashlib.sha256(data).hexdigest(), md5=hashlib.md5(data).hexdigest(),
                             bytes=len(data), plan=plan.describe())

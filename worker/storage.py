@@ -1,19 +1,23 @@
-"""Where images go, behind one small interface. The local-folder backend serves the embedded default."""
+"""A folder on this machine as storage (schemas.storage): the embedded default."""
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-from schemas.errors import StorageError
+from PIL import Image
+
+from schemas.errors import ConfigError, StorageError
 from schemas.keys import key_problem
-from schemas.renderer import Storage
+from schemas.settings import KilnSettings
+from schemas.storage import KeyTakenError
 
 
 class LocalStorage:
-    """A folder on this machine; writes are atomic (a temporary file renamed into place)."""
+    """A folder on this machine; each image written atomically and once."""
 
     def __init__(self, root: Path) -> None:
         self.root = root.expanduser().resolve()
@@ -28,8 +32,25 @@ class LocalStorage:
         """A file:// URI; the folder's own URI for the empty key."""
         return self._path(key).as_uri() if key else self.root.as_uri()
 
-    def put(self, key: str, data: bytes) -> str:
-        """Write atomically: readers see the old file or the whole new one, never a torn PNG."""
+    @classmethod
+    def from_settings(cls, settings: KilnSettings) -> LocalStorage:
+        """The folder KILN_STORAGE_URL names (a path, or file:///path)."""
+        parsed = urlparse(settings.storage_url)
+        return cls(Path(unquote(parsed.netloc + parsed.path)) if parsed.scheme == "file"
+                   else Path(settings.storage_url))
+
+    def check(self) -> None:
+        """Fail at start when the folder cannot be made or written (creating nothing yet)."""
+        existing = self.root
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise ConfigError(f"KILN_STORAGE_URL: cannot use {self.root}: {existing} is not a writable folder; "
+                              "choose another folder with --out")
+
+    def put(self, key: str, data: bytes, job_id: str) -> str:
+        """Write atomically (readers see no file or the whole PNG, never a torn one) and once: a file of another
+        job's is refused; this job's own earlier file (a crash before it was recorded) is replaced."""
         path = self._path(key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -39,21 +60,38 @@ class LocalStorage:
                     out.write(data)
                     out.flush()
                     os.fsync(out.fileno())
-                os.replace(tmp, path)
-            except BaseException:
+                if not _create(tmp, path):
+                    owner = _owner(path)
+                    if owner != job_id:
+                        raise KeyTakenError(path.as_uri(), owner)
+                    os.replace(tmp, path)
+            finally:
                 Path(tmp).unlink(missing_ok=True)
-                raise
         except OSError as exc:
             raise StorageError(f"cannot write {path}: {exc.strerror}") from None
         return path.as_uri()
 
 
-def open_storage(url: str) -> Storage:
-    """The storage backend for KILN_STORAGE_URL: a folder path or file:// URL."""
-    parsed = urlparse(url)
-    if parsed.scheme == "file":
-        return LocalStorage(Path(unquote(parsed.netloc + parsed.path)))
-    if parsed.scheme in ("", ) or len(parsed.scheme) == 1:  # a plain path, or a Windows drive letter
-        return LocalStorage(Path(url))
-    raise StorageError(f"KILN_STORAGE_URL: a worker writes {parsed.scheme}:// storage only through the "
-                       "signed uploads the dispatcher hands it; here, use a folder path or file:///path")
+def _create(tmp: str, path: Path) -> bool:
+    """Put `tmp` at `path` only if nothing is there (a hard link: atomic, no window for another writer); False
+    when something is. Filesystems without hard links get a check first, which is as good for one writer."""
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError:
+        if path.exists():
+            return False
+        os.replace(tmp, path)
+        return True
+
+
+def _owner(path: Path) -> str | None:
+    """The job a stored image belongs to, from its `kiln` PNG chunk; None for a file Kiln did not write."""
+    try:
+        with Image.open(path) as image:
+            owner = json.loads(image.info.get("kiln", "{}")).get("job_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return owner if isinstance(owner, str) else None

@@ -28,10 +28,13 @@ class SignedUpload:
         """The object's s3:// URI."""
         return self.upload.uri
 
-    def put(self, key: str, data: bytes) -> str:
-        """PUT the bytes with Content-MD5 (the server verifies them). 412 means an earlier attempt of this job,
-        or an earlier try of this one whose answer was lost, already stored its image, which stands: the
-        dispatcher checks what is there before recording it."""
+    def check(self) -> None:
+        """Nothing to check before the PUT: the signature is the dispatcher's."""
+
+    def put(self, key: str, data: bytes, job_id: str) -> str:
+        """PUT the bytes with Content-MD5 (the server verifies them) and the job's id in signed headers. 412 means
+        the key holds an object already: an earlier attempt's or try's image of this job, which stands, or
+        another job's. The dispatcher checks which before recording anything."""
         headers = {**self.upload.headers, "Content-MD5": base64.b64encode(hashlib.md5(data).digest()).decode()}
         deadline = self.clock() + self.budget
         tries, problem = 0, "no attempt made"
