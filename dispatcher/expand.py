@@ -28,6 +28,7 @@ from schemas.models import DEFAULT_MODEL, ModelSpec, resolve_model
 
 REFERENCE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_REFERENCE_BYTES = 20 * 2**20
+MAX_MODEL_CHARS = 300  # the jobs table's model column
 MAX_REFERENCE_PIXELS = 64 * 10**6  # a 50 MP packshot opens; a file that declares gigapixels is refused
 
 
@@ -250,7 +251,9 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
             if problem:
                 raise _RowProblem(f'column "output": the output key {key!r} {problem}')
             reference = _reference(_fill("reference", row.reference, values), options) if row.reference else None
-            yield PlannedJob(job_id(spec.name, prompt, width, height, steps, guidance, seed, key, reference),
+            # the reference by content too: an image edited in place is a new job
+            ref_id = f"{reference}#{_digest(Path(reference), _version(Path(reference)))}" if reference else None
+            yield PlannedJob(job_id(spec.name, prompt, width, height, steps, guidance, seed, key, ref_id),
                              spec.name, prompt, width, height, steps, guidance, seed, key, reference,
                              record.number, record.line, row_id, variant, {**row_data, **combo})
 
@@ -262,6 +265,9 @@ def _model(name: str, base: Path, options: Options, expansion: Expansion) -> Mod
         except ModelError as exc:
             raise _RowProblem(f'column "model": {exc}') from None
     spec = expansion.models[name]
+    if len(spec.name) > MAX_MODEL_CHARS:
+        raise _RowProblem(f'column "model": the folder {spec.name!r} has a path over {MAX_MODEL_CHARS} characters: '
+                          "move it somewhere shorter")
     if not spec.commercial and not options.non_commercial:
         raise _RowProblem(f'column "model": {spec.name} is under the {spec.licence} licence, which forbids '
                           "commercial use such as product catalogs. Use klein-4b or klein-base-4b (Apache-2.0), "
@@ -290,14 +296,26 @@ def _reference(path_text: str, options: Options) -> str:
         raise _RowProblem(f'column "reference": {path_text!r} does not exist (paths are relative to the manifest)')
     if path.stat().st_size > MAX_REFERENCE_BYTES:
         raise _RowProblem(f'column "reference": {path_text!r} is over {MAX_REFERENCE_BYTES // 2**20} MiB')
-    problem = _image_problem(path.resolve(), path.stat().st_mtime_ns)
+    problem = _image_problem(path.resolve(), _version(path))
     if problem:
         raise _RowProblem(f'column "reference": {path_text!r} {problem}')
     return str(path.resolve())
 
 
+def _version(path: Path) -> tuple[int, int]:
+    """What tells one version of a file from the next without reading it: modification time and size."""
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
 @functools.lru_cache(maxsize=4096)
-def _image_problem(path: Path, _mtime_ns: int) -> str | None:
+def _digest(path: Path, _version: tuple[int, int]) -> str:
+    """A reference file's SHA-256, read once per version of the file however many rows share it."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _image_problem(path: Path, _version: tuple[int, int]) -> str | None:
     """What is wrong with a reference image, read from its header only (a row may share it with thousands)."""
     width: int | None = None
     height: int | None = None

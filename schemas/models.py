@@ -113,7 +113,10 @@ def _local_model(name: str, base_dir: Path | None) -> ModelSpec:
     except (OSError, ValueError, KeyError):
         heads = 24
     family = REGISTRY[("klein-" if distilled else "klein-base-") + ("9b" if heads >= 32 else "4b")]
-    return replace(family, name=name, source=str(path.resolve()), description=f"local folder ({family.name} shape)")
+    # Named by its absolute path: a job must mean the same folder on every machine and from every working
+    # directory, and two manifests' `./model` folders are two models.
+    where = str(path.resolve())
+    return replace(family, name=where, source=where, description=f"local folder ({family.name} shape)")
 
 
 def tiny_path(cache_dir: Path) -> Path:

@@ -202,3 +202,26 @@ def test_reference_images_are_checked_from_their_header_before_anything_starts(
 ])
 def test_text_no_supported_database_can_store_is_refused_at_validation(data: str, name: str, message: str) -> None:
     assert message in rejection(data, name)
+
+
+def test_a_model_folder_is_resolved_at_submit_and_two_manifests_folders_are_two_models(tmp_path: Path) -> None:
+    ids, models = [], []
+    for shop in ("north", "south"):
+        folder = tmp_path / shop / "model"
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text('{"_class_name": "Flux2KleinPipeline", "is_distilled": true}')
+        job = expand(parse_manifest(b"prompt,model\nx,./model\n", "m.csv"),
+                     Options(batch="b", base_dir=tmp_path / shop)).jobs[0]
+        ids.append(job.job_id)
+        models.append(job.model)
+    assert models == [str((tmp_path / s / "model").resolve()) for s in ("north", "south")]  # any worker, any cwd
+    assert ids[0] != ids[1]
+
+
+def test_a_reference_edited_in_place_makes_a_new_job(tmp_path: Path) -> None:
+    opts = Options(batch="b", base_dir=tmp_path)
+    (tmp_path / "ref.png").write_bytes(png_header(640, 480))
+    first = expand(parse_manifest(b"prompt,reference\nx,ref.png\n", "m.csv"), opts).jobs[0].job_id
+    assert expand(parse_manifest(b"prompt,reference\nx,ref.png\n", "m.csv"), opts).jobs[0].job_id == first
+    (tmp_path / "ref.png").write_bytes(png_header(800, 600))  # the packshot was replaced, same file name
+    assert expand(parse_manifest(b"prompt,reference\nx,ref.png\n", "m.csv"), opts).jobs[0].job_id != first
