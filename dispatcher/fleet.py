@@ -9,10 +9,10 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import store
-from dispatcher.bucket import Bucket
+from dispatcher.bucket import Bucket, StoredObject
 from schemas.capacity import TIERS, job_queue, queue_name, queue_tier, why_unfit
 from schemas.errors import KilnError, StaleStateError
 from schemas.job import JobSpec, JobStatus, RenderResult
@@ -26,6 +26,8 @@ from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
 Publish = Callable[[str, dict[str, Any]], None]  # (queue, RenderTask payload)
 QUEUES = [queue_name(t) for t in TIERS]
 LOST_QUEUE_GRACE = timedelta(seconds=20)
+REPORT_RETRY_SECONDS = 3.0  # a report that cannot be recorded yet is tried again this much later...
+REPORT_RETRIES = 1200  # ...for an hour; then it is dropped and the reaper gives the job back
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class Policy:
     max_attempts: int
     retry_base: timedelta
     time_limit: timedelta = timedelta(minutes=30)  # a worker kills a render running longer
+    report_hold: timedelta = timedelta(seconds=REPORT_RETRY_SECONDS * REPORT_RETRIES)  # a report in hand keeps
+    # its job from the reaper while it is being retried
 
     @classmethod
     def from_settings(cls, s: KilnSettings) -> Policy:
@@ -95,8 +99,24 @@ def _spec(session: Session, job: Job, batch_id: str) -> JobSpec:
                    output_key=job.output_key, reference=job.reference)
 
 
-def record_report(session: Session, report: Report, now: datetime, policy: Policy, bucket: Bucket) -> str:
-    """Record a worker's report; returns what happened, for the log. Late and duplicate reports change nothing."""
+def receive_report(sessions: sessionmaker[Session], report: Report, clock: Callable[[], datetime], policy: Policy,
+                   bucket: Bucket) -> str:
+    """Record a report in full: a finished job is touched first and its upload checked outside any transaction,
+    so a slow storage answer holds no row lock and the reaper leaves the job be meanwhile; then recorded."""
+    stored = None
+    if report.kind == "finished" and report.result and report.result.ok:
+        with sessions.begin() as session:
+            key = touch(session, report, clock())
+        stored = bucket.stat(key) if key else None
+    with sessions.begin() as session:
+        return record_report(session, report, clock(), policy, bucket, stored)
+
+
+def record_report(session: Session, report: Report, now: datetime, policy: Policy, bucket: Bucket,
+                  stored: StoredObject | None = None) -> str:
+    """Record a worker's report; returns what happened, for the log. Late and duplicate reports change nothing.
+    `stored` is what the bucket holds at the job's output key, looked up before this transaction
+    (`receive_report`)."""
     job = session.get(Job, report.job_id, with_for_update=True)
     if job is None:
         return "unknown job"
@@ -112,25 +132,27 @@ def record_report(session: Session, report: Report, now: datetime, policy: Polic
         return f"stale result (job is {job.status.value}, attempt {job.attempts}, worker {job.worker})"
     assert report.result is not None, "a finished report carries its result"
     if report.result.ok:
-        return _succeed(session, job, report.result, now, policy, bucket)
+        return _succeed(session, job, report.result, now, policy, bucket, stored)
     return _fail(session, job, report.result, now, policy)
 
 
-def touch(session: Session, report: Report, now: datetime) -> None:
-    """Note that a running job's report is in hand but not yet recorded, so the reaper leaves the job be."""
+def touch(session: Session, report: Report, now: datetime) -> str | None:
+    """Note that a running job's report is in hand but not yet recorded, so the reaper leaves the job be while
+    its upload is checked; returns the job's output key (None for a job this database does not know)."""
     session.execute(update(Job).where(Job.id == report.job_id, Job.status == JobStatus.RUNNING,
-                                      Job.attempts == report.attempt).values(updated_at=now))
+                                      Job.attempts == report.attempt).values(updated_at=now, reported_at=now))
+    return session.scalar(select(Job.output_key).where(Job.id == report.job_id))
 
 
 def _start(session: Session, job: Job, report: Report, now: datetime) -> None:
     store.move(session, job.id, JobStatus.QUEUED, JobStatus.RUNNING, job.attempts, now, attempts=report.attempt,
-               worker=report.worker)
+               worker=report.worker, reported_at=None)
     session.add(Attempt(job_id=job.id, number=report.attempt, worker=report.worker, status="running", started_at=now))
     session.refresh(job)
 
 
-def _succeed(session: Session, job: Job, result: RenderResult, now: datetime, policy: Policy, bucket: Bucket) -> str:
-    stored = bucket.stat(job.output_key)
+def _succeed(session: Session, job: Job, result: RenderResult, now: datetime, policy: Policy, bucket: Bucket,
+             stored: StoredObject | None) -> str:
     if stored is None:
         return _fail(session, job, result.model_copy(update={
             "ok": False, "error": "the worker reported an upload that is not in the bucket", "error_kind": "error"}),
@@ -220,9 +242,12 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
     silent = or_(Worker.last_seen.is_(None), Worker.last_seen < cutoff)
     elsewhere = or_(Worker.current_job.is_(None), Worker.current_job != Job.id)
     overdue = Job.updated_at < cutoff - policy.time_limit
+    # A report in hand means the worker is done with the job; while it waits to be recorded (storage slow to
+    # confirm the upload), giving the job back would only render it again.
+    unreported = or_(Job.reported_at.is_(None), Job.reported_at < now - policy.report_hold)
     rows = session.execute(select(Job.id, Job.attempts, Job.worker, silent, overdue)
                            .outerjoin(Worker, Worker.name == Job.worker)
-                           .where(Job.status == JobStatus.RUNNING, Job.updated_at < cutoff,
+                           .where(Job.status == JobStatus.RUNNING, Job.updated_at < cutoff, unreported,
                                   or_(silent, elsewhere, overdue)))
     reaped = 0
     for job_id, attempt, worker, was_silent, was_overdue in rows.all():

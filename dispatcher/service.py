@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import fleet, store
 from dispatcher.bucket import Bucket
+from dispatcher.fleet import REPORT_RETRIES, REPORT_RETRY_SECONDS
 from schemas.broker import make_app
 from schemas.errors import ConfigError, StaleStateError, StorageError
 from schemas.messages import HEARTBEAT_TASK, RENDER_TASK, REPORT_TASK, REPORTS_QUEUE, Heartbeat, Report
@@ -24,10 +25,9 @@ from schemas.settings import KilnSettings
 
 log = logging.getLogger("kiln.dispatcher")
 TICK_SECONDS = 1.0
-REPORT_RETRY_SECONDS = 3.0
 STORAGE_DOWN_AFTER = 3  # failed probes in a row (one a tick) before publishing stops
 PROBE_SECONDS = 5.0  # how often a reachable bucket is looked at again (a LIST request each time)
-REPORT_RETRIES = 1200  # an hour; after that the report is dropped and the reaper gives the job back
+CONSUMERS = 8  # reports and heartbeats recorded at once
 # A connection dropped mid-query or mid-commit: the transaction may or may not have landed. Every write here is a
 # compare-and-set, so doing it again is safe.
 DATABASE_AWAY = (OperationalError, InterfaceError)
@@ -51,8 +51,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
             log.error("dropped a malformed report: %s", exc.errors()[0]["msg"])
             return
         try:
-            with sessions.begin() as session:
-                outcome = fleet.record_report(session, message, clock(), policy, bucket)
+            outcome = fleet.receive_report(sessions, message, clock, policy, bucket)
         except StaleStateError as exc:  # lost a race with the reaper: the job is someone else's now
             outcome = f"stale ({exc})"
         except (StorageError, *DATABASE_AWAY) as exc:
@@ -109,8 +108,10 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
             time.sleep(TICK_SECONDS)
 
     threading.Thread(target=bookkeeping, name="kiln-bookkeeping", daemon=True).start()
-    app.worker_main(["worker", "--pool", "solo", "-Q", REPORTS_QUEUE, "-n", "kiln-dispatcher@%h",
-                     "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
+    # Threads: a report waiting on a slow storage answer must not hold up the heartbeats behind it (a worker
+    # whose heartbeats wait looks silent, and loses its job).
+    app.worker_main(["worker", "--pool", "threads", "--concurrency", str(CONSUMERS), "-Q", REPORTS_QUEUE,
+                     "-n", "kiln-dispatcher@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
 
 
 class StorageGate:

@@ -82,6 +82,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(Timestamp)
     # the fleet: which card the job needs, when it was last handed to the broker, and its retry backoff
     min_vram_gb: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # raised after an OOM
+    # when its worker's report of the current attempt arrived, while that report waits to be recorded
+    reported_at: Mapped[datetime | None] = mapped_column(Timestamp)
     # attempts up to this number belong to an earlier submission: a resubmitted job gets a fresh budget
     budget_from: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     queue: Mapped[str | None] = mapped_column(String(64))

@@ -76,8 +76,7 @@ def feed(sessions, bucket: Bucket, broker: Broker, now: datetime = T0) -> int:  
 
 
 def report(sessions, bucket: Bucket, message: Report, now: datetime = T0) -> str:  # type: ignore[no-untyped-def]
-    with sessions.begin() as s:
-        return fleet.record_report(s, message, now, POLICY, bucket)
+    return fleet.receive_report(sessions, message, lambda: now, POLICY, bucket)
 
 
 def render(task: RenderTask, worker: str, data: bytes = b"\x89PNG fake") -> Report:
@@ -310,6 +309,24 @@ def test_no_job_stays_running_past_its_time_limit_whatever_the_heartbeats_say(da
     assert reaped == [0, 1] and job_row(sessions, task.job.job_id).status is JobStatus.QUEUED
     with sessions.begin() as s:
         assert s.scalar(select(Attempt.error)) == "worker w1 ran past the 1800 s time limit"
+
+
+def test_a_job_whose_report_is_in_hand_is_not_reaped_while_the_report_waits(database_url: str,
+                                                                            bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    task = broker.take()
+    report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1"))
+    finished = render(task, "w1")
+    reaped = []
+    with sessions.begin() as s:
+        fleet.touch(s, finished, T0)  # the report arrived; storage has not confirmed the upload yet
+    for now in (T0 + timedelta(minutes=5), T0 + POLICY.report_hold + timedelta(seconds=61)):
+        with sessions.begin() as s:  # the worker lives and is done with the job
+            fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[]), now)
+            reaped.append(fleet.reap(s, now, POLICY))
+    assert reaped == [0, 1]  # held while the report is retried; given back once it would have been dropped
 
 
 def test_a_job_that_keeps_killing_its_workers_goes_dead(database_url: str, bucket: Bucket) -> None:

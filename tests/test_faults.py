@@ -180,6 +180,18 @@ def test_storage_stalling_past_the_read_timeout_after_the_write_landed_duplicate
     assert failed == 0  # a stall is retried within the upload's budget, not charged to the job
 
 
+def test_storage_checks_stalled_for_a_minute_reap_no_healthy_worker(fleet: Fleet) -> None:
+    # Every check of a reported image hangs past the read timeout for about a minute, while workers go on
+    # rendering and beating: their heartbeats must not wait behind the reports, nor their jobs be reaped.
+    fleet.storage.stall(30, 60.0, {"HEAD"})
+    fleet.submit(ROWS, "--model", "tiny")
+    fleet.worker("w1", 16)
+    fleet.worker("w2", 16)
+    fleet.wait_quiet(10, 300)
+    assert fleet.check() == {"succeeded": 10, "dead": 0, "lost_or_failed_attempts": 0}
+    assert fleet.storage.injected["stall HEAD"] == 30
+
+
 def test_a_storage_outage_longer_than_the_upload_budget_fails_attempts_that_retry_after(fleet: Fleet) -> None:
     fleet.submit(ROWS, "--model", "tiny")
     fleet.worker("w1", 16)

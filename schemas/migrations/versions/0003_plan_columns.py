@@ -1,5 +1,5 @@
 """Loading plans: how a worker loaded the model for each attempt and output, and what each worker has loaded;
-and where a resubmitted job's fresh attempt budget starts.
+where a resubmitted job's fresh attempt budget starts; when a job's report arrived.
 
 Revision ID: 0003
 Revises: 0002
@@ -25,11 +25,13 @@ def upgrade() -> None:
             batch_op.add_column(sa.Column('plan', sa.String(length=120), nullable=True))
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.add_column(sa.Column('budget_from', sa.Integer(), server_default='0', nullable=False))
+        batch_op.add_column(sa.Column('reported_at', sa.DateTime(), nullable=True))
 
 
 def downgrade() -> None:
     """Downgrade schema."""
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_column('reported_at')
         batch_op.drop_column('budget_from')
     for table in ('workers', 'outputs', 'attempts'):
         with op.batch_alter_table(table, schema=None) as batch_op:
