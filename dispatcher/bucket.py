@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import mimetypes
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -17,7 +19,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from schemas.errors import ConfigError, StorageError
-from schemas.keys import key_problem
+from schemas.job import JobSpec
+from schemas.keys import key_problem, reference_key
 from schemas.messages import Upload
 from schemas.settings import KilnSettings
 from schemas.storage import KeyTakenError
@@ -123,10 +126,10 @@ class Bucket:
         """The bucket KILN_STORAGE_URL names, through KILN_S3_ENDPOINT_URL."""
         return cls(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds)
 
-    def put(self, key: str, data: bytes, job_id: str) -> str:
+    def put(self, key: str, data: bytes, job_id: str, content_type: str = "image/png") -> str:
         """Write with the dispatcher's own credentials (the embedded `kiln render` to S3), MD5-verified and once:
         created only where nothing is; over this job's own earlier image, replaced; another job's is refused."""
-        body = {"Bucket": self.name, "Key": self.key(key), "Body": data, "ContentType": "image/png",
+        body = {"Bucket": self.name, "Key": self.key(key), "Body": data, "ContentType": content_type,
                 "ContentMD5": base64.b64encode(hashlib.md5(data).digest()).decode(), "Metadata": {JOB_META: job_id}}
         try:
             try:
@@ -141,6 +144,23 @@ class Bucket:
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"cannot write {self.uri(key)}: {_reason(exc)}") from None
         return self.uri(key)
+
+    def put_reference(self, path: Path, sha256: str) -> str:
+        """Upload a reference image once, named by its content, so that workers on other PCs can fetch it."""
+        key = reference_key(sha256, path.suffix)
+        if self.stat(key) is None:
+            try:
+                data = path.read_bytes()
+            except OSError as exc:
+                raise StorageError(f"cannot read the reference {path}: {exc.strerror}") from None
+            self.put(key, data, sha256, mimetypes.guess_type(path.name)[0] or "application/octet-stream")
+        return self.uri(key)
+
+    def reference_url(self, job: JobSpec) -> str | None:
+        """A signed GET of a job's reference image (uploaded at submit), or None for a job without one."""
+        if not job.reference or not job.reference_sha256:
+            return None
+        return self.download_url(reference_key(job.reference_sha256, Path(job.reference).suffix), UPLOAD_SECONDS)
 
     def download_url(self, output_key: str, seconds: int) -> str:
         """A signed GET link, for exports that ask for one."""

@@ -271,6 +271,7 @@ def submit(manifest: Path, as_json: bool, dry_run: bool, **params: Any) -> None:
         "examples": [{"id": j.row_id, "prompt": j.prompt, "output": j.output_key, "seed": j.seed}
                      for j in jobs[:3]]}
     if not dry_run:
+        summary["references_uploaded"] = _upload_references(expansion, settings)
         recorded = _record(manifest, store.open_database(settings.database_url), expansion, params)
         summary |= {"batch_id": recorded.batch_id, "queued": recorded.new + recorded.requeued,
                     "already_done": recorded.already_done, "in_progress": recorded.in_progress}
@@ -288,6 +289,19 @@ def submit(manifest: Path, as_json: bool, dry_run: bool, **params: Any) -> None:
     else:
         out.print(f"recorded batch [bold]{summary['batch_id']}[/]: {summary['queued']} queued, "
                   f"{summary['already_done']} already done; render here with `kiln render {manifest}`")
+
+
+def _upload_references(expansion: Expansion, settings: KilnSettings) -> int:
+    """With S3 storage, put each reference image in the bucket once, by content, for workers on other PCs (before
+    the batch is recorded: a reference uploaded for a batch that then fails to record is harmless)."""
+    references = {j.reference_sha256: j.reference for j in expansion.jobs if j.reference and j.reference_sha256}
+    if not references or scheme(settings.storage_url) != "s3":
+        return 0
+    bucket = Bucket.from_settings(settings)
+    bucket.check()
+    for sha256, path in references.items():
+        bucket.put_reference(Path(path), sha256)
+    return len(references)
 
 
 def _database(database_url: str | None) -> Any:

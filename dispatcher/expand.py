@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from dispatcher.reader import RawManifest, Record
 from dispatcher.template import TemplateError, placeholders, render
 from schemas.errors import ManifestError, ModelError, Problem
-from schemas.keys import key_problem
+from schemas.keys import output_key_problem
 from schemas.manifest import DEFAULT_SIDE, FIELDS, MAX_PIXELS, MAX_PROMPT_CHARS, MAX_ROWS, RowFields, describe
 from schemas.models import DEFAULT_MODEL, ModelSpec, resolve_model
 
@@ -60,6 +60,7 @@ class PlannedJob:
     seed: int
     output_key: str
     reference: str | None
+    reference_sha256: str | None
     manifest_row: int
     manifest_line: int
     row_id: str
@@ -247,14 +248,15 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                                   f"the limit is {MAX_PROMPT_CHARS}")
             key = _fill("output", output_template, values)
             key = key if key.lower().endswith(".png") else key + ".png"
-            problem = key_problem(key)
+            problem = output_key_problem(key)
             if problem:
                 raise _RowProblem(f'column "output": the output key {key!r} {problem}')
             reference = _reference(_fill("reference", row.reference, values), options) if row.reference else None
             # the reference by content too: an image edited in place is a new job
-            ref_id = f"{reference}#{_digest(Path(reference), _version(Path(reference)))}" if reference else None
+            digest = _digest(Path(reference), _version(Path(reference))) if reference else None
+            ref_id = f"{reference}#{digest}" if reference else None
             yield PlannedJob(job_id(spec.name, prompt, width, height, steps, guidance, seed, key, ref_id),
-                             spec.name, prompt, width, height, steps, guidance, seed, key, reference,
+                             spec.name, prompt, width, height, steps, guidance, seed, key, reference, digest,
                              record.number, record.line, row_id, variant, {**row_data, **combo})
 
 

@@ -66,8 +66,9 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
             Job.published_at < (now - LOST_QUEUE_GRACE if lost else stale)).values(published_at=None))
         free = policy.backlog - _waiting(session, queue)
         for job, batch_id in _next_jobs(session, queue, now, free) if free > 0 else []:
-            publish(queue, RenderTask(job=_spec(session, job, batch_id),
-                                      upload=bucket.upload_for(job.id, job.output_key)).model_dump(mode="json"))
+            spec = _spec(session, job, batch_id)
+            publish(queue, RenderTask(job=spec, upload=bucket.upload_for(job.id, job.output_key),
+                                      reference_url=bucket.reference_url(spec)).model_dump(mode="json"))
             job.published_at = now
             published += 1
     return published
@@ -96,7 +97,7 @@ def _spec(session: Session, job: Job, batch_id: str) -> JobSpec:
     return JobSpec(job_id=job.id, attempt=job.attempts + 1, batch_id=batch.id, manifest=batch.manifest,
                    manifest_row=link.manifest_row, row_id=link.row_id, model=job.model, prompt=job.prompt,
                    width=job.width, height=job.height, steps=job.steps, guidance=job.guidance, seed=job.seed,
-                   output_key=job.output_key, reference=job.reference)
+                   output_key=job.output_key, reference=job.reference, reference_sha256=job.reference_sha256)
 
 
 def receive_report(sessions: sessionmaker[Session], report: Report, clock: Callable[[], datetime], policy: Policy,

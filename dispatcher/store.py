@@ -139,7 +139,8 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
             session.add(Job(id=planned.job_id, queue=queue, min_vram_gb=0,
                             model=planned.model, prompt=planned.prompt, width=planned.width,
                             height=planned.height, steps=planned.steps, guidance=planned.guidance, seed=planned.seed,
-                            output_key=planned.output_key, reference=planned.reference, status=JobStatus.QUEUED,
+                            output_key=planned.output_key, reference=planned.reference,
+                            reference_sha256=planned.reference_sha256, status=JobStatus.QUEUED,
                             attempts=0, created_at=now, updated_at=now))
             new += 1
         elif job.status in REQUEUEABLE:  # asked for again: a fresh attempt budget, the history kept
@@ -218,7 +219,8 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
         specs.append(JobSpec(job_id=job.id, attempt=attempt, batch_id=batch.id, manifest=batch.manifest,
                              manifest_row=link.manifest_row, row_id=link.row_id, model=job.model, prompt=job.prompt,
                              width=job.width, height=job.height, steps=job.steps, guidance=job.guidance,
-                             seed=job.seed, output_key=job.output_key, reference=job.reference))
+                             seed=job.seed, output_key=job.output_key, reference=job.reference,
+                             reference_sha256=job.reference_sha256))
     return specs
 
 

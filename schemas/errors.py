@@ -28,7 +28,11 @@ class ModelError(KilnError):
 
 
 class StorageError(KilnError):
-    """An output could not be stored."""
+    """An output could not be stored, or a stored object reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # the HTTP status that refused the request, when one did
 
 
 class StaleStateError(KilnError):

@@ -61,7 +61,8 @@ class JobSpec(BaseModel):
     guidance: float
     seed: int
     output_key: str
-    reference: str | None = None
+    reference: str | None = None  # a path on the machine that renders
+    reference_sha256: str | None = None  # its content, checked when it was fetched from the bucket
 
     @property
     def shape(self) -> tuple[str, int, int, int, float, str | None]:

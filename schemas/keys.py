@@ -3,6 +3,19 @@
 from __future__ import annotations
 
 MAX_KEY_BYTES = 1024  # S3's own limit
+REFERENCES = "_references"  # the folder under the storage prefix where reference images travel, by content
+
+
+def reference_key(sha256: str, suffix: str) -> str:
+    """Where a reference image travels to the fleet: named by its content, so it is stored once."""
+    return f"{REFERENCES}/{sha256}{suffix.lower()}"
+
+
+def output_key_problem(key: str) -> str | None:
+    """Like key_problem, and an output may not land among the reference images."""
+    if key.split("/", 1)[0] == REFERENCES:
+        return f"is inside {REFERENCES}/, which Kiln keeps for reference images: choose another folder"
+    return key_problem(key)
 
 
 def key_problem(key: str) -> str | None:

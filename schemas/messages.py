@@ -30,6 +30,7 @@ class RenderTask(BaseModel):
 
     job: JobSpec
     upload: Upload
+    reference_url: str | None = None  # a signed GET of the job's reference image, uploaded at submit
 
 
 class Report(BaseModel):

@@ -70,7 +70,8 @@ class Job(Base):
     guidance: Mapped[float] = mapped_column(Float)
     seed: Mapped[int] = mapped_column(BigInteger)  # up to 2**32 - 1
     output_key: Mapped[str] = mapped_column(String(1024))
-    reference: Mapped[str | None] = mapped_column(Text)
+    reference: Mapped[str | None] = mapped_column(Text)  # the file where it was submitted
+    reference_sha256: Mapped[str | None] = mapped_column(String(64))  # its content: how it travels to workers
     status: Mapped[JobStatus] = mapped_column(
         Enum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e],
              name="job_status", create_constraint=True))

@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 
 from schemas.broker import WORKER_ACL
 from schemas.capacity import TIERS, queue_name
+from schemas.keys import REFERENCES
 from schemas.messages import REPORTS_QUEUE
 from schemas.tables import Attempt, Job, Output
 from tests.faultproxy import S3FaultProxy
@@ -144,7 +145,8 @@ class Fleet:
         for output in outputs:
             by_job.setdefault(output.job_id, []).append(output)
         keys = {o["Key"] for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
-                for o in page.get("Contents", [])}  # a page holds at most 1,000 keys
+                for o in page.get("Contents", [])  # a page holds at most 1,000 keys
+                if f"/{REFERENCES}/" not in o["Key"]}  # reference images travel there, not outputs
         for job in jobs:
             assert job.status in ("succeeded", "dead"), f"job {job.id} left {job.status}"
             if job.status == "dead":

@@ -131,6 +131,7 @@ def test_every_problem_is_reported_at_once_and_repeats_are_folded() -> None:
     ("prompt,output\nx,/etc/passwd\n", {}, "is absolute"),
     ("prompt,output\nx,a\\b\n", {}, "contains a backslash"),
     ("prompt,output\nx,a//b\n", {}, "has an empty, '.' or '..' folder"),
+    ("prompt,output\nx,_references/a\n", {}, "is inside _references/, which Kiln keeps for reference images"),
     ("prompt,output,v\nx,{v}/a,..\n", {}, "has an empty, '.' or '..' folder"),
     ("prompt,output,v\nx,{v},\"a\x01b\"\n", {}, "contains a control character"),
     ("prompt,output\nx," + "k" * 1100 + "\n", {}, "is longer than 1024 bytes"),

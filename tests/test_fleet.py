@@ -3,6 +3,7 @@ through Celery on a private Redis, into a real S3 HTTP endpoint, recorded in Pos
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -11,7 +12,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import boto3
+import numpy as np
 import pytest
+from PIL import Image
 from sqlalchemy import select
 
 from schemas.tables import Attempt, Job, Output
@@ -102,3 +105,32 @@ def test_embedded_render_writes_to_s3_with_verified_objects(tmp_path: Path, kiln
                                  env={**env, "KILN_STORAGE_URL": "s3://no-such-bucket/x"}, cwd=tmp_path)
         assert missing.returncode == 2 and "cannot reach bucket 'no-such-bucket'" in missing.stderr
         assert "may list s3://no-such-bucket/x/ (s3:ListBucket on the prefix)" in missing.stderr
+
+
+def test_reference_images_travel_with_their_jobs_through_the_bucket(fleet: Fleet) -> None:
+    packshots = fleet.tmp / "packshots"
+    packshots.mkdir()
+    Image.fromarray(np.full((300, 200, 3), 180, dtype=np.uint8)).save(packshots / "mug.png")
+    sha = hashlib.sha256((packshots / "mug.png").read_bytes()).hexdigest()
+    fleet.submit("id,prompt,reference,width,height\nmug,a mug,packshots/mug.png,256,256\n", "--model", "tiny")
+    (packshots / "mug.png").rename(fleet.tmp / "moved.png")  # gone from where it was submitted: only the bucket has it
+    fleet.worker("w1", 16)
+    fleet.wait_quiet(1, 120)
+    assert fleet.check() == {"succeeded": 1, "dead": 0, "lost_or_failed_attempts": 0}
+    listed = fleet.s3.list_objects_v2(Bucket=BUCKET, Prefix="renders/_references/")["Contents"]
+    assert [o["Key"] for o in listed] == [f"renders/_references/{sha}.png"]  # stored once, by content
+
+
+def test_a_reference_that_never_reached_the_bucket_is_bad_input(fleet: Fleet, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    from dispatcher.bucket import Bucket
+    from schemas.errors import RenderError
+    from worker.upload import fetch_reference
+
+    for key, value in AWS.items():
+        monkeypatch.setenv(key, value)
+    bucket = Bucket(f"s3://{BUCKET}/renders", fleet.endpoint)
+    url = bucket.download_url("_references/" + "0" * 64 + ".png", 60)
+    with pytest.raises(RenderError, match="the reference image is not in the bucket: submit the batch again") as caught:
+        fetch_reference(url, "0" * 64, ".png", tmp_path, timeout=3, budget=5)
+    assert caught.value.kind == "bad_input"

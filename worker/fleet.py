@@ -7,6 +7,7 @@ import logging
 import socket
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 
 from schemas.broker import make_app
 from schemas.capacity import TIER_FLOOR_GIB, worker_queues
-from schemas.errors import ConfigError
+from schemas.errors import ConfigError, RenderError
 from schemas.job import JobSpec, RenderResult
 from schemas.messages import (
     HEARTBEAT_TASK,
@@ -33,7 +34,7 @@ from schemas.settings import KilnSettings, load_settings
 # starts rendering in a second instead of importing torch and diffusers again. CUDA is first touched in the child.
 from worker.device import advertised_card
 from worker.render import LocalRenderer
-from worker.upload import SignedUpload
+from worker.upload import SignedUpload, fetch_reference
 
 log = logging.getLogger("kiln.worker")
 
@@ -103,6 +104,15 @@ def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str
     local: LocalRenderer = renderer["local"]
     state.update(current_job=job.job_id, step=0, steps=job.steps)
     started = time.perf_counter()
+    if message.reference_url and job.reference and job.reference_sha256:  # the submitter's file, from the bucket
+        try:
+            job = job.model_copy(update={"reference": str(fetch_reference(
+                message.reference_url, job.reference_sha256, Path(job.reference).suffix,
+                settings.cache_dir / "references", settings.storage_timeout_seconds, settings.upload_retry_seconds))})
+        except RenderError as exc:
+            state.update(current_job=None, step=None, steps=None)
+            return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,
+                                error=str(exc), error_kind=exc.kind)
     upload = SignedUpload(message.upload, settings.storage_timeout_seconds, settings.upload_retry_seconds)
     [result] = local.render([job], lambda step, steps: state.update(step=step, steps=steps), upload)
     seconds = round(time.perf_counter() - started, 3) if result.ok else state.beat.seconds_per_image
