@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import store
@@ -16,7 +16,7 @@ from dispatcher.bucket import Bucket, StoredObject
 from schemas.capacity import TIERS, job_queue, queue_name, queue_tier, why_unfit
 from schemas.errors import KilnError, StaleStateError
 from schemas.job import JobSpec, JobStatus, RenderResult
-from schemas.messages import Heartbeat, RenderTask, Report
+from schemas.messages import Heartbeat, RenderTask, Report, unwanted_key
 from schemas.models import resolve_model
 from schemas.plan import PROFILES, Shape
 from schemas.settings import KilnSettings
@@ -51,6 +51,26 @@ class Policy:
                    timedelta(seconds=s.job_time_limit_seconds))
 
 
+def withdraw(session: Session, mark: Callable[[str], None]) -> int:
+    """Tell workers which published render messages are no longer wanted: those of cancelled jobs, and of queued
+    jobs whose every batch is paused (published again on resume). A worker checks before rendering and before
+    uploading (schemas.messages.unwanted_key)."""
+    wanted = (select(BatchJob.job_id).join(Batch, Batch.id == BatchJob.batch_id)
+              .where(BatchJob.job_id == Job.id, Batch.paused.is_(False)).exists())
+    jobs = session.scalars(select(Job).where(Job.published_at.is_not(None), or_(
+        Job.status == JobStatus.CANCELLED, and_(Job.status == JobStatus.QUEUED, ~wanted)))).all()
+    for job in jobs:
+        assert job.published_at is not None
+        mark(unwanted_key(job.id, token(job.published_at)))
+        job.published_at = None
+    return len(jobs)
+
+
+def token(published_at: datetime) -> str:
+    """Which publication of a job a render message is."""
+    return published_at.isoformat()
+
+
 def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publish: Publish,
          queue_depth: Callable[[str], int]) -> int:
     """Top every render queue up to the backlog from the database; republish what the broker lost."""
@@ -68,7 +88,8 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
         for job, batch_id in _next_jobs(session, queue, now, free) if free > 0 else []:
             spec = _spec(session, job, batch_id)
             publish(queue, RenderTask(job=spec, upload=bucket.upload_for(job.id, job.output_key),
-                                      reference_url=bucket.reference_url(spec)).model_dump(mode="json"))
+                                      reference_url=bucket.reference_url(spec), token=token(now))
+                    .model_dump(mode="json"))
             job.published_at = now
             published += 1
     return published
@@ -123,6 +144,11 @@ def record_report(session: Session, report: Report, now: datetime, policy: Polic
         return "unknown job"
     if job.status is JobStatus.QUEUED and job.attempts == report.attempt - 1:
         _start(session, job, report, now)  # a started report may arrive late, or not at all
+    elif (job.status is JobStatus.CANCELLED and job.attempts == report.attempt - 1 and report.result is not None
+          and report.result.ok and stored is not None and stored.job_id == job.id):
+        # Cancelled while its message was in flight, and its image landed before the worker could hear: the image
+        # is kept and recorded, so that no stored image is without its row.
+        _start(session, job, report, now, JobStatus.CANCELLED)
     elif report.kind == "started":
         return f"stale start (job is {job.status.value}, attempt {job.attempts})"
     if report.kind == "started":
@@ -145,8 +171,8 @@ def touch(session: Session, report: Report, now: datetime) -> str | None:
     return session.scalar(select(Job.output_key).where(Job.id == report.job_id))
 
 
-def _start(session: Session, job: Job, report: Report, now: datetime) -> None:
-    store.move(session, job.id, JobStatus.QUEUED, JobStatus.RUNNING, job.attempts, now, attempts=report.attempt,
+def _start(session: Session, job: Job, report: Report, now: datetime, was: JobStatus = JobStatus.QUEUED) -> None:
+    store.move(session, job.id, was, JobStatus.RUNNING, job.attempts, now, attempts=report.attempt,
                worker=report.worker, reported_at=None)
     session.add(Attempt(job_id=job.id, number=report.attempt, worker=report.worker, status="running", started_at=now))
     session.refresh(job)
@@ -178,11 +204,17 @@ def _succeed(session: Session, job: Job, result: RenderResult, now: datetime, po
 def _fail(session: Session, job: Job, result: RenderResult, now: datetime, policy: Policy) -> str:
     oom = result.error_kind == "oom"
     store.move(session, job.id, JobStatus.RUNNING, JobStatus.FAILED, job.attempts, now, error=result.error)
-    # An attempt that ran out of memory is the card's fault, not the job's: it is not charged (see _exhausted).
-    store.finish_attempt(session, job.id, job.attempts, "oom" if oom else "failed", now, error=result.error,
+    # An attempt that ran out of memory is the card's fault, not the job's, and one withdrawn (its batch paused
+    # while it rendered) nobody's: neither is charged (see _charged).
+    attempt_status = result.error_kind if result.error_kind in ("oom", "withdrawn") else "failed"
+    store.finish_attempt(session, job.id, job.attempts, attempt_status, now, error=result.error,
                          error_kind=result.error_kind, seconds=result.seconds, plan=result.plan)
     if result.error_kind == "bad_input":
         return "failed: bad input, not retried"
+    if result.error_kind == "withdrawn":
+        store.move(session, job.id, JobStatus.FAILED, JobStatus.QUEUED, job.attempts, now, error=None,
+                   published_at=None, not_before=None)
+        return "withdrawn while it rendered: queued again, published once its batch is wanted"
     if oom:
         # Never the same shape on the same class of card again: the job now needs a bigger class than the
         # biggest this worker serves.

@@ -89,12 +89,23 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     def depth(queue: str) -> int:
         return int(broker.llen(queue))
 
+    # An unwanted mark outlives every message it can concern: one taken at the end of its TTL, then rendered.
+    unwanted_seconds = int(settings.message_ttl_seconds + settings.job_time_limit_seconds
+                           + settings.worker_timeout_seconds)
+
+    def mark(key: str) -> None:
+        broker.set(key, "1", ex=unwanted_seconds)
+
     def bookkeeping() -> None:
         gate = StorageGate(bucket)
         while True:
             try:
                 with sessions.begin() as session:
                     reaped = fleet.reap(session, clock(), policy)
+                with sessions.begin() as session:
+                    withdrawn = fleet.withdraw(session, mark)
+                if withdrawn:
+                    log.info("told workers %d published jobs are no longer wanted (cancelled or paused)", withdrawn)
                 published = 0
                 if gate.open():
                     with sessions.begin() as session:

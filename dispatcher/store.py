@@ -327,7 +327,8 @@ def cancel_queued(session: Session, batch_id: str, now: datetime) -> int:
     cancelled = 0
     for job_id, attempts in rows:
         try:
-            move(session, job_id, JobStatus.QUEUED, JobStatus.CANCELLED, attempts, now, published_at=None)
+            # published_at stays: the fleet's dispatcher tells workers its message is unwanted, then clears it
+            move(session, job_id, JobStatus.QUEUED, JobStatus.CANCELLED, attempts, now)
             cancelled += 1
         except StaleStateError:
             pass  # a worker took it meanwhile

@@ -6,7 +6,8 @@
     ├── ModelError       a model is unknown, unlicensed for this use, or its weights are missing
     ├── RenderError      one job could not be rendered (recorded on the job; the batch goes on)
     ├── StorageError     an output could not be written
-    │   └── KeyTakenError    its key holds another job's image (schemas.storage)
+    │   ├── KeyTakenError    its key holds another job's image (schemas.storage)
+    │   └── WithdrawnError   its job was cancelled or paused while it rendered (schemas.storage)
     └── StaleStateError  a status change lost its compare-and-set (a late or duplicate writer)
 """
 

@@ -30,7 +30,9 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     # failed, dead and cancelled jobs go back to the queue when their manifest is submitted again.
     F: frozenset({Q, D}),
     D: frozenset({Q}),
-    C: frozenset({Q}),
+    # cancelled -> running: cancelled while its message was in flight, and its image landed anyway; it is
+    # recorded, so that no stored image is without its row.
+    C: frozenset({Q, R}),
 }
 ACTIVE = frozenset({Q, R})
 REQUEUEABLE = frozenset(s for s, targets in TRANSITIONS.items() if Q in targets and s is not R)
@@ -83,5 +85,5 @@ class RenderResult(BaseModel):
     md5: str | None = None
     bytes: int | None = None
     error: str | None = None
-    error_kind: str | None = None  # "oom", "nan", "bad_input", "error"
+    error_kind: str | None = None  # "oom", "nan", "bad_input", "withdrawn", "error"
     plan: str | None = None  # how the model was loaded for it (schemas.plan.Plan.describe)

@@ -13,6 +13,13 @@ RENDER_TASK = "kiln.render"
 REPORT_TASK = "kiln.report"
 HEARTBEAT_TASK = "kiln.heartbeat"
 REPORTS_QUEUE = "kiln.reports"
+UNWANTED_PREFIX = "kiln.render.unwanted."  # under kiln.render.*, which a worker's Redis account may read
+
+
+def unwanted_key(job_id: str, token: str) -> str:
+    """The Redis key whose presence tells workers that one published render message is no longer wanted (its
+    batch was cancelled or paused): checked before rendering and before uploading."""
+    return f"{UNWANTED_PREFIX}{job_id}.{token}"
 
 
 class Upload(BaseModel):
@@ -31,6 +38,7 @@ class RenderTask(BaseModel):
     job: JobSpec
     upload: Upload
     reference_url: str | None = None  # a signed GET of the job's reference image, uploaded at submit
+    token: str = ""  # which publication of the job this message is (see unwanted_key)
 
 
 class Report(BaseModel):

@@ -25,9 +25,20 @@ if TYPE_CHECKING:
 class KeyTakenError(StorageError):
     """The key holds another job's image (an edited manifest row, or another batch's template)."""
 
+    kind = "bad_input"  # the manifest's doing: trying again changes nothing
+
     def __init__(self, uri: str, owner: str | None) -> None:
         whose = f"the image of job {owner}" if owner else "a file Kiln did not write"
         super().__init__(f"{uri} already holds {whose}: delete it or give this manifest another output template")
+
+
+class WithdrawnError(StorageError):
+    """The job was withdrawn (its batch cancelled or paused) while it rendered: its image is not stored."""
+
+    kind = "withdrawn"
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(f"job {job_id} was withdrawn (its batch cancelled or paused) while it rendered: not stored")
 
 
 class Storage(Protocol):

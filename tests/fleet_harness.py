@@ -132,10 +132,10 @@ class Fleet:
         self.wait_until(lambda: self.count(Job.status.in_(["succeeded", "dead"])) == jobs, seconds,
                         f"all {jobs} jobs to finish")
 
-    def check(self, max_attempts: int = 3) -> dict[str, int]:
+    def check(self, max_attempts: int = 3, cancelled: bool = False) -> dict[str, int]:
         """What must hold once the fleet is quiet: every job succeeded exactly once (one object with the recorded
-        checksum, one output row) or dead with its reason; no object without a row; nothing queued or running;
-        attempts within their limit; queues empty."""
+        checksum, one output row) or dead with its reason (or, when a batch was cancelled, cancelled with no
+        object); no object without a row; nothing queued or running; attempts within their limit; queues empty."""
         with self.engine.connect() as conn:
             jobs = list(conn.execute(select(Job)))
             outputs = list(conn.execute(select(Output)))
@@ -148,9 +148,10 @@ class Fleet:
                 for o in page.get("Contents", [])  # a page holds at most 1,000 keys
                 if f"/{REFERENCES}/" not in o["Key"]}  # reference images travel there, not outputs
         for job in jobs:
-            assert job.status in ("succeeded", "dead"), f"job {job.id} left {job.status}"
-            if job.status == "dead":
-                assert job.error and job.id not in by_job
+            assert job.status in ("succeeded", "dead", *(["cancelled"] if cancelled else [])), \
+                f"job {job.id} left {job.status}"
+            if job.status in ("dead", "cancelled"):
+                assert job.id not in by_job and (job.error or job.status == "cancelled")
                 continue
             [output] = by_job[job.id]
             key = output.uri.removeprefix(f"s3://{BUCKET}/")
@@ -161,6 +162,7 @@ class Fleet:
         self.wait_until(lambda: all(self.broker.llen(queue_name(t)) == 0 for t in TIERS), 30, "empty render queues")
         self.wait_until(lambda: self.broker.llen(REPORTS_QUEUE) == 0, 30, "an empty reports queue")
         return {"succeeded": sum(j.status == "succeeded" for j in jobs), "dead": sum(j.status == "dead" for j in jobs),
+                **({"cancelled": sum(j.status == "cancelled" for j in jobs)} if cancelled else {}),
                 "lost_or_failed_attempts": int(lost_or_failed or 0)}
 
 

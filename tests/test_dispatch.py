@@ -11,14 +11,14 @@ from typing import Any
 
 import boto3
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from dispatcher import fleet, store
 from dispatcher.bucket import Bucket
 from dispatcher.expand import Options, expand
 from dispatcher.reader import parse_manifest
 from schemas.job import JobStatus, RenderResult
-from schemas.messages import Heartbeat, RenderTask, Report
+from schemas.messages import Heartbeat, RenderTask, Report, unwanted_key
 from schemas.tables import Attempt, Batch, Job, Output
 from tests.services import s3_server
 from worker.upload import SignedUpload
@@ -367,3 +367,57 @@ def test_publishing_stops_after_three_failed_storage_probes_and_resumes_on_one_s
     assert gate.open() and bucket.probes == 6  # one success ends it
     now[0] += 5
     assert gate.open() and bucket.probes == 7
+
+
+def test_cancel_and_pause_reach_messages_already_published(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\nb,y\n")
+    broker = Broker()
+    marked: list[str] = []
+    feed(sessions, bucket, broker)
+    first, second = broker.take(), broker.take()
+    assert first.token == T0.isoformat()
+    with sessions.begin() as s:
+        s.execute(update(Batch).where(Batch.id == "b1").values(paused=True))  # `kiln batch pause`
+        assert fleet.withdraw(s, marked.append) == 2
+        assert fleet.withdraw(s, marked.append) == 0  # told once
+    assert marked == [unwanted_key(t.job.job_id, t.token) for t in (first, second)]
+    later = T0 + timedelta(seconds=5)
+    assert feed(sessions, bucket, broker, later) == 0  # paused: nothing goes out
+    with sessions.begin() as s:
+        s.execute(update(Batch).where(Batch.id == "b1").values(paused=False))  # `kiln batch resume`
+    assert feed(sessions, bucket, broker, later) == 2
+    again = broker.take()
+    assert again.job.job_id == first.job.job_id and again.token == later.isoformat()  # a new publication
+    with sessions.begin() as s:
+        assert store.cancel_queued(s, "b1", later) == 2  # `kiln batch cancel`
+        assert fleet.withdraw(s, marked.append) == 2
+    assert marked[-2:] == [unwanted_key(t.job.job_id, later.isoformat()) for t in (first, second)]
+
+
+def test_a_job_withdrawn_while_it_rendered_goes_back_uncharged(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    task = broker.take()
+    outcome = report(sessions, bucket, failed(task, "w1", "withdrawn"))
+    assert outcome.startswith("withdrawn while it rendered: queued again")
+    with sessions.begin() as s:
+        assert s.scalar(select(Attempt.status)) == "withdrawn"
+    feed(sessions, bucket, broker)
+    assert broker.take().job.attempt == 2
+
+
+def test_an_image_that_landed_after_its_job_was_cancelled_is_recorded_not_orphaned(database_url: str,
+                                                                                   bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\nb,y\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    landed, nothing = broker.take(), broker.take()
+    with sessions.begin() as s:
+        assert store.cancel_queued(s, "b1", T0) == 2  # before either worker's started report was recorded
+    assert report(sessions, bucket, render(landed, "w1")).startswith("succeeded")  # its upload beat the cancel
+    assert "stale" in report(sessions, bucket, failed(nothing, "w2", "withdrawn"))
+    with sessions.begin() as s:
+        assert s.scalar(select(Job.status).where(Job.id == landed.job.job_id)) is JobStatus.SUCCEEDED
+        assert s.scalar(select(Job.status).where(Job.id == nothing.job.job_id)) is JobStatus.CANCELLED
+        assert s.scalar(select(func.count()).select_from(Output)) == 1

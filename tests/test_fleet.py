@@ -134,3 +134,17 @@ def test_a_reference_that_never_reached_the_bucket_is_bad_input(fleet: Fleet, tm
     with pytest.raises(RenderError, match="the reference image is not in the bucket: submit the batch again") as caught:
         fetch_reference(url, "0" * 64, ".png", tmp_path, timeout=3, budget=5)
     assert caught.value.kind == "bad_input"
+
+
+def test_cancel_mid_batch_reaches_published_messages_and_leaves_no_image_without_its_row(fleet: Fleet) -> None:
+    rows = "id,prompt\n" + "".join(f"p{i},product {i}\n" for i in range(20))  # 1024x1024: about a second each
+    batch_id = fleet.submit(rows, "--model", "tiny")
+    fleet.worker("w1", 16)
+    fleet.worker("w2", 16)
+    fleet.wait_until(lambda: fleet.count(Job.status == "succeeded") >= 3, 120, "three images")
+    fleet.kiln("batch", "cancel", batch_id)
+    fleet.wait_until(lambda: fleet.count(Job.status.in_(["queued", "running"])) == 0, 120, "the batch to settle")
+    summary = fleet.check(cancelled=True)
+    assert summary["cancelled"] >= 10 and summary["succeeded"] + summary["cancelled"] == 20
+    logs = "".join((fleet.tmp / f"{w}.log").read_text() for w in ("w1", "w2"))
+    assert "was withdrawn (its batch cancelled or paused): not rendered" in logs  # the published ones

@@ -7,10 +7,12 @@ import logging
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
+import redis
 from celery import Celery, signals
 from pydantic import ValidationError
 
@@ -26,9 +28,11 @@ from schemas.messages import (
     Heartbeat,
     RenderTask,
     Report,
+    unwanted_key,
 )
 from schemas.plan import Card
 from schemas.settings import KilnSettings, load_settings
+from schemas.storage import WithdrawnError
 
 # Imported here, before Celery forks the GPU process, so a replacement process (after a crash or a time limit)
 # starts rendering in a second instead of importing torch and diffusers again. CUDA is first touched in the child.
@@ -62,6 +66,16 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState]:
     app = make_app(settings.broker_url, settings.job_time_limit_seconds)
     renderer: dict[str, Any] = {}
 
+    checks = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.storage_timeout_seconds)
+
+    def wanted(message: RenderTask) -> bool:
+        """Whether the dispatcher still wants this message rendered; if Redis cannot say, it is (the database's
+        compare-and-set and the create-once upload keep a late one harmless)."""
+        try:
+            return not checks.exists(unwanted_key(message.job.job_id, message.token))
+        except redis.RedisError:
+            return True
+
     def send(task: str, payload: dict[str, Any], expires: float | None = None) -> None:
         app.send_task(task, args=[payload], queue=REPORTS_QUEUE, expires=expires,
                       argsrepr=f"{payload.get('kind', 'heartbeat')} from {name}")
@@ -88,9 +102,13 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState]:
             log.error("refused a malformed render message: %s", exc.errors()[0]["msg"])
             return
         job = message.job
+        if not wanted(message):
+            log.info("job %s attempt %d was withdrawn (its batch cancelled or paused): not rendered", job.job_id,
+                     job.attempt)
+            return
         send(REPORT_TASK, Report(kind="started", job_id=job.job_id, attempt=job.attempt, worker=name)
              .model_dump(mode="json"))
-        result = _render(job, message, settings, name, state, renderer)
+        result = _render(job, message, settings, name, state, renderer, wanted)
         send(REPORT_TASK, Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=name,
                                  result=result).model_dump(mode="json"))
 
@@ -98,7 +116,7 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState]:
 
 
 def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str, state: WorkerState,
-            renderer: dict[str, Any]) -> RenderResult:
+            renderer: dict[str, Any], wanted: Callable[[RenderTask], bool]) -> RenderResult:
     if "local" not in renderer:
         renderer["local"] = LocalRenderer(settings, name, card=state.card)
     local: LocalRenderer = renderer["local"]
@@ -113,12 +131,33 @@ def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str
             state.update(current_job=None, step=None, steps=None)
             return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,
                                 error=str(exc), error_kind=exc.kind)
-    upload = SignedUpload(message.upload, settings.storage_timeout_seconds, settings.upload_retry_seconds)
+    upload = WantedUpload(SignedUpload(message.upload, settings.storage_timeout_seconds,
+                                       settings.upload_retry_seconds), lambda: wanted(message))
     [result] = local.render([job], lambda step, steps: state.update(step=step, steps=steps), upload)
     seconds = round(time.perf_counter() - started, 3) if result.ok else state.beat.seconds_per_image
     state.update(current_job=None, step=None, steps=None, loaded_model=local.loaded_model,
                  plan=local.loaded_plan, seconds_per_image=seconds)
     return result
+
+
+class WantedUpload:
+    """The job's signed upload, made only if the job is still wanted when its image is ready."""
+
+    def __init__(self, upload: SignedUpload, wanted: Callable[[], bool]) -> None:
+        self.upload, self.wanted = upload, wanted
+
+    def uri(self, key: str) -> str:
+        """The object's s3:// URI."""
+        return self.upload.uri(key)
+
+    def check(self) -> None:
+        """Nothing to check before the PUT."""
+
+    def put(self, key: str, data: bytes, job_id: str) -> str:
+        """Upload, unless the job was withdrawn while it rendered (WithdrawnError)."""
+        if not self.wanted():
+            raise WithdrawnError(job_id)
+        return self.upload.put(key, data, job_id)
 
 
 @click.command("worker")

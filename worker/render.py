@@ -21,7 +21,7 @@ from schemas.models import ModelSpec, resolve_model
 from schemas.plan import STAGES, Card, Plan, Shape, Stage, plan_for
 from schemas.renderer import StepCallback, Storage
 from schemas.settings import KilnSettings
-from schemas.storage import KeyTakenError, open_storage
+from schemas.storage import open_storage
 from worker.device import cap_memory, device_name, free_cached, local_card, pick_device
 from worker.pipeline import LoadedModel, load_model, quiet_libraries, weights_folder
 from worker.png import encode_png
@@ -224,9 +224,8 @@ class LocalRenderer:
         try:
             data = encode_png(pixels, job, plan.describe())
             uri = storage.put(job.output_key, data, job.job_id)
-        except KilnError as exc:  # another job's image at the key is the manifest's doing: not retried
-            kind = "bad_input" if isinstance(exc, KeyTakenError) else "error"
-            return self._failed(job, RenderError(str(exc), kind), seconds, plan)
+        except KilnError as exc:  # a kind for the scheduler: another job's image at the key is bad input, say
+            return self._failed(job, RenderError(str(exc), getattr(exc, "kind", "error")), seconds, plan)
         return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=True, worker=self.worker, seconds=seconds,
                             uri=uri, sha256=hashlib.sha256(data).hexdigest(), md5=hashlib.md5(data).hexdigest(),
                             bytes=len(data), plan=plan.describe())
