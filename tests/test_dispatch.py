@@ -95,6 +95,16 @@ def failed(task: RenderTask, worker: str, kind: str) -> Report:
         error_kind=kind))
 
 
+def started(database_url: str, bucket: Bucket):  # type: ignore[no-untyped-def]
+    """A one-job batch whose job worker w1 has taken and started: (sessions, its render message)."""
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    task = broker.take()
+    report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1"))
+    return sessions, task
+
+
 def job_row(sessions, job_id: str) -> Job:  # type: ignore[no-untyped-def]
     with sessions.begin() as s:
         return s.get(Job, job_id)  # type: ignore[return-value]
@@ -278,11 +288,7 @@ def test_status_names_jobs_that_no_registered_worker_fits(database_url: str, buc
 
 def test_a_job_whose_gpu_process_died_goes_back_though_its_worker_still_beats(database_url: str,
                                                                                 bucket: Bucket) -> None:
-    sessions = setup(database_url, "id,prompt\na,x\n")
-    broker = Broker()
-    feed(sessions, bucket, broker)
-    task = broker.take()
-    report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1"))
+    sessions, task = started(database_url, bucket)
     later = T0 + timedelta(seconds=61)
     with sessions.begin() as s:  # a fresh GPU child beats, busy with nothing
         fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[]), later)
@@ -294,11 +300,7 @@ def test_a_job_whose_gpu_process_died_goes_back_though_its_worker_still_beats(da
 
 def test_no_job_stays_running_past_its_time_limit_whatever_the_heartbeats_say(database_url: str,
                                                                               bucket: Bucket) -> None:
-    sessions = setup(database_url, "id,prompt\na,x\n")
-    broker = Broker()
-    feed(sessions, bucket, broker)
-    task = broker.take()
-    report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1"))
+    sessions, task = started(database_url, bucket)
     limit = POLICY.time_limit + POLICY.worker_timeout
     reaped = []
     for now in (T0 + limit - timedelta(seconds=1), T0 + limit + timedelta(seconds=1)):
@@ -313,11 +315,7 @@ def test_no_job_stays_running_past_its_time_limit_whatever_the_heartbeats_say(da
 
 def test_a_job_whose_report_is_in_hand_is_not_reaped_while_the_report_waits(database_url: str,
                                                                             bucket: Bucket) -> None:
-    sessions = setup(database_url, "id,prompt\na,x\n")
-    broker = Broker()
-    feed(sessions, bucket, broker)
-    task = broker.take()
-    report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1"))
+    sessions, task = started(database_url, bucket)
     finished = render(task, "w1")
     reaped = []
     with sessions.begin() as s:
