@@ -375,7 +375,7 @@ def export(batch: str, target: Path | None, database_url: str | None, presign_se
     if presign_seconds:
         if scheme(settings.storage_url) != "s3":
             raise ConfigError("--presign needs S3 storage: set KILN_STORAGE_URL=s3://bucket/prefix")
-        bucket = Bucket(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds)
+        bucket = Bucket.from_settings(settings)
         for row in rows:
             done = row["kiln_status"] == "succeeded"
             row["kiln_download_url"] = bucket.download_url(row["kiln_output_key"], presign_seconds) if done else None

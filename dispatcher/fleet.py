@@ -1,5 +1,6 @@
 """The fleet's bookkeeping in SQL: feeding render queues, recording reports and heartbeats, reaping silent
-workers, retrying with backoff. Pure of I/O but the session and the two callables passed in."""
+workers, retrying with backoff, withdrawing messages nobody wants any more. No I/O but through what is passed
+in: sessions, the bucket, and callables that publish or mark."""
 
 from __future__ import annotations
 
