@@ -37,7 +37,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     """Run until stopped: a bookkeeping thread, and a Celery consumer of the reports queue."""
     if not settings.broker_url:
         raise ConfigError("KILN_BROKER_URL is not set: the dispatcher needs the fleet's Redis, e.g. redis://host:6379/0")
-    bucket = Bucket(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds)
+    bucket = Bucket.from_settings(settings)
     bucket.check()
     policy = fleet.Policy.from_settings(settings)
     app = make_app(settings.broker_url)
