@@ -35,6 +35,7 @@ from schemas.plan import Card, Shape, plan_for
 from worker.device import GIB, cap_memory, free_cached
 from worker.pipeline import compute_dtype, load_model, quiet_libraries, weights_folder
 from worker.prompts import PromptCache
+from worker.render import first_line
 
 CAPS = (8, 12, 16, 24)
 JOBS_IN_HAND = 4
@@ -94,11 +95,6 @@ def transformer_watch(on_forward: Callable[[], None]) -> Iterator[None]:
         handle.remove()
 
 
-def _failure(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
-
-
 def run_kiln(spec: ModelSpec, cache_dir: Path, card: Card, meter: Meter, n: int, size: int,
              steps: int) -> tuple[dict[str, Any], torch.Tensor | None]:
     """Kiln's worker path: load as the plan says, encode the jobs in hand in one stage, one image per call."""
@@ -129,7 +125,7 @@ def run_kiln(spec: ModelSpec, cache_dir: Path, card: Card, meter: Meter, n: int,
     except torch.OutOfMemoryError:
         failure = "out of memory"
     except Exception as exc:  # one broken run must not cost the rest of the benchmark
-        failure = _failure(exc)
+        failure = f"{type(exc).__name__}: {first_line(exc)}"
     finally:
         if model is not None:
             model.unload()
@@ -168,7 +164,7 @@ def run_baseline(pipe: Any, card: Card, meter: Meter, offload: bool, n: int, siz
     except torch.OutOfMemoryError:
         failure = "out of memory"
     except Exception as exc:
-        failure = _failure(exc)
+        failure = f"{type(exc).__name__}: {first_line(exc)}"
     peaks = meter.peaks()
     pipe.remove_all_hooks()
     pipe.to("cpu")

@@ -251,9 +251,9 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
             problem = output_key_problem(key)
             if problem:
                 raise _RowProblem(f'column "output": the output key {key!r} {problem}')
-            reference = _reference(_fill("reference", row.reference, values), options) if row.reference else None
+            reference, digest = (_reference(_fill("reference", row.reference, values), options) if row.reference
+                                 else (None, None))
             # the reference by content too: an image edited in place is a new job
-            digest = _digest(Path(reference), _version(Path(reference))) if reference else None
             ref_id = f"{reference}#{digest}" if reference else None
             yield PlannedJob(job_id(spec.name, prompt, width, height, steps, guidance, seed, key, ref_id),
                              spec.name, prompt, width, height, steps, guidance, seed, key, reference, digest,
@@ -289,7 +289,8 @@ def _fill(column: str, template: str, values: dict[str, str]) -> str:
         raise _RowProblem(f'column "{column}": the template {exc}') from None
 
 
-def _reference(path_text: str, options: Options) -> str:
+def _reference(path_text: str, options: Options) -> tuple[str, str]:
+    """A row's reference image, checked: its absolute path and its content's SHA-256."""
     path = Path(path_text).expanduser()
     path = path if path.is_absolute() else options.base_dir / path
     if path.suffix.lower() not in REFERENCE_TYPES:
@@ -298,10 +299,11 @@ def _reference(path_text: str, options: Options) -> str:
         raise _RowProblem(f'column "reference": {path_text!r} does not exist (paths are relative to the manifest)')
     if path.stat().st_size > MAX_REFERENCE_BYTES:
         raise _RowProblem(f'column "reference": {path_text!r} is over {MAX_REFERENCE_BYTES // 2**20} MiB')
-    problem = _image_problem(path.resolve(), _version(path))
+    path, version = path.resolve(), _version(path)
+    problem = _image_problem(path, version)
     if problem:
         raise _RowProblem(f'column "reference": {path_text!r} {problem}')
-    return str(path.resolve())
+    return str(path), _digest(path, version)
 
 
 def _version(path: Path) -> tuple[int, int]:

@@ -102,10 +102,11 @@ def advertised_card(preference: str, vram: float | None) -> tuple[str, Card]:
     return "cpu", unified_card("cpu", vram, advertise=True)
 
 
-def local_card(device: torch.device, vram: float | None, advertise: bool = False) -> Card:
-    """The card `device` is, measured through torch (initializes CUDA: call it in the process that renders)."""
+def local_card(device: torch.device, vram: float | None) -> Card:
+    """The card `device` is for rendering here, measured through torch (initializes CUDA: call it in the process
+    that renders); on a CPU, the machine's memory unless `vram` says otherwise."""
     if device.type != "cuda":
-        return unified_card(device.type, vram, advertise)
+        return unified_card(device.type, vram, advertise=False)
     props = torch.cuda.get_device_properties(device)
     return Card("cuda", _capped(props.total_memory / GIB, vram, props.name),
                 fp8_math=(props.major, props.minor) >= FP8_MATH)

@@ -9,7 +9,6 @@ again from disk, since moving it would free nothing.
 from __future__ import annotations
 
 import gc
-import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -18,7 +17,6 @@ import torch
 from schemas.plan import Fp8Method
 from worker.device import free_cached
 
-log = logging.getLogger("kiln.worker")
 Load = Callable[[], Any]  # builds the component on the CPU, in its planned storage dtype
 
 
@@ -140,7 +138,7 @@ def to_fp8(transformer: Any, method: Fp8Method, compute_dtype: torch.dtype, devi
 
 
 def fp8_weights(module: Any) -> int:
-    """How many of a module's weight tensors are stored in float8 (plain or torchao), for tests and the log."""
+    """How many of a module's weight tensors are stored in float8 (plain or torchao)."""
     count = 0
     for _, tensor in module.named_parameters():
         inner = getattr(tensor, "qdata", tensor)

@@ -154,7 +154,7 @@ class LocalRenderer:
             images = self._generate(jobs, plan, per_call, on_step)
         except KilnError as exc:  # RenderError, or a ModelError from a component loading for its stage
             # A fresh error: the caught one's traceback holds the failed call's frames, and with them its tensors.
-            error = RenderError(str(exc), exc.kind if isinstance(exc, RenderError) else "error")
+            error = RenderError(str(exc), getattr(exc, "kind", "error"))
         else:
             seconds = (time.perf_counter() - started) / len(jobs)
             target = storage or self.storage
