@@ -74,7 +74,8 @@ class Expansion:
 
     jobs: list[PlannedJob]
     skipped_rows: int = 0
-    models: dict[str, ModelSpec] = field(default_factory=dict)
+    models: dict[str, ModelSpec] = field(default_factory=dict)  # by ModelSpec.name, as jobs name them
+    typed: dict[str, ModelSpec] = field(default_factory=dict, repr=False)  # by what the manifest says
 
 
 class _Problems:
@@ -261,12 +262,12 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
 
 
 def _model(name: str, base: Path, options: Options, expansion: Expansion) -> ModelSpec:
-    if name not in expansion.models:
+    if name not in expansion.typed:
         try:
-            expansion.models[name] = resolve_model(name, base)
+            expansion.typed[name] = resolve_model(name, base)
         except ModelError as exc:
             raise _RowProblem(f'column "model": {exc}') from None
-    spec = expansion.models[name]
+    spec = expansion.models.setdefault(expansion.typed[name].name, expansion.typed[name])
     if len(spec.name) > MAX_MODEL_CHARS:
         raise _RowProblem(f'column "model": the folder {spec.name!r} has a path over {MAX_MODEL_CHARS} characters: '
                           "move it somewhere shorter")
