@@ -111,13 +111,15 @@ BAD = [
 
 @pytest.mark.parametrize(("name", "text", "message"), BAD)
 def test_bad_manifests_exit_nonzero_with_one_clear_message_and_write_nothing(
-        tmp_path: Path, kiln_env: dict[str, str], name: str, text: str, message: str) -> None:
+        tmp_path: Path, kiln_env: dict[str, str], database_url: str, name: str, text: str, message: str) -> None:
+    env = {**kiln_env, "KILN_DATABASE_URL": database_url}  # SQLite in tmp_path, or a fresh PostgreSQL schema
     manifest = write(tmp_path / name, text)
     for command in (["render", str(manifest)], ["submit", str(manifest)]):
-        done = kiln(*command, cwd=tmp_path, env=kiln_env, check=2)
+        done = kiln(*command, cwd=tmp_path, env=env, check=2)
         assert message in done.stderr
         assert done.stderr.startswith("error: ") and "Traceback" not in done.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no database, no renders folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # no database file, no renders folder
+    assert json.loads(kiln("status", "--json", cwd=tmp_path, env=env).stdout) == []  # no batch in the database
 
 
 def test_non_ascii_bytes_get_a_fix_it_message(tmp_path: Path, kiln_env: dict[str, str]) -> None:
