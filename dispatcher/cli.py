@@ -27,7 +27,7 @@ from dispatcher.bucket import Bucket
 from dispatcher.expand import Expansion, Options, expand
 from dispatcher.reader import read_manifest
 from schemas.errors import ConfigError, KilnError, ManifestError, ModelError
-from schemas.job import JobSpec, RenderResult
+from schemas.job import JobSpec, JobStatus, RenderResult
 from schemas.models import REGISTRY, known_names, resolve_model, weights_location
 from schemas.settings import KilnSettings, load_settings
 from schemas.storage import open_storage, scheme
@@ -191,17 +191,19 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     failures: list[str] = []
     with _progress(queued, quiet=as_json or not queued) as (on_step, on_result):
-        def record(job: JobSpec, result: RenderResult) -> None:
-            on_result(job, result)
-            if not result.ok:
+        def record(job: JobSpec, result: RenderResult, status: JobStatus) -> None:
+            if status is not JobStatus.QUEUED:  # done with, one way or the other; not a retry
+                on_result(job, result)
+            if status in (JobStatus.FAILED, JobStatus.DEAD):
                 failures.append(f"row {job.row_id}: {result.error}")
 
-        summary = runner.run_batch(sessions, renderer, recorded.batch_id, utcnow, settings.batch_size,
-                                   on_step, record, storage)
+        summary = runner.run_batch(sessions, renderer, recorded.batch_id, utcnow, runner.embedded_policy(settings),
+                                   settings.batch_size, on_step, record, storage)
     with sessions.begin() as session:
         counts = store.batch_counts(session, recorded.batch_id)
     report = {"batch_id": recorded.batch_id, "jobs": recorded.jobs, "rendered": summary.rendered,
-              "failed": summary.failed, "already_done": recorded.already_done,
+              "failed": summary.failed, "retried": summary.retried, "left_queued": summary.left,
+              "unserved_models": summary.unserved, "already_done": recorded.already_done,
               "skipped_rows": expansion.skipped_rows, "counts": counts, "wall_seconds": round(summary.seconds, 3),
               "seconds_per_image": summary.seconds_per_image and round(summary.seconds_per_image, 3),
               "storage": storage.uri(""), "device": renderer.device_name}
@@ -209,7 +211,7 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
         out.print_json(data=report)
     else:
         _print_summary(report, failures)
-    if summary.failed:
+    if summary.failed or summary.left:
         sys.exit(1)
 
 
@@ -251,6 +253,11 @@ def _print_summary(report: dict[str, Any], failures: list[str]) -> None:
               + f" on {report['device']}; images in {report['storage']}")
     for line in failures[:10]:
         out.print(f"  [red]failed[/] {line}", highlight=False)
+    for model, why in report["unserved_models"].items():
+        out.print(f"  [red]not rendered here[/] {model}: {why}", highlight=False)
+    if report["left_queued"]:
+        out.print(f"{report['left_queued']} jobs stay queued: run again once this machine can load their model, "
+                  f"or render them on a fleet (`kiln submit`)")
     if report["failed"]:
         out.print(f"see every failure with `kiln status {report['batch_id']}`")
 
@@ -457,7 +464,9 @@ def workers(database_url: str | None, as_json: bool) -> None:
 
     with _database(database_url).begin() as session:
         rows = [{"name": w.name, "device": w.device, "vram_gb": round((w.vram_mb or 0) / 1024, 1),
-                 "queues": w.queues, "loaded_model": w.loaded_model, "plan": w.plan, "current_job": w.current_job,
+                 "queues": w.queues, "models": w.models or [], "unserved": w.unserved or {}, "problem": w.problem,
+                 "model_loads": w.model_loads or {},
+                 "loaded_model": w.loaded_model, "plan": w.plan, "current_job": w.current_job,
                  "step": w.step,
                  "seconds_per_image": w.seconds_per_image, "last_seen": w.last_seen.isoformat() + "Z"}
                 for w in session.scalars(select(Worker).order_by(Worker.name))]
@@ -469,6 +478,13 @@ def workers(database_url: str | None, as_json: bool) -> None:
         loaded = f", {r['loaded_model']} loaded {r['plan']}" if r["loaded_model"] else ""
         out.print(f"{r['name']}: {r['device']} {r['vram_gb']} GB{loaded}, {doing}, last seen {r['last_seen']}",
                   highlight=False)
+        if r["models"]:
+            loads = ", ".join(f"{m} x{n}" for m, n in r["model_loads"].items())
+            out.print(f"  serves {', '.join(r['models'])}" + (f"; loads: {loads}" if loads else ""), highlight=False)
+        for model, why in r["unserved"].items():
+            out.print(f"  [yellow]does not serve[/] {model}: {why}", highlight=False)
+        if r["problem"]:
+            out.print(f"  [red]takes no work:[/] {r['problem']}", highlight=False)
 
 
 @cli.group()

@@ -14,18 +14,18 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import store
 from dispatcher.bucket import Bucket, StoredObject
-from schemas.capacity import TIERS, job_queue, queue_name, queue_tier, why_unfit
+from dispatcher.lifecycle import RetryPolicy
+from schemas.capacity import job_queue, model_key, queue_model_key, queue_tier, why_unfit
 from schemas.errors import KilnError, StaleStateError
 from schemas.job import JobSpec, JobStatus, RenderResult
 from schemas.messages import Heartbeat, RenderTask, Report, unwanted_key
 from schemas.models import resolve_model
-from schemas.plan import PROFILES, Shape
+from schemas.plan import Shape
 from schemas.settings import KilnSettings
 from schemas.storage import KeyTakenError
-from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
+from schemas.tables import Batch, BatchJob, Job, Worker
 
 Publish = Callable[[str, dict[str, Any]], None]  # (queue, RenderTask payload)
-QUEUES = [queue_name(t) for t in TIERS]
 LOST_QUEUE_GRACE = timedelta(seconds=20)
 REPORT_RETRY_SECONDS = 3.0  # a report that cannot be recorded yet is tried again this much later...
 REPORT_RETRIES = 1200  # ...for an hour; then it is dropped and the reaper gives the job back
@@ -43,6 +43,11 @@ class Policy:
     time_limit: timedelta = timedelta(minutes=30)  # a worker kills a render running longer
     report_hold: timedelta = timedelta(seconds=REPORT_RETRY_SECONDS * REPORT_RETRIES)  # a report in hand keeps
     # its job from the reaper while it is being retried
+
+    @property
+    def retry(self) -> RetryPolicy:
+        """The lifecycle's retry policy: max_attempts over at least two workers."""
+        return RetryPolicy(self.max_attempts, self.retry_base)
 
     @classmethod
     def from_settings(cls, s: KilnSettings) -> Policy:
@@ -76,7 +81,9 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
          queue_depth: Callable[[str], int]) -> int:
     """Top every render queue up to the backlog from the database; republish what the broker lost."""
     published = 0
-    for queue in QUEUES:
+    queues = session.scalars(select(Job.queue).where(Job.status == JobStatus.QUEUED, Job.queue.is_not(None))
+                             .distinct()).all()
+    for queue in sorted(q for q in queues if q):
         waiting = _waiting(session, queue)
         stale = now - policy.message_ttl
         lost = queue_depth(queue) == 0 and waiting > 0
@@ -94,6 +101,20 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
             job.published_at = now
             published += 1
     return published
+
+
+def waiting(session: Session, now: datetime) -> dict[str, int]:
+    """How many jobs each render queue has that a worker could take now (published or not; not paused, not
+    waiting out a backoff): what a worker reads to decide whether to stay on its loaded model. Every queue a
+    registered worker consumes is listed, zeros included."""
+    wanted = (select(BatchJob.job_id).join(Batch, Batch.id == BatchJob.batch_id)
+              .where(BatchJob.job_id == Job.id, Batch.paused.is_(False)).exists())
+    rows = session.execute(select(Job.queue, func.count()).where(
+        Job.status == JobStatus.QUEUED, Job.queue.is_not(None), wanted,
+        or_(Job.not_before.is_(None), Job.not_before <= now)).group_by(Job.queue))
+    counts = {q: 0 for queues in session.scalars(select(Worker.queues)) for q in queues or []}
+    counts.update({q: n for q, n in rows if q})
+    return counts
 
 
 def _waiting(session: Session, queue: str) -> int:
@@ -116,10 +137,7 @@ def _next_jobs(session: Session, queue: str, now: datetime, limit: int) -> list[
 def _spec(session: Session, job: Job, batch_id: str) -> JobSpec:
     link, batch = session.execute(select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
                                   .where(BatchJob.job_id == job.id, BatchJob.batch_id == batch_id)).one()
-    return JobSpec(job_id=job.id, attempt=job.attempts + 1, batch_id=batch.id, manifest=batch.manifest,
-                   manifest_row=link.manifest_row, row_id=link.row_id, model=job.model, prompt=job.prompt,
-                   width=job.width, height=job.height, steps=job.steps, guidance=job.guidance, seed=job.seed,
-                   output_key=job.output_key, reference=job.reference, reference_sha256=job.reference_sha256)
+    return store.job_spec(job, link, batch, job.attempts + 1)
 
 
 def receive_report(sessions: sessionmaker[Session], report: Report, clock: Callable[[], datetime], policy: Policy,
@@ -175,7 +193,7 @@ def touch(session: Session, report: Report, now: datetime) -> str | None:
 def _start(session: Session, job: Job, report: Report, now: datetime, was: JobStatus = JobStatus.QUEUED) -> None:
     store.move(session, job.id, was, JobStatus.RUNNING, job.attempts, now, attempts=report.attempt,
                worker=report.worker, reported_at=None)
-    session.add(Attempt(job_id=job.id, number=report.attempt, worker=report.worker, status="running", started_at=now))
+    store.start_attempt(session, job.id, report.attempt, report.worker, now)
     session.refresh(job)
 
 
@@ -192,77 +210,30 @@ def _succeed(session: Session, job: Job, result: RenderResult, now: datetime, po
     own = result.md5 == stored.md5  # False: an earlier attempt's upload of this same job stood
     store.move(session, job.id, JobStatus.RUNNING, JobStatus.SUCCEEDED, job.attempts, now, error=None)
     store.finish_attempt(session, job.id, job.attempts, "succeeded", now, seconds=result.seconds, plan=result.plan)
-    link = session.execute(select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
-                           .where(BatchJob.job_id == job.id).order_by(Batch.created_at)).first()
-    assert link is not None
-    session.add(Output(job_id=job.id, batch_id=link[0].batch_id, manifest=link[1].manifest,
-                       manifest_row=link[0].manifest_row, key=job.output_key, uri=bucket.uri(job.output_key),
-                       sha256=result.sha256 if own else None, md5=stored.md5, bytes=stored.size,
-                       worker=result.worker, seconds=result.seconds, plan=result.plan, created_at=now))
+    store.add_output(session, job.id, result, now, uri=bucket.uri(job.output_key), key=job.output_key,
+                     md5=stored.md5, size=stored.size, sha256=result.sha256 if own else None)
     return "succeeded" if own else "succeeded (an earlier attempt's upload stood)"
 
 
 def _fail(session: Session, job: Job, result: RenderResult, now: datetime, policy: Policy) -> str:
-    oom = result.error_kind == "oom"
-    store.move(session, job.id, JobStatus.RUNNING, JobStatus.FAILED, job.attempts, now, error=result.error)
-    # An attempt that ran out of memory is the card's fault, not the job's, and one withdrawn (its batch paused
-    # while it rendered) nobody's: neither is charged (see _charged).
-    attempt_status = result.error_kind if result.error_kind in ("oom", "withdrawn") else "failed"
-    store.finish_attempt(session, job.id, job.attempts, attempt_status, now, error=result.error,
-                         error_kind=result.error_kind, seconds=result.seconds, plan=result.plan)
-    if result.error_kind == "bad_input":
-        return "failed: bad input, not retried"
-    if result.error_kind == "withdrawn":
-        store.move(session, job.id, JobStatus.FAILED, JobStatus.QUEUED, job.attempts, now, error=None,
-                   published_at=None, not_before=None)
-        return "withdrawn while it rendered: queued again, published once its batch is wanted"
-    if oom:
-        # Never the same shape on the same class of card again: the job now needs a bigger class than the
-        # biggest this worker serves.
+    def bigger_card() -> str | None:
+        # Never the same shape on the same class of card again: the job needs a bigger class than the biggest
+        # this worker serves for its model.
         served = session.scalar(select(Worker.queues).where(Worker.name == result.worker)) or []
-        above = max((queue_tier(q) for q in served), default=queue_tier(job.queue) if job.queue else 0)
-        queue = job_queue(resolve_model(job.model).profile, job.width, job.height,
-                          references=1 if job.reference else 0, above=above)
-        if queue is None:
-            _dead(session, job, now, f"{result.error}; no bigger card can take it")
-            return "dead: out of memory everywhere"
-        store.move(session, job.id, JobStatus.FAILED, JobStatus.QUEUED, job.attempts, now, queue=queue,
-                   min_vram_gb=queue_tier(queue), published_at=None, not_before=None)
-        return f"out of memory on {result.worker}: moved to {queue}"
-    charged, workers = _charged(session, job.id)
-    if _exhausted(charged, workers, policy):
-        _dead(session, job, now, result.error or "failed")
-        return f"dead after {charged} attempts on {workers} workers"
-    delay = policy.retry_base * 2 ** (charged - 1)
-    store.move(session, job.id, JobStatus.FAILED, JobStatus.QUEUED, job.attempts, now, published_at=None,
-               not_before=now + delay)
-    return f"failed, retry in {delay.total_seconds():.0f} s"
+        mine = [queue_tier(q) for q in served if queue_model_key(q) == model_key(job.model)]
+        above = max(mine, default=queue_tier(job.queue) if job.queue else 0)
+        return job_queue(job.model, resolve_model(job.model).profile, job.width, job.height,
+                         references=1 if job.reference else 0, above=above)
 
-
-def _charged(session: Session, job_id: str) -> tuple[int, int]:
-    """(attempts charged to a job since it was last submitted, workers they were on): the ones that failed or
-    were lost. Attempts that ran out of memory moved the job to a bigger card and are the card's, not the job's."""
-    since = select(Job.budget_from).where(Job.id == job_id).scalar_subquery()
-    charged, workers = session.execute(select(func.count(), func.count(func.distinct(Attempt.worker))).where(
-        Attempt.job_id == job_id, Attempt.number > since, Attempt.status.in_(["failed", "lost"]))).one()
-    return charged, workers
-
-
-def _exhausted(charged: int, workers: int, policy: Policy) -> bool:
-    """Whether to give up: max_attempts charged tries on at least two workers (one bad card does not kill a job),
-    or twice that on one."""
-    return charged >= policy.max_attempts and (workers >= 2 or charged >= 2 * policy.max_attempts)
-
-
-def _dead(session: Session, job: Job, now: datetime, error: str) -> None:
-    store.move(session, job.id, JobStatus.FAILED, JobStatus.DEAD, job.attempts, now, error=error)
+    return store.record_failure(session, job.id, job.attempts, result, now, policy.retry, bigger_card)[1]
 
 
 def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
     """Register a worker or refresh what it is doing."""
     store.see_worker(session, beat.worker, beat.device, int(beat.vram_gb * 1024), now)
     session.execute(update(Worker).where(Worker.name == beat.worker).values(
-        queues=beat.queues, loaded_model=beat.loaded_model, plan=beat.plan, current_job=beat.current_job,
+        queues=beat.queues, models=beat.models, unserved=beat.unserved, problem=beat.problem,
+        model_loads=beat.model_loads, loaded_model=beat.loaded_model, plan=beat.plan, current_job=beat.current_job,
         step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,
         seconds_per_image=beat.seconds_per_image))
 
@@ -292,8 +263,8 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
         try:
             with session.begin_nested():  # all of it, or none if the job moved meanwhile
                 store.finish_attempt(session, job_id, attempt, "lost", now, error=reason)
-                charged, workers = _charged(session, job_id)
-                if _exhausted(charged, workers, policy):
+                charged, workers = store.charged_attempts(session, job_id)
+                if policy.retry.exhausted(charged, workers):
                     store.move(session, job_id, JobStatus.RUNNING, JobStatus.DEAD, attempt, now, lease_until=None,
                                error=f"lost {charged} times: {reason}")
                 else:
@@ -306,20 +277,41 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
 
 
 def unfit_jobs(session: Session, batch_id: str) -> list[tuple[str, str]]:
-    """(row id, reason) for a batch's queued jobs that no registered worker can take."""
-    served = [q for queues in session.scalars(select(Worker.queues)) for q in queues or []]
-    largest = max((queue_tier(q) for q in served), default=None)
+    """(row id, reason) for a batch's queued jobs that no registered worker can take: no worker has the model's
+    weights, or none of those that have them has a card big enough."""
+    served: dict[str, list[int]] = {}
+    for queues in session.scalars(select(Worker.queues)):
+        for q in queues or []:
+            served.setdefault(queue_model_key(q), []).append(queue_tier(q))
+    unserved = _unserved_reasons(session)
     rows = session.execute(select(BatchJob.row_id, Job).join(Job, BatchJob.job_id == Job.id).where(
         BatchJob.batch_id == batch_id, Job.status == JobStatus.QUEUED))
     out = []
+    largest = max((t for tiers in served.values() for t in tiers), default=None)
     for row_id, job in rows:
+        tiers = served.get(model_key(job.model))
         tier = queue_tier(job.queue) if job.queue else None
-        if tier is None or largest is None or largest < tier:
-            try:
-                profile = resolve_model(job.model).profile
-            except KilnError:
-                profile = job.model
-            shape = Shape.of(job.width, job.height, 1, 1 if job.reference else 0)
-            out.append((row_id, why_unfit(profile, shape, largest) if profile in PROFILES
-                        else f"{job.model} is not a model this dispatcher knows"))
+        if tiers and tier is not None and max(tiers) >= tier:
+            continue
+        try:
+            profile = resolve_model(job.model).profile
+        except KilnError:
+            out.append((row_id, f"{job.model} is not a model this dispatcher knows"))
+            continue
+        if not tiers and largest is not None and tier is not None and largest >= tier:
+            why = "; ".join(f"{w}: {reason}" for w, reason in unserved.get(job.model, []))
+            out.append((row_id, f"no worker has {job.model}: start one with `kiln worker --models {job.model}`"
+                                + (f" ({why})" if why else "")))
+            continue
+        shape = Shape.of(job.width, job.height, 1, 1 if job.reference else 0)
+        out.append((row_id, why_unfit(profile, shape, max(tiers) if tiers else largest)))
     return out
+
+
+def _unserved_reasons(session: Session) -> dict[str, list[tuple[str, str]]]:
+    """model -> (worker, why it does not serve that model), from the workers' heartbeats."""
+    found: dict[str, list[tuple[str, str]]] = {}
+    for name, unserved in session.execute(select(Worker.name, Worker.unserved)):
+        for model, why in (unserved or {}).items():
+            found.setdefault(model, []).append((name, why))
+    return found

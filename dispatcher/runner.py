@@ -6,13 +6,14 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from importlib.metadata import entry_points
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import store
+from dispatcher import lifecycle, store
+from dispatcher.lifecycle import Fault, RetryPolicy
 from schemas.errors import ConfigError, StaleStateError
 from schemas.job import JobSpec, JobStatus, RenderResult
 from schemas.renderer import Renderer, StepCallback, Storage
@@ -71,8 +72,11 @@ class RunSummary:
     """What one embedded run did."""
 
     rendered: int = 0
-    failed: int = 0
+    failed: int = 0  # failed (bad input, out of memory here) or dead (its retries spent)
+    retried: int = 0  # attempts that failed and were tried again
     seconds: float = 0.0
+    unserved: dict[str, str] = field(default_factory=dict)  # model -> why this machine cannot render it
+    left: int = 0  # jobs left queued because this machine cannot render their model
 
     @property
     def seconds_per_image(self) -> float | None:
@@ -81,12 +85,19 @@ class RunSummary:
         return self.seconds / done if done else None
 
 
-def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str, clock: Clock,
+def embedded_policy(settings: KilnSettings) -> RetryPolicy:
+    """The retry policy of a run on one machine: the fleet's attempts and backoff, on the one worker there is."""
+    return RetryPolicy(settings.max_attempts, timedelta(seconds=settings.retry_base_seconds), spread=1)
+
+
+def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str, clock: Clock, policy: RetryPolicy,
               batch_size: int = 1, on_step: StepCallback | None = None,
-              on_result: Callable[[JobSpec, RenderResult], None] | None = None,
-              storage: Storage | None = None) -> RunSummary:
-    """Render every queued job of a batch here, recording each result as it comes. On Ctrl-C the jobs in hand
-    go back to the queue, so the next run picks them up."""
+              on_result: Callable[[JobSpec, RenderResult, JobStatus], None] | None = None,
+              storage: Storage | None = None, sleep: Callable[[float], None] = time.sleep) -> RunSummary:
+    """Render every queued job of a batch here, recording each result as it comes, with the fleet's lifecycle
+    (dispatcher.lifecycle): a transient failure is retried after its backoff, bad input fails at once, and a model
+    this machine cannot load is left queued for another run or a fleet. On Ctrl-C the jobs in hand go back to
+    the queue, so the next run picks them up. `on_result` hears each attempt with the job's new status."""
     summary = RunSummary()
     started = time.perf_counter()
     with sessions.begin() as session:
@@ -96,22 +107,35 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
         try:
             with sessions.begin() as session:
                 jobs = store.claim(session, renderer.worker, clock(), LEASE, batch_id=batch_id, limit=batch_size,
-                                   prefer_model=renderer.loaded_model)
+                                   prefer_model=renderer.loaded_model, skip_models=summary.unserved)
+                retry_at = None if jobs else store.next_retry(session, batch_id, summary.unserved)
             if not jobs:
-                break
+                if retry_at is None:
+                    break
+                sleep(max((retry_at - clock()).total_seconds(), 0.0) + 0.01)  # a retry's backoff
+                continue
             results = renderer.render(jobs, on_step, storage)
+            outcomes = []
             with sessions.begin() as session:
                 for job, result in zip(jobs, results, strict=True):
-                    status = store.record_result(session, job, result, clock())
-                    summary.rendered += status is JobStatus.SUCCEEDED
-                    summary.failed += status is JobStatus.FAILED
+                    status, _ = store.record_result(session, job, result, clock(), policy)
+                    outcomes.append(status)
                 store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
         except BaseException:  # Ctrl-C or SIGTERM anywhere from the claim on: the jobs in hand go back
             _release(sessions, jobs, clock)
             raise
-        for job, result in zip(jobs, results, strict=True):
+        for job, result, status in zip(jobs, results, outcomes, strict=True):
+            summary.rendered += status is JobStatus.SUCCEEDED
+            summary.failed += status in (JobStatus.FAILED, JobStatus.DEAD)
+            if lifecycle.fault_of(result.error_kind) is Fault.WORKER:
+                summary.unserved.setdefault(job.model, result.error or "cannot load it")
+            elif status is JobStatus.QUEUED:
+                summary.retried += 1
             if on_result:
-                on_result(job, result)
+                on_result(job, result, status)
+    if summary.unserved:
+        with sessions.begin() as session:
+            summary.left = store.active_jobs(session, batch_id)
     summary.seconds = time.perf_counter() - started
     return summary
 

@@ -20,7 +20,15 @@ from dispatcher.bucket import Bucket
 from dispatcher.fleet import REPORT_RETRIES, REPORT_RETRY_SECONDS
 from schemas.broker import make_app
 from schemas.errors import ConfigError, StaleStateError, StorageError
-from schemas.messages import HEARTBEAT_TASK, RENDER_TASK, REPORT_TASK, REPORTS_QUEUE, Heartbeat, Report
+from schemas.messages import (
+    HEARTBEAT_TASK,
+    RENDER_TASK,
+    REPORT_TASK,
+    REPORTS_QUEUE,
+    Heartbeat,
+    Report,
+    waiting_key,
+)
 from schemas.settings import KilnSettings
 
 log = logging.getLogger("kiln.dispatcher")
@@ -28,6 +36,8 @@ TICK_SECONDS = 1.0
 STORAGE_DOWN_AFTER = 3  # failed probes in a row (one a tick) before publishing stops
 PROBE_SECONDS = 5.0  # how often a reachable bucket is looked at again (a LIST request each time)
 CONSUMERS = 8  # reports and heartbeats recorded at once
+WAITING_SECONDS = 10  # a waiting count outlives a few ticks; a silent dispatcher's counts expire (workers then
+# look at the queues' lengths)
 # A connection dropped mid-query or mid-commit: the transaction may or may not have landed. Every write here is a
 # compare-and-set, so doing it again is safe.
 DATABASE_AWAY = (OperationalError, InterfaceError)
@@ -96,6 +106,13 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     def mark(key: str) -> None:
         broker.set(key, "1", ex=unwanted_seconds)
 
+    def tell_waiting(counts: dict[str, int]) -> None:
+        """How many jobs each queue has waiting, for workers deciding whether to keep their model."""
+        pipe = broker.pipeline(transaction=False)
+        for queue, count in counts.items():
+            pipe.set(waiting_key(queue), count, ex=WAITING_SECONDS)
+        pipe.execute()
+
     def bookkeeping() -> None:
         gate = StorageGate(bucket)
         while True:
@@ -110,6 +127,9 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 if gate.open():
                     with sessions.begin() as session:
                         published = fleet.feed(session, clock(), policy, bucket, publish, depth)
+                with sessions.begin() as session:
+                    counts = fleet.waiting(session, clock())
+                tell_waiting(counts)
                 if reaped or published:
                     log.info("published %d render messages, gave back %d jobs of silent workers", published, reaped)
             except DATABASE_AWAY as exc:

@@ -16,12 +16,14 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, select, update
+from sqlalchemy import Engine, create_engine, event, func, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from dispatcher import lifecycle
 from dispatcher.expand import Expansion
-from schemas.capacity import job_queue
+from dispatcher.lifecycle import Fault, RetryPolicy
+from schemas.capacity import job_queue, queue_tier
 from schemas.errors import ConfigError, KilnError, StaleStateError
 from schemas.job import ACTIVE, REQUEUEABLE, JobSpec, JobStatus, RenderResult, check_transition
 from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
@@ -135,7 +137,8 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
         job = existing.get(planned.job_id)
         if job is None:
             profile = expansion.models[planned.model].profile
-            queue = job_queue(profile, planned.width, planned.height, references=1 if planned.reference else 0)
+            queue = job_queue(planned.model, profile, planned.width, planned.height,
+                              references=1 if planned.reference else 0)
             session.add(Job(id=planned.job_id, queue=queue, min_vram_gb=0,
                             model=planned.model, prompt=planned.prompt, width=planned.width,
                             height=planned.height, steps=planned.steps, guidance=planned.guidance, seed=planned.seed,
@@ -186,11 +189,15 @@ def move(session: Session, job_id: str, current: JobStatus, target: JobStatus, a
 
 
 def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, batch_id: str | None = None,
-          limit: int = 1, prefer_model: str | None = None) -> list[JobSpec]:
+          limit: int = 1, prefer_model: str | None = None, skip_models: Iterable[str] = ()) -> list[JobSpec]:
     """Take up to `limit` queued jobs of one shape (same model, size, steps, guidance and reference) for
-    `worker`, marking them running with a lease. Concurrent claimers skip each other's rows."""
+    `worker`, marking them running with a lease: jobs whose retry backoff is over, of models not in
+    `skip_models`. Concurrent claimers skip each other's rows."""
     query = (select(Job, BatchJob, Batch).join(BatchJob, BatchJob.job_id == Job.id)
-             .join(Batch, Batch.id == BatchJob.batch_id).where(Job.status == JobStatus.QUEUED))
+             .join(Batch, Batch.id == BatchJob.batch_id)
+             .where(Job.status == JobStatus.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now)))
+    if skip_models:
+        query = query.where(Job.model.not_in(list(skip_models)))
     if batch_id:
         query = query.where(BatchJob.batch_id == batch_id)
     order: list[Any] = [BatchJob.position]
@@ -215,29 +222,91 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
         attempt = job.attempts + 1
         move(session, job.id, JobStatus.QUEUED, JobStatus.RUNNING, job.attempts, now, attempts=attempt,
               worker=worker, lease_until=now + lease)
-        session.add(Attempt(job_id=job.id, number=attempt, worker=worker, status="running", started_at=now))
-        specs.append(JobSpec(job_id=job.id, attempt=attempt, batch_id=batch.id, manifest=batch.manifest,
-                             manifest_row=link.manifest_row, row_id=link.row_id, model=job.model, prompt=job.prompt,
-                             width=job.width, height=job.height, steps=job.steps, guidance=job.guidance,
-                             seed=job.seed, output_key=job.output_key, reference=job.reference,
-                             reference_sha256=job.reference_sha256))
+        start_attempt(session, job.id, attempt, worker, now)
+        specs.append(job_spec(job, link, batch, attempt))
     return specs
 
 
-def record_result(session: Session, spec: JobSpec, result: RenderResult, now: datetime) -> JobStatus:
-    """Record a worker's report on one attempt; the job becomes succeeded (with its one output row) or failed."""
-    target = JobStatus.SUCCEEDED if result.ok else JobStatus.FAILED
-    move(session, spec.job_id, JobStatus.RUNNING, target, spec.attempt, now, lease_until=None,
-          error=None if result.ok else result.error)
-    finish_attempt(session, spec.job_id, spec.attempt, "succeeded" if result.ok else "failed", now,
-                    error=result.error, error_kind=result.error_kind, seconds=result.seconds, plan=result.plan)
-    if result.ok:
-        assert result.uri and result.sha256 and result.bytes is not None, "a good result names its object"
-        session.add(Output(job_id=spec.job_id, batch_id=spec.batch_id, manifest=spec.manifest,
-                           manifest_row=spec.manifest_row, key=spec.output_key, uri=result.uri, sha256=result.sha256,
-                           md5=result.md5, bytes=result.bytes, worker=result.worker, seconds=result.seconds,
-                           plan=result.plan, created_at=now))
-    return target
+def job_spec(job: Job, link: BatchJob, batch: Batch, attempt: int) -> JobSpec:
+    """What a worker is handed for one attempt at `job`, as a row of `batch` (`link`)."""
+    return JobSpec(job_id=job.id, attempt=attempt, batch_id=batch.id, manifest=batch.manifest,
+                   manifest_row=link.manifest_row, row_id=link.row_id, model=job.model, prompt=job.prompt,
+                   width=job.width, height=job.height, steps=job.steps, guidance=job.guidance, seed=job.seed,
+                   output_key=job.output_key, reference=job.reference, reference_sha256=job.reference_sha256)
+
+
+def start_attempt(session: Session, job_id: str, number: int, worker: str, now: datetime) -> None:
+    """The attempt row of a job that just went running."""
+    session.add(Attempt(job_id=job_id, number=number, worker=worker, status="running", started_at=now))
+
+
+def add_output(session: Session, job_id: str, result: RenderResult, now: datetime, *, uri: str, key: str,
+               md5: str | None, size: int | None, sha256: str | None) -> None:
+    """The one output row of a succeeded job, under the first batch that asked for it."""
+    link, batch = session.execute(select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
+                                  .where(BatchJob.job_id == job_id).order_by(Batch.created_at)).first() or (None, None)
+    assert link is not None and batch is not None, f"job {job_id} belongs to no batch"
+    session.add(Output(job_id=job_id, batch_id=link.batch_id, manifest=batch.manifest, manifest_row=link.manifest_row,
+                       key=key, uri=uri, sha256=sha256, md5=md5, bytes=size, worker=result.worker,
+                       seconds=result.seconds, plan=result.plan, created_at=now))
+
+
+def record_result(session: Session, spec: JobSpec, result: RenderResult, now: datetime,
+                  policy: RetryPolicy) -> tuple[JobStatus, str]:
+    """Record this process's own render of one attempt (the embedded run): the job succeeds with its one output
+    row, or fails as the lifecycle says (`record_failure`). Returns the job's new status and what happened."""
+    if not result.ok:
+        return record_failure(session, spec.job_id, spec.attempt, result, now, policy)
+    assert result.uri and result.sha256 and result.bytes is not None, "a good result names its object"
+    move(session, spec.job_id, JobStatus.RUNNING, JobStatus.SUCCEEDED, spec.attempt, now, lease_until=None,
+          error=None)
+    finish_attempt(session, spec.job_id, spec.attempt, "succeeded", now, seconds=result.seconds, plan=result.plan)
+    add_output(session, spec.job_id, result, now, uri=result.uri, key=spec.output_key, md5=result.md5,
+               size=result.bytes, sha256=result.sha256)
+    return JobStatus.SUCCEEDED, "succeeded"
+
+
+def record_failure(session: Session, job_id: str, attempt: int, result: RenderResult, now: datetime,
+                   policy: RetryPolicy, bigger_card: Callable[[], str | None] | None = None) -> tuple[JobStatus, str]:
+    """Record a failed attempt of a running job and take the lifecycle's next step (dispatcher.lifecycle): failed,
+    queued again (after a backoff, or on a bigger card's queue from `bigger_card`), or dead. Without
+    `bigger_card` (one machine) a job that ran out of memory stays failed."""
+    fault = lifecycle.fault_of(result.error_kind)
+    move(session, job_id, JobStatus.RUNNING, JobStatus.FAILED, attempt, now, lease_until=None, error=result.error)
+    finish_attempt(session, job_id, attempt, lifecycle.ATTEMPT_STATUS[fault], now, error=result.error,
+                   error_kind=result.error_kind, seconds=result.seconds, plan=result.plan)
+    charged, workers = charged_attempts(session, job_id)
+    step = lifecycle.after_failure(fault, charged, workers, policy)
+    if step.status is JobStatus.FAILED:
+        return JobStatus.FAILED, step.note
+    if step.status is JobStatus.DEAD:
+        move(session, job_id, JobStatus.FAILED, JobStatus.DEAD, attempt, now)
+        return JobStatus.DEAD, step.note
+    values: dict[str, Any] = {"published_at": None, "not_before": now + step.delay if step.delay else None}
+    if fault is Fault.NOBODY:
+        values["error"] = None
+    note = step.note
+    if step.bigger_card:
+        queue = bigger_card() if bigger_card else None
+        if queue is None and bigger_card is None:
+            return JobStatus.FAILED, f"out of memory on {result.worker}"
+        if queue is None:
+            move(session, job_id, JobStatus.FAILED, JobStatus.DEAD, attempt, now,
+                 error=f"{result.error}; no bigger card can take it")
+            return JobStatus.DEAD, "dead: out of memory everywhere"
+        values.update(queue=queue, min_vram_gb=queue_tier(queue))
+        note = f"out of memory on {result.worker}: moved to {queue}"
+    move(session, job_id, JobStatus.FAILED, JobStatus.QUEUED, attempt, now, **values)
+    return JobStatus.QUEUED, note
+
+
+def charged_attempts(session: Session, job_id: str) -> tuple[int, int]:
+    """(attempts charged to a job since it was last submitted, workers they were on): the ones that failed or
+    were lost (dispatcher.lifecycle.CHARGED)."""
+    since = select(Job.budget_from).where(Job.id == job_id).scalar_subquery()
+    charged, workers = session.execute(select(func.count(), func.count(func.distinct(Attempt.worker))).where(
+        Attempt.job_id == job_id, Attempt.number > since, Attempt.status.in_(lifecycle.CHARGED))).one()
+    return charged, workers
 
 
 def release(session: Session, job_id: str, attempt: int, now: datetime, reason: str) -> None:
@@ -312,6 +381,15 @@ def export_rows(session: Session, batch_id: str) -> Iterable[dict[str, Any]]:
                "kiln_width": job.width, "kiln_height": job.height, "kiln_prompt": job.prompt,
                "kiln_worker": job.worker, "kiln_plan": output.plan if output else None,
                "kiln_attempts": job.attempts, "kiln_error": job.error}
+
+
+def next_retry(session: Session, batch_id: str, skip_models: Iterable[str] = ()) -> datetime | None:
+    """When the earliest of a batch's queued jobs waiting out a retry backoff may be taken (None: none waits)."""
+    query = (select(func.min(Job.not_before)).join(BatchJob, BatchJob.job_id == Job.id)
+             .where(BatchJob.batch_id == batch_id, Job.status == JobStatus.QUEUED, Job.not_before.is_not(None)))
+    if skip_models:
+        query = query.where(Job.model.not_in(list(skip_models)))
+    return session.scalar(query)
 
 
 def active_jobs(session: Session, batch_id: str) -> int:

@@ -27,6 +27,8 @@ class ConfigError(KilnError):
 class ModelError(KilnError):
     """A model cannot be used: unknown name, licence not declared, or weights not available."""
 
+    kind = "worker"  # met while rendering, it is the worker's fault: submit checked the model (dispatcher.lifecycle)
+
 
 class StorageError(KilnError):
     """An output could not be stored, or a stored object reached."""
@@ -45,7 +47,7 @@ class RenderError(KilnError):
 
     def __init__(self, message: str, kind: str = "error") -> None:
         super().__init__(message)
-        self.kind = kind  # "oom", "nan", "bad_input" or "error"
+        self.kind = kind  # "oom", "nan", "bad_input", "worker" or "error" (dispatcher.lifecycle)
 
 
 @dataclass(frozen=True)

@@ -85,5 +85,5 @@ class RenderResult(BaseModel):
     md5: str | None = None
     bytes: int | None = None
     error: str | None = None
-    error_kind: str | None = None  # "oom", "nan", "bad_input", "withdrawn", "error"
+    error_kind: str | None = None  # "oom", "nan", "bad_input", "withdrawn", "worker", "error" (dispatcher.lifecycle)
     plan: str | None = None  # how the model was loaded for it (schemas.plan.Plan.describe)

@@ -22,6 +22,12 @@ def unwanted_key(job_id: str, token: str) -> str:
     return f"{UNWANTED_PREFIX}{job_id}.{token}"
 
 
+def waiting_key(queue: str) -> str:
+    """The Redis key where the dispatcher says how many jobs a render queue has waiting (published or not yet):
+    what a worker reads to keep to its loaded model while that model's work waits (worker.serving)."""
+    return f"{queue}.waiting"
+
+
 class Upload(BaseModel):
     """A signed, create-once PUT for one output key: a late duplicate upload gets 412 and replaces nothing."""
 
@@ -57,7 +63,11 @@ class Heartbeat(BaseModel):
     worker: str
     device: str
     vram_gb: float
-    queues: list[str]
+    queues: list[str]  # every render queue it may consume (schemas.capacity), of every model it serves
+    models: list[str] = []  # the models whose weights it made sure of at start
+    unserved: dict[str, str] = {}  # model -> why it does not take that model's work (no weights, failed to load)
+    problem: str | None = None  # why it takes no work at all (its device was lost)
+    model_loads: dict[str, int] = {}  # how many times it loaded each model since it started
     loaded_model: str | None = None
     plan: str | None = None  # how the loaded model sits on the card (schemas.plan.Plan.describe)
     current_job: str | None = None

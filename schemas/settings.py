@@ -28,6 +28,8 @@ class KilnSettings(BaseSettings):
     vram: float | None = Field(None, gt=0, description="GPU memory (GiB) Kiln may use, CUDA context included: "
                                                           "the plan fits it and the process is capped at it "
                                                           "(default: the whole card)")
+    models: str | None = Field(None, description="models a fleet worker serves, comma-separated (default: the "
+                                                 "ones its card fits whose weights are here, else klein-4b)")
     prompt_cache_mb: int = Field(512, ge=0, description="host memory for prompt embeddings kept between renders")
     max_jobs: int = Field(MAX_JOBS, ge=1, description="refuse manifests that expand to more jobs than this")
     # the fleet

@@ -159,6 +159,10 @@ class Worker(Base):
     first_seen: Mapped[datetime] = mapped_column(Timestamp)
     last_seen: Mapped[datetime] = mapped_column(Timestamp)
     queues: Mapped[list[str] | None] = mapped_column(JSON)
+    models: Mapped[list[str] | None] = mapped_column(JSON)  # whose weights it has
+    unserved: Mapped[dict[str, str] | None] = mapped_column(JSON)  # model -> why it does not take its work
+    problem: Mapped[str | None] = mapped_column(Text)  # why it takes no work at all
+    model_loads: Mapped[dict[str, int] | None] = mapped_column(JSON)  # loads per model since it started
     loaded_model: Mapped[str | None] = mapped_column(String(300))
     plan: Mapped[str | None] = mapped_column(String(120))  # how the loaded model sits on its card
     current_job: Mapped[str | None] = mapped_column(String(32))

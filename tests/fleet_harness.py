@@ -21,7 +21,7 @@ from redis import Redis
 from sqlalchemy import func, select
 
 from schemas.broker import WORKER_ACL
-from schemas.capacity import TIERS, queue_name
+from schemas.capacity import QUEUE_PREFIX
 from schemas.keys import REFERENCES
 from schemas.messages import REPORTS_QUEUE
 from schemas.tables import Attempt, Job, Output
@@ -34,6 +34,7 @@ BUCKET = "kiln-test"
 REDIS_PASSWORD = "redis-pw-7f3c9e"
 DB_PASSWORD = "db-pw-91ac5d"  # the test server trusts loopback, so any password connects
 AWS_SECRET = "aws-secret-2b8d41"
+TINY_MODELS = "tiny,tiny:klein-4b,tiny:klein-9b"  # what test workers serve unless told otherwise
 AWS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": AWS_SECRET, "AWS_DEFAULT_REGION": "us-east-1"}
 
 
@@ -76,11 +77,16 @@ class Fleet:
     def dispatcher(self, **env: str) -> subprocess.Popen[bytes]:
         return self.start("dispatcher", ["dispatcher"], {**self.env, **env})
 
-    def worker(self, name: str, vram: float, dispatchers_env: bool = False) -> subprocess.Popen[bytes]:
+    def worker(self, name: str, vram: float, dispatchers_env: bool = False, models: str = TINY_MODELS,
+               **env: str) -> subprocess.Popen[bytes]:
         """A worker with only what it needs, or (dispatchers_env) started from the dispatcher's own shell: the
         database, S3 storage and credentials it does not use set too, as on one machine or a shared env file."""
-        env = {**self.env, **self.worker_env} if dispatchers_env else self.worker_env
-        return self.start(name, ["worker", "--name", name, "--vram", str(vram)], env)
+        base = {**self.env, **self.worker_env} if dispatchers_env else self.worker_env
+        return self.start(name, ["worker", "--name", name, "--vram", str(vram), "--models", models], {**base, **env})
+
+    def workers(self) -> dict[str, dict[str, Any]]:
+        """What `kiln workers --json` says of each worker."""
+        return {w["name"]: w for w in json.loads(self.kiln("workers", "--json"))}
 
     def signal(self, name: str, signum: int) -> None:
         """Signal a process and its children, as switching a PC off or freezing it would."""
@@ -112,6 +118,10 @@ class Fleet:
     def submit(self, rows: str, *options: str) -> str:
         (self.tmp / "m.csv").write_text(rows, encoding="utf-8")
         return str(json.loads(self.kiln("submit", "m.csv", "--json", *options))["batch_id"])
+
+    def render_queues(self) -> list[str]:
+        """Every render queue the broker holds."""
+        return [key.decode() for key in self.broker.scan_iter(f"{QUEUE_PREFIX}.*", _type="list")]
 
     def count(self, *where: Any) -> int:
         with self.engine.connect() as conn:
@@ -159,7 +169,7 @@ class Fleet:
             assert head["ETag"].strip('"') == output.md5 and head["Metadata"]["kiln-job"] == job.id
             assert job.attempts <= 2 * max_attempts, f"job {job.id} took {job.attempts} attempts"
         assert keys == {o.uri.removeprefix(f"s3://{BUCKET}/") for o in outputs}, "an object without a row"
-        self.wait_until(lambda: all(self.broker.llen(queue_name(t)) == 0 for t in TIERS), 30, "empty render queues")
+        self.wait_until(lambda: all(self.broker.llen(q) == 0 for q in self.render_queues()), 30, "empty render queues")
         self.wait_until(lambda: self.broker.llen(REPORTS_QUEUE) == 0, 30, "an empty reports queue")
         return {"succeeded": sum(j.status == "succeeded" for j in jobs), "dead": sum(j.status == "dead" for j in jobs),
                 **({"cancelled": sum(j.status == "cancelled" for j in jobs)} if cancelled else {}),

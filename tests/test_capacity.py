@@ -4,6 +4,7 @@ dispatcher's queue choice and the worker's loader agree on every card."""
 from __future__ import annotations
 
 import itertools
+import re
 
 import pytest
 
@@ -11,7 +12,11 @@ from schemas.capacity import (
     TIER_FLOOR_GIB,
     TIERS,
     job_queue,
+    model_key,
     need_tier,
+    queue_model_key,
+    queue_name,
+    queue_tier,
     reference_card,
     why_unfit,
     worker_queues,
@@ -92,26 +97,36 @@ def test_need_tier_counts_resolution_batch_and_references(profile: str, shape: S
 
 
 def test_after_an_oom_a_job_needs_a_bigger_class_than_the_one_that_failed() -> None:
-    assert job_queue("klein-4b", 1024, 1024) == "kiln.render.vram8"
-    assert job_queue("klein-4b", 1024, 1024, above=8) == "kiln.render.vram12"
-    assert job_queue("klein-9b", 1024, 1024, above=24) == "kiln.render.vram48"
-    assert job_queue("klein-9b", 1024, 1024, above=80) is None
+    assert job_queue("klein-4b", "klein-4b", 1024, 1024) == "kiln.render.klein-4b.vram8"
+    assert job_queue("klein-4b", "klein-4b", 1024, 1024, above=8) == "kiln.render.klein-4b.vram12"
+    assert job_queue("tiny:klein-9b", "klein-9b", 1024, 1024, above=24) == "kiln.render.tiny-klein-9b.vram48"
+    assert job_queue("klein-9b", "klein-9b", 1024, 1024, above=80) is None
 
 
-@pytest.mark.parametrize(("card", "queues"), [
-    (Card("cuda", 6.0), []),
-    (RTX_4060, ["kiln.render.vram8"]),  # 7.996 GiB: an "8 GB" card is a little under 8 GiB
-    (RTX_4060_TI, ["kiln.render.vram16", "kiln.render.vram12", "kiln.render.vram8"]),
-    (Card("cuda", 22.49), ["kiln.render.vram24", "kiln.render.vram16", "kiln.render.vram12", "kiln.render.vram8"]),
-    (Card("cuda", 79.6, True), [f"kiln.render.vram{t}" for t in (80, 48, 24, 16, 12, 8)]),
-    # no fp8 on Apple silicon: a 16 GB Mac's share serves the 8 GB class with bf16, and no 16 GB 9B work
-    (Card("mps", 11.2), ["kiln.render.vram8"]),
-    (Card("mps", 17.0), ["kiln.render.vram12", "kiln.render.vram8"]),
-    (Card("cpu", 0.0), []),  # a CPU worker takes nothing unless --vram says so
-    (Card("cpu", 8.0), ["kiln.render.vram8"]),
+def test_queues_are_per_model_and_name_folders_by_a_digest_of_their_path() -> None:
+    folder = job_queue("/data/models/my klein", "klein-4b", 512, 512)
+    assert folder is not None and re.fullmatch(r"kiln\.render\.folder-[0-9a-f]{12}\.vram8", folder)
+    assert folder != job_queue("/data/models/other", "klein-4b", 512, 512)
+    assert (queue_model_key(folder), queue_tier(folder)) == (model_key("/data/models/my klein"), 8)
+    assert queue_model_key("kiln.render.tiny-klein-9b.vram16") == "tiny-klein-9b" == model_key("tiny:klein-9b")
+
+
+@pytest.mark.parametrize(("card", "tiers_4b", "tiers_9b"), [
+    (Card("cuda", 6.0), [], []),
+    (RTX_4060, [8], []),  # 7.996 GiB: an "8 GB" card is a little under 8 GiB
+    (RTX_4060_TI, [16, 12, 8], [16]),
+    (Card("cuda", 22.49), [24, 16, 12, 8], [24, 16]),
+    (Card("cuda", 79.6, True), [80, 48, 24, 16, 12, 8], [80, 48, 24, 16]),
+    # no fp8 on Apple silicon: a 16 GB Mac's share serves the 8 GB class with bf16, and no 9B work
+    (Card("mps", 11.2), [8], []),
+    (Card("mps", 17.0), [12, 8], []),
+    (Card("cpu", 0.0), [], []),  # a CPU worker takes nothing unless --vram says so
+    (Card("cpu", 8.0), [8], []),
 ])
-def test_workers_consume_the_classes_their_card_covers_biggest_first(card: Card, queues: list[str]) -> None:
-    assert worker_queues(card) == queues
+def test_workers_consume_the_classes_their_card_covers_biggest_first(card: Card, tiers_4b: list[int],
+                                                                      tiers_9b: list[int]) -> None:
+    assert worker_queues(card, "klein-4b", "klein-4b") == [f"kiln.render.klein-4b.vram{t}" for t in tiers_4b]
+    assert worker_queues(card, "klein-9b", "klein-9b") == [f"kiln.render.klein-9b.vram{t}" for t in tiers_9b]
 
 
 def test_the_queue_choice_and_the_loader_agree_on_every_card() -> None:
@@ -121,15 +136,15 @@ def test_the_queue_choice_and_the_loader_agree_on_every_card() -> None:
              if not (fp8 and kind != "cuda")]
     shapes = [Shape.of(w, h, batch, refs) for w in (256, 512, 768, 1024) for h in (512, 1024)
               for batch in (1, 2, 4, 8, 16) for refs in (0, 1, 3)]
-    queues = {card: worker_queues(card) for card in cards}
     checked = 0
     for profile in PROFILES:
+        queues = {card: worker_queues(card, profile, profile) for card in cards}
         for shape in shapes:
             tier = need_tier(profile, shape)
             if tier is None:
                 continue
             for card in cards:
-                if f"kiln.render.vram{tier}" in queues[card]:
+                if queue_name(profile, tier) in queues[card]:
                     assert plan_for(profile, card, shape) is not None, (profile, shape, card)
                     checked += 1
     assert checked > 10_000

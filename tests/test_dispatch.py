@@ -115,7 +115,7 @@ def test_queues_are_fed_up_to_the_backlog_by_fit(database_url: str, bucket: Buck
                      + "".join(f"b{i},y,klein-9b\n" for i in range(3)))
     broker = Broker()
     assert feed(sessions, bucket, broker) == 4
-    assert broker.depth == {"kiln.render.vram8": 2, "kiln.render.vram16": 2}
+    assert broker.depth == {"kiln.render.klein-4b.vram8": 2, "kiln.render.klein-9b.vram16": 2}
     assert feed(sessions, bucket, broker) == 0  # the backlog is full
     task = broker.take()
     report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w"))
@@ -189,13 +189,13 @@ def test_out_of_memory_moves_the_job_to_a_bigger_card(database_url: str, bucket:
     sessions = setup(database_url, "id,prompt\na,x\n")
     with sessions.begin() as s:
         fleet.record_heartbeat(s, Heartbeat(worker="w8", device="cuda:RTX 3070", vram_gb=8,
-                                            queues=["kiln.render.vram8"]), T0)
+                                            queues=["kiln.render.klein-4b.vram8"]), T0)
     broker = Broker()
     feed(sessions, bucket, broker)
     assert report(sessions, bucket, failed(broker.take(), "w8", "oom")) == \
-        "out of memory on w8: moved to kiln.render.vram12"
+        "out of memory on w8: moved to kiln.render.klein-4b.vram12"
     feed(sessions, bucket, broker)
-    assert broker.sent[0][0] == "kiln.render.vram12"
+    assert broker.sent[0][0] == "kiln.render.klein-4b.vram12"
     # The move is not charged: the job still gets its full attempts on the bigger cards, with the first backoff.
     now = T0
     for attempt, worker in enumerate(["w12", "w16", "w12"], start=2):
@@ -241,7 +241,7 @@ def test_a_lost_or_expired_message_is_published_again(database_url: str, bucket:
     broker.depth.clear()  # Redis restarted without persistence
     assert feed(sessions, bucket, broker, T0 + timedelta(seconds=5)) == 0  # within the grace: maybe in flight
     assert feed(sessions, bucket, broker, T0 + timedelta(seconds=30)) == 1
-    broker.depth["kiln.render.vram8"] = 5  # the queue is not empty: only the TTL republishes
+    broker.depth["kiln.render.klein-4b.vram8"] = 5  # the queue is not empty: only the TTL republishes
     assert feed(sessions, bucket, broker, T0 + timedelta(minutes=10)) == 0
     assert feed(sessions, bucket, broker, T0 + timedelta(minutes=16)) == 1
 
@@ -280,10 +280,37 @@ def test_a_key_holding_another_jobs_image_is_not_overwritten(database_url: str, 
 def test_status_names_jobs_that_no_registered_worker_fits(database_url: str, bucket: Bucket) -> None:
     sessions = setup(database_url, "id,prompt,model\nbig,x,klein-9b\nsmall,y,klein-4b\n")
     with sessions.begin() as s:
-        fleet.record_heartbeat(s, Heartbeat(worker="w8", device="cuda", vram_gb=8, queues=["kiln.render.vram8"]),
-                               T0)
+        fleet.record_heartbeat(s, Heartbeat(worker="w8", device="cuda", vram_gb=8,
+                                            queues=["kiln.render.klein-4b.vram8"]), T0)
         assert fleet.unfit_jobs(s, "b1") == [("big", "needs a 16 GB card for klein-9b at 1.05 MP; "
                                                      "the largest worker takes 8 GB work")]
+
+
+def test_a_workers_fault_sends_the_job_to_another_worker_uncharged_and_status_says_who_has_the_model(
+        database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt,model\na,x,klein-4b\nb,y,klein-9b\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    with sessions.begin() as s:
+        assert fleet.waiting(s, T0) == {"kiln.render.klein-4b.vram8": 1, "kiln.render.klein-9b.vram16": 1}
+    task = next(t for t in (broker.take(), broker.take()) if t.job.model == "klein-4b")
+    assert report(sessions, bucket, failed(task, "w1", "worker")) == \
+        "the worker's fault: queued again for another worker, nothing charged"
+    with sessions.begin() as s:  # w1 has no klein-4b now; w2 has only klein-9b
+        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cuda", vram_gb=16, queues=[], models=[],
+                                            unserved={"klein-4b": "its weights are corrupt"}), T0)
+        fleet.record_heartbeat(s, Heartbeat(worker="w2", device="cuda", vram_gb=16, models=["klein-9b"],
+                                            queues=["kiln.render.klein-9b.vram16"]), T0)
+        assert fleet.unfit_jobs(s, "b1") == [("a", "no worker has klein-4b: start one with `kiln worker --models "
+                                                   "klein-4b` (w1: its weights are corrupt)")]
+        assert fleet.waiting(s, T0)["kiln.render.klein-4b.vram8"] == 1  # at once, no backoff
+    feed(sessions, bucket, broker)
+    again = broker.take()
+    assert (again.job.job_id, again.job.attempt) == (task.job.job_id, 2)
+    assert report(sessions, bucket, render(again, "w3")).startswith("succeeded")
+    with sessions.begin() as s:
+        assert [a.status for a in s.scalars(select(Attempt).where(Attempt.job_id == task.job.job_id)
+                                            .order_by(Attempt.number))] == ["worker", "succeeded"]
 
 
 def test_a_job_whose_gpu_process_died_goes_back_though_its_worker_still_beats(database_url: str,

@@ -133,12 +133,12 @@ def test_pickled_and_malformed_messages_are_refused_never_executed(fleet: Fleet,
             import os
             return (os.system, (f"touch {marker}",))
 
-    fleet.worker("w1", 16)
+    fleet.worker("w1", 16, models="tiny")
     fleet.wait_until(lambda: "w1" in fleet.kiln("workers"), 60, "the worker's first heartbeat")
     attacker = Celery(broker=fleet.broker_url)
     attacker.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
-    attacker.send_task("kiln.render", args=[Exploit()], queue="kiln.render.vram16", serializer="pickle")
-    attacker.send_task("kiln.render", args=[{"job": "not a job"}], queue="kiln.render.vram16", serializer="json")
+    attacker.send_task("kiln.render", args=[Exploit()], queue="kiln.render.tiny.vram16", serializer="pickle")
+    attacker.send_task("kiln.render", args=[{"job": "not a job"}], queue="kiln.render.tiny.vram16", serializer="json")
     fleet.submit(ROWS, "--model", "tiny")  # real work still flows past the junk
     fleet.wait_quiet(10)
     assert fleet.check()["succeeded"] == 10

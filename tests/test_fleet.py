@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -17,6 +18,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import select
 
+from schemas.models import tiny_path
 from schemas.tables import Attempt, Job, Output
 from tests.fleet_harness import AWS, AWS_SECRET, BUCKET, DB_PASSWORD, KILN, REDIS_PASSWORD, Fleet, running_fleet
 from tests.services import s3_server
@@ -49,21 +51,21 @@ def test_mixed_manifest_is_rendered_by_workers_that_fit_into_the_bucket(fleet: F
     assert all(ran_on[jid] in ("w16", "w24") for jid in big), "a 9B job ran on a card too small for it"
     assert any(ran_on[jid] == "w8" for jid in jobs if jid not in big), "the 8 GB card took no 4B work"
 
-    def heard() -> dict[str, dict[str, object]]:
-        return {w["name"]: w for w in json.loads(fleet.kiln("workers", "--json"))}
-    fleet.wait_until(lambda: all(w["loaded_model"] and w["seconds_per_image"] for w in heard().values()), 30,
-                     "heartbeats naming the loaded models")
-    assert {n: (w["vram_gb"], w["queues"][0]) for n, w in heard().items()} == {  # type: ignore[index]
-        "w8": (8.0, "kiln.render.vram8"), "w16": (16.0, "kiln.render.vram16"), "w24": (24.0, "kiln.render.vram24")}
+    fleet.wait_until(lambda: all(w["loaded_model"] and w["seconds_per_image"] for w in fleet.workers().values()),
+                     30, "heartbeats naming the loaded models")
+    assert {n: (w["vram_gb"], w["models"]) for n, w in fleet.workers().items()} == {
+        "w8": (8.0, ["tiny", "tiny:klein-4b"]), "w16": (16.0, ["tiny:klein-9b", "tiny", "tiny:klein-4b"]),
+        "w24": (24.0, ["tiny:klein-9b", "tiny", "tiny:klein-4b"])}
+    assert "this card (cpu 8.0 GiB) fits no klein-9b work" in fleet.workers()["w8"]["unserved"]["tiny:klein-9b"]
     status = json.loads(fleet.kiln("status", batch_id, "--json"))
     assert status["counts"]["succeeded"] == 16 and status["unfit"] == [] and status["failures"] == []
 
     inspect = subprocess.run([sys.executable, "-m", "celery", "-A", "schemas.broker", "inspect", "active_queues",
                               "--timeout", "5"], env=fleet.env, cwd=fleet.tmp, capture_output=True, text=True,
                              timeout=60)
-    assert "w24@" in inspect.stdout and "kiln.render.vram24" in inspect.stdout, inspect.stdout + inspect.stderr
+    assert "w24@" in inspect.stdout and "kiln.render.tiny" in inspect.stdout, inspect.stdout + inspect.stderr
     w8_section = inspect.stdout.split("w8@", 1)[1].split("->", 1)[0]
-    assert "kiln.render.vram8" in w8_section and "vram16" not in w8_section
+    assert "kiln.render.tiny" in w8_section and "vram16" not in w8_section and "klein-9b" not in w8_section
 
     fleet.kiln("export", batch_id, "-o", "plain.csv")
     printed = fleet.everything_printed()
@@ -148,3 +150,66 @@ def test_cancel_mid_batch_reaches_published_messages_and_leaves_no_image_without
     assert summary["cancelled"] >= 10 and summary["succeeded"] + summary["cancelled"] == 20
     logs = "".join((fleet.tmp / f"{w}.log").read_text() for w in ("w1", "w2"))
     assert "was withdrawn (its batch cancelled or paused): not rendered" in logs  # the published ones
+
+
+def _hub_cache(root: Path, tiny: Path, broken: bool = False) -> Path:
+    """A Hugging Face cache holding klein-4b as a download would leave it, with the tiny model's weights (or, when
+    `broken`, a download cut short: the transformer's weights missing)."""
+    repo = root / "hub" / "models--black-forest-labs--FLUX.2-klein-4B"
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    if broken:
+        for weights in (repo / "snapshots" / revision / "transformer").glob("*.safetensors"):
+            weights.unlink()
+    return root
+
+
+def test_only_workers_with_a_models_weights_get_its_jobs_and_a_broken_copy_charges_nothing(
+        fleet: Fleet, cache_dir: Path) -> None:
+    tiny = tiny_path(cache_dir)
+    batch_id = fleet.submit("id,prompt,width,height\n" + "".join(f"p{i},product {i},256,256\n" for i in range(6)),
+                            "--model", "klein-4b")
+    fleet.worker("none", 16, models="klein-4b,tiny", HF_HOME=str(fleet.tmp / "empty-hf"))
+    fleet.worker("broken", 16, models="klein-4b,tiny",
+                 HF_HOME=str(_hub_cache(fleet.tmp / "broken-hf", tiny, broken=True)))
+    fleet.wait_until(lambda: fleet.count(Job.status == "queued") == 6 and "broken" in _attempts(fleet)
+                     and "klein-4b" in fleet.workers().get("broken", {}).get("unserved", {}), 120,
+                     "the broken copy to fail and be dropped")
+    workers = fleet.workers()
+    assert "could not be downloaded" in workers["none"]["unserved"]["klein-4b"]  # checked at start, never taken
+    assert "cannot load klein-4b" in workers["broken"]["unserved"]["klein-4b"]
+    assert workers["none"]["models"] == workers["broken"]["models"] == ["tiny"]
+    [unfit] = json.loads(fleet.kiln("status", batch_id, "--json"))["unfit"][:1]
+    assert unfit["reason"].startswith("no worker has klein-4b: start one with `kiln worker --models klein-4b`")
+
+    fleet.worker("good", 16, models="klein-4b", HF_HOME=str(_hub_cache(fleet.tmp / "good-hf", tiny)))
+    fleet.wait_quiet(6, 180)
+    assert fleet.check() == {"succeeded": 6, "dead": 0, "lost_or_failed_attempts": 0}  # nothing charged
+    attempts = _attempts(fleet)
+    assert attempts["good"] == ["succeeded"] * 6 and set(attempts["broken"]) == {"worker"} and "none" not in attempts
+
+
+def _attempts(fleet: Fleet) -> dict[str, list[str]]:
+    """Each worker's attempts' statuses, oldest first."""
+    found: dict[str, list[str]] = {}
+    with fleet.engine.connect() as conn:
+        for attempt in conn.execute(select(Attempt).order_by(Attempt.started_at, Attempt.number)):
+            found.setdefault(attempt.worker, []).append(attempt.status)
+    return found
+
+
+def test_a_two_model_batch_costs_each_worker_at_most_one_load_per_model(fleet: Fleet) -> None:
+    rows = "".join(f"a{i},thing {i},tiny:klein-4b,512,512\nb{i},thing {i},tiny:klein-9b,512,512\n" for i in range(9))
+    fleet.submit("id,prompt,model,width,height\n" + rows, "--non-commercial")
+    for name in ("w1", "w2", "w3"):
+        fleet.worker(name, 16, models="tiny:klein-4b,tiny:klein-9b")
+    fleet.wait_quiet(18, 240)
+    assert fleet.check() == {"succeeded": 18, "dead": 0, "lost_or_failed_attempts": 0}
+    rendered = _attempts(fleet)
+    fleet.wait_until(lambda: all(sum(fleet.workers()[w]["model_loads"].values()) >= 1 for w in rendered), 30,
+                     "heartbeats with the model loads")
+    loads = {name: w["model_loads"] for name, w in fleet.workers().items()}
+    print(f"model loads per worker for an 18-job batch of two models: {loads}")  # the figure the issue asks for
+    assert all(n <= 1 for per_model in loads.values() for n in per_model.values()), loads

@@ -143,3 +143,19 @@ def test_an_unforeseen_error_fails_the_jobs_in_hand_and_the_next_job_renders(ren
         (False, "error", "ValueError: something no one planned for")] * 2
     [after] = renderer.render([spec(job_id="x3", output_key="u/3.png")])
     assert after.ok, after.error
+
+
+def test_a_lost_device_is_the_workers_fault_and_it_renders_nothing_more(cache_dir: Path,
+                                                                         tmp_path: Path) -> None:
+    renderer = LocalRenderer(load_settings(cache_dir=cache_dir, storage_url=str(tmp_path), device="cpu"), "test:2")
+    transformer = renderer.load([spec()]).transformer.acquire()
+
+    def lost(_module: object, _args: object) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    transformer.register_forward_pre_hook(lost)
+    [result] = renderer.render([spec(job_id="x1", output_key="u/1.png")])
+    assert (result.ok, result.error_kind) == (False, "worker") and "restart this worker" in (result.error or "")
+    [after] = renderer.render([spec(job_id="x2", output_key="u/2.png")])  # not tried: the job goes elsewhere
+    assert (after.ok, after.error_kind, after.error) == (False, "worker", result.error)
+    assert renderer.loads == {"tiny": 1}

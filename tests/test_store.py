@@ -13,13 +13,15 @@ from sqlalchemy import select
 
 from dispatcher import store
 from dispatcher.expand import Options, expand
+from dispatcher.lifecycle import RetryPolicy
 from dispatcher.reader import parse_manifest
 from schemas.errors import StaleStateError
-from schemas.job import RenderResult
+from schemas.job import JobStatus, RenderResult
 from schemas.tables import Attempt, Base, Batch, Job, Output
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
 LEASE = timedelta(minutes=10)
+POLICY = RetryPolicy(max_attempts=3, retry_base=timedelta(seconds=10), spread=1)
 
 
 def expansion(rows: str = "id,prompt\na,x\nb,y\nc,z\n"):  # type: ignore[no-untyped-def]
@@ -50,16 +52,60 @@ def test_recording_is_idempotent_and_resubmission_only_queues_what_is_missing(da
     assert (first.jobs, first.new, first.already_done) == (3, 3, 0)
     with sessions.begin() as s:
         [spec] = store.claim(s, "w1", T0, LEASE, batch_id="b1")
-        store.record_result(s, spec, ok(spec), T0)
+        store.record_result(s, spec, ok(spec), T0, POLICY)
         [spec2] = store.claim(s, "w1", T0, LEASE, batch_id="b1")
         store.record_result(s, spec2, RenderResult(job_id=spec2.job_id, attempt=1, ok=False, worker="w1",
-                                                   seconds=1, error="boom", error_kind="error"), T0)
+                                                   seconds=1, error="boom", error_kind="bad_input"), T0, POLICY)
     again = record(sessions, "b2")
     assert (again.new, again.requeued, again.already_done, again.in_progress) == (0, 1, 1, 1)
     with sessions.begin() as s:
         assert store.batch_counts(s, "b2") == {"queued": 2, "running": 0, "succeeded": 1, "failed": 0, "dead": 0,
                                                "cancelled": 0}
         assert s.scalar(select(Job.error).where(Job.id == spec2.job_id)) is None
+
+
+def failed(spec, kind: str, worker: str = "w1") -> RenderResult:  # type: ignore[no-untyped-def]
+    return RenderResult(job_id=spec.job_id, attempt=spec.attempt, ok=False, worker=worker, seconds=1,
+                        error=f"{kind} trouble", error_kind=kind)
+
+
+def test_one_lifecycle_charges_each_failure_to_whoever_caused_it(database_url: str) -> None:
+    """The embedded run's side of dispatcher.lifecycle (the fleet's is in test_dispatch): a transient failure
+    waits out its backoff and is charged, a worker's fault goes back at once uncharged, bad input fails, and a
+    job whose budget is spent is dead with its reason."""
+    sessions = store.open_database(database_url)
+    record(sessions, rows="id,prompt\na,x\n")
+    now = T0
+    with sessions.begin() as s:
+        [spec] = store.claim(s, "w1", now, LEASE)
+        assert store.record_result(s, spec, failed(spec, "worker"), now, POLICY) == (
+            JobStatus.QUEUED, "the worker's fault: queued again for another worker, nothing charged")
+        assert store.claim(s, "w1", now, LEASE, skip_models=["tiny"]) == []  # the model this worker cannot load
+        for charged in (1, 2):
+            [spec] = store.claim(s, "w1", now, LEASE)
+            status, note = store.record_result(s, spec, failed(spec, "error"), now, POLICY)
+            assert (status, note) == (JobStatus.QUEUED, f"failed, retry in {10 * 2 ** (charged - 1)} s")
+            assert store.claim(s, "w1", now, LEASE) == []  # backing off
+            retry_at = store.next_retry(s, "b1")
+            assert retry_at == now + timedelta(seconds=10 * 2 ** (charged - 1))
+            now = retry_at
+        [spec] = store.claim(s, "w1", now, LEASE)
+        assert store.record_result(s, spec, failed(spec, "nan"), now, POLICY) == (
+            JobStatus.DEAD, "dead after 3 attempts on 1 workers")
+        attempts = [a.status for a in s.scalars(select(Attempt).order_by(Attempt.number))]
+        job = s.scalars(select(Job)).one()
+    assert attempts == ["worker", "failed", "failed", "failed"]
+    assert (job.status, job.error, job.attempts) == (JobStatus.DEAD, "nan trouble", 4)
+
+    record(sessions, "b2", rows="id,prompt\na,x\n")  # submitted again: a fresh budget
+    with sessions.begin() as s:
+        [spec] = store.claim(s, "w1", now, LEASE)
+        assert store.record_result(s, spec, failed(spec, "bad_input"), now, POLICY) == (
+            JobStatus.FAILED, "failed: bad input, not retried")
+    record(sessions, "b3", rows="id,prompt\na,x\n")
+    with sessions.begin() as s:
+        [spec] = store.claim(s, "w1", now, LEASE)
+        assert store.record_result(s, spec, failed(spec, "oom"), now, POLICY)[0] is JobStatus.FAILED  # one card
 
 
 def test_a_late_or_duplicate_result_is_rejected_and_changes_nothing(database_url: str) -> None:
@@ -71,11 +117,11 @@ def test_a_late_or_duplicate_result_is_rejected_and_changes_nothing(database_url
         [again] = store.claim(s, "w2", T0, LEASE)
     assert (again.job_id, again.attempt) == (spec.job_id, 2)
     with pytest.raises(StaleStateError), sessions.begin() as s:
-        store.record_result(s, spec, ok(spec, "w1"), T0)  # attempt 1 came back late
+        store.record_result(s, spec, ok(spec, "w1"), T0, POLICY)  # attempt 1 came back late
     with sessions.begin() as s:
-        store.record_result(s, again, ok(again, "w2"), T0)
+        store.record_result(s, again, ok(again, "w2"), T0, POLICY)
     with pytest.raises(StaleStateError), sessions.begin() as s:
-        store.record_result(s, again, ok(again, "w2"), T0)  # the same report twice
+        store.record_result(s, again, ok(again, "w2"), T0, POLICY)  # the same report twice
     with sessions.begin() as s:
         outputs = list(s.scalars(select(Output).where(Output.job_id == spec.job_id)))
         attempts = {a.number: a.status for a in s.scalars(select(Attempt).where(Attempt.job_id == spec.job_id))}
@@ -122,7 +168,7 @@ def test_export_rows_mirror_the_manifest_row_and_say_how_each_image_was_made(dat
     record(sessions, rows="id,prompt,Vendor\na,x,North\n")
     with sessions.begin() as s:
         [spec] = store.claim(s, "w1", T0, LEASE)
-        store.record_result(s, spec, ok(spec), T0)
+        store.record_result(s, spec, ok(spec), T0, POLICY)
         [row] = list(store.export_rows(s, "b1"))
     assert row["id"] == "a" and row["Vendor"] == "North"
     assert (row["kiln_status"], row["kiln_output_uri"], row["kiln_worker"], row["kiln_attempts"]) == (

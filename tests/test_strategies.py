@@ -202,16 +202,18 @@ def test_out_of_memory_while_loading_counts_as_out_of_memory(cache_dir: Path, tm
     assert smaller.ok, smaller.error
 
 
-def test_a_component_that_fails_to_load_at_its_stage_fails_the_job_with_the_reason(cache_dir: Path,
-                                                                                   tmp_path: Path) -> None:
+def test_a_component_that_fails_to_load_at_its_stage_is_the_workers_fault_with_the_reason(cache_dir: Path,
+                                                                                          tmp_path: Path) -> None:
     broken = tmp_path / "model"
     shutil.copytree(tiny_path(cache_dir), broken)
     for weights in (broken / "transformer").glob("*.safetensors"):
         weights.write_bytes(b"not a safetensors file")
     r = renderer(cache_dir, tmp_path, EIGHT_GB_CPU)  # staged and released: the transformer loads after encoding
     [result] = r.render([job(model=str(broken))])
-    assert (result.ok, result.error_kind) == (False, "error")
+    assert (result.ok, result.error_kind) == (False, "worker")  # back to the queue uncharged, for another worker
     assert f"cannot load {broken} from {broken}" in (result.error or "")
+    [again] = r.render([job(model=str(broken))])  # not loaded again here
+    assert (again.error_kind, again.error) == ("worker", result.error) and r.unserved == {str(broken): result.error}
 
 
 def test_a_job_no_plan_fits_is_refused_as_out_of_memory_so_the_fleet_moves_it_up(cache_dir: Path,

@@ -4,6 +4,7 @@ uploads, and results and heartbeats go back as messages the dispatcher records."
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import socket
 import threading
 import time
@@ -13,11 +14,11 @@ from typing import Any
 
 import click
 import redis
-from celery import Celery, signals
+from celery import Celery, bootsteps, signals
 from pydantic import ValidationError
 
 from schemas.broker import make_app
-from schemas.capacity import TIER_FLOOR_GIB, worker_queues
+from schemas.capacity import TIER_FLOOR_GIB, model_key, queue_model_key
 from schemas.errors import ConfigError, RenderError
 from schemas.job import JobSpec, RenderResult
 from schemas.messages import (
@@ -29,6 +30,7 @@ from schemas.messages import (
     RenderTask,
     Report,
     unwanted_key,
+    waiting_key,
 )
 from schemas.plan import Card
 from schemas.settings import KilnSettings, load_settings
@@ -37,18 +39,24 @@ from schemas.storage import WithdrawnError
 # Imported here, before Celery forks the GPU process, so a replacement process (after a crash or a time limit)
 # starts rendering in a second instead of importing torch and diffusers again. CUDA is first touched in the child.
 from worker.device import advertised_card
+from worker.pipeline import weights_folder
 from worker.render import LocalRenderer
+from worker.serving import ModelChooser, default_models, prepare_models
 from worker.upload import SignedUpload, fetch_reference
 
 log = logging.getLogger("kiln.worker")
+AFFINITY_SECONDS = 1.0  # how often a worker looks whether to move to another model's work
 
 
 class WorkerState:
     """What this worker is doing, for its heartbeats; shared by the task and the heartbeat thread."""
 
-    def __init__(self, name: str, device: str, card: Card) -> None:
+    def __init__(self, name: str, device: str, card: Card, served: dict[str, list[str]],
+                 unserved: dict[str, str]) -> None:
         self.card = card
-        self.beat = Heartbeat(worker=name, device=device, vram_gb=round(card.gib, 2), queues=worker_queues(card))
+        self.beat = Heartbeat(worker=name, device=device, vram_gb=round(card.gib, 2),
+                              queues=[q for queues in served.values() for q in queues], models=list(served),
+                              unserved=unserved)
         self.lock = threading.Lock()
 
     def update(self, **values: Any) -> None:
@@ -57,16 +65,46 @@ class WorkerState:
             self.beat = self.beat.model_copy(update=values)
 
 
-def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState]:
+def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, ModelChooser]:
     """The Celery app with the render task bound to this worker."""
     if not settings.broker_url:
         raise ConfigError("KILN_BROKER_URL is not set: a worker needs the fleet's Redis, e.g. redis://host:6379/0")
     device, card = advertised_card(settings.device, settings.vram)
-    state = WorkerState(name, device, card)
+    names = ([m.strip() for m in settings.models.split(",") if m.strip()] if settings.models
+             else default_models(card, settings.cache_dir))
+    # Weights before work: downloaded (or built) here, before subscribing, outside any job's time limit.
+    served, unserved = prepare_models(names, card, lambda spec: weights_folder(spec, settings.cache_dir))
+    for model, why in unserved.items():
+        log.warning("not serving %s: %s", model, why)
+    state = WorkerState(name, device, card, served, unserved)
     app = make_app(settings.broker_url, settings.job_time_limit_seconds)
     renderer: dict[str, Any] = {}
 
     checks = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.storage_timeout_seconds)
+    # What the rendering process tells this one (a model it cannot load, a lost device): a pipe both inherit.
+    news_in, news_out = multiprocessing.Pipe(duplex=False)
+
+    def news() -> list[dict[str, Any]]:
+        heard = []
+        while news_in.poll():
+            heard.append(news_in.recv())
+        return heard
+
+    def waiting(queues: list[str]) -> list[int] | None:
+        """Jobs waiting per queue: the dispatcher's count (published or not), else the queue's length."""
+        try:
+            pipe = checks.pipeline(transaction=False)
+            for queue in queues:
+                pipe.get(waiting_key(queue))
+                pipe.llen(queue)
+            found = pipe.execute()
+        except redis.RedisError:
+            return None
+        return [int(count) if count is not None else int(length) for count, length in zip(found[::2], found[1::2],
+                                                                                            strict=True)]
+
+    chooser = ModelChooser(served, waiting, news)
+    app.steps["consumer"].add(_affinity_step(chooser))
 
     def wanted(message: RenderTask) -> bool:
         """Whether the dispatcher still wants this message rendered; if Redis cannot say, it is (the database's
@@ -109,10 +147,49 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState]:
         send(REPORT_TASK, Report(kind="started", job_id=job.job_id, attempt=job.attempt, worker=name)
              .model_dump(mode="json"))
         result = _render(job, message, settings, name, state, renderer, wanted)
+        if result.error_kind == "worker":  # this worker cannot serve the model (or anything): stop taking it
+            _stop_taking(job.model, result, state, renderer["local"], news_out)
         send(REPORT_TASK, Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=name,
                                  result=result).model_dump(mode="json"))
 
-    return app, state
+    return app, state, chooser
+
+
+def _affinity_step(chooser: ModelChooser) -> type[bootsteps.StartStopStep]:
+    """A step of Celery's consumer that runs `chooser` on the event loop, where changing queues is safe."""
+
+    class Affinity(bootsteps.StartStopStep):
+        requires = {"celery.worker.consumer.tasks:Tasks"}
+
+        def __init__(self, parent: Any, **kwargs: Any) -> None:
+            super().__init__(parent, **kwargs)
+            self.timer: Any = None
+
+        def start(self, c: Any) -> None:
+            chooser.attach(c)
+            self.timer = c.timer.call_repeatedly(AFFINITY_SECONDS, chooser.tick, priority=10)
+
+        def stop(self, c: Any) -> None:
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+
+    return Affinity
+
+
+def _stop_taking(model: str, result: RenderResult, state: WorkerState, local: LocalRenderer,
+                 news: Any) -> None:
+    """Tell the heartbeats and the main process that this worker no longer takes `model` (or any work)."""
+    if local.broken:
+        state.update(problem=local.broken, queues=[], models=[])
+        news.send({"problem": local.broken})
+        return
+    why = local.unserved.get(model) or result.error or "it failed to load"
+    with state.lock:
+        beat = state.beat
+    state.update(unserved={**beat.unserved, model: why}, models=[m for m in beat.models if m != model],
+                 queues=[q for q in beat.queues if queue_model_key(q) != model_key(model)])
+    news.send({"unserved": {model: why}})
 
 
 def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str, state: WorkerState,
@@ -136,7 +213,7 @@ def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str
     [result] = local.render([job], lambda step, steps: state.update(step=step, steps=steps), upload)
     seconds = round(time.perf_counter() - started, 3) if result.ok else state.beat.seconds_per_image
     state.update(current_job=None, step=None, steps=None, loaded_model=local.loaded_model,
-                 plan=local.loaded_plan, seconds_per_image=seconds)
+                 plan=local.loaded_plan, seconds_per_image=seconds, model_loads=dict(local.loads))
     return result
 
 
@@ -164,6 +241,9 @@ class WantedUpload:
 @click.option("--name", help="Worker name [default: host name].")
 @click.option("--vram", type=float, help="[env KILN_VRAM] GB of GPU memory to use, CUDA context included; the "
               "process is capped there, so a game keeps the rest [default: the whole card; a CPU: none].")
+@click.option("--models", help="[env KILN_MODELS] Models to serve, comma-separated (registry names or diffusers "
+              "folders); their weights are downloaded or checked before any work is taken [default: the models "
+              "this card fits whose weights are here, else klein-4b].")
 @click.option("--device", type=click.Choice(["auto", "cuda", "mps", "cpu"]), help="[env KILN_DEVICE; auto]")
 @click.option("--broker-url", help="[env KILN_BROKER_URL] The fleet's Redis.")
 @click.option("--cache-dir", type=click.Path(), help="[env KILN_CACHE_DIR; ~/.cache/kiln]")
@@ -175,14 +255,17 @@ def command(name: str | None, **options: Any) -> None:
     settings = load_settings(**options)
     logging.getLogger("kiln").setLevel(logging.INFO)  # a service tells its log what it does
     name = name or socket.gethostname()
-    app, state = build(settings, name)
+    app, state, chooser = build(settings, name)
     beat = state.beat
-    click.echo(f"worker {name}: {beat.device}, {state.card}, queues {', '.join(beat.queues) or 'none'}", err=True)
-    if not beat.queues:
+    click.echo(f"worker {name}: {beat.device}, {state.card}, models {', '.join(beat.models) or 'none'}", err=True)
+    if not beat.models:
         if state.card.kind == "cpu" and settings.vram is None:
             raise ConfigError("this worker has no GPU: a CPU worker takes work only when --vram GB (or KILN_VRAM) "
                               "says how much of this machine's memory it may use")
-        raise ConfigError(f"{state.card} fits no job Kiln schedules (the smallest class is an 8 GB card, "
-                          f"{TIER_FLOOR_GIB[8]} GiB usable)")
-    app.worker_main(["worker", "--pool", "prefork", "--concurrency", "1", "-Q", ",".join(beat.queues),
+        if state.card.gib < TIER_FLOOR_GIB[8]:
+            raise ConfigError(f"{state.card} fits no job Kiln schedules (the smallest class is an 8 GB card, "
+                              f"{TIER_FLOOR_GIB[8]} GiB usable)")
+        raise ConfigError("this worker serves no model: " + ("; ".join(
+            f"{model}: {why}" for model, why in beat.unserved.items()) or "none was named (--models)"))
+    app.worker_main(["worker", "--pool", "prefork", "--concurrency", "1", "-Q", ",".join(chooser.first()),
                      "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])

@@ -7,6 +7,7 @@ import gc
 import hashlib
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -31,6 +32,9 @@ log = logging.getLogger("kiln.worker")
 # What CUDA libraries say when an allocation fails outside torch's allocator (cuBLAS workspaces, cuDNN plans).
 T = TypeVar("T")
 ALLOCATION_FAILURES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
+# What torch says when the CUDA context is gone (a driver reset, a card dropping off the bus, a device-side
+# assert): nothing more renders in this process.
+DEVICE_LOST = ("CUDA error", "CUDA driver error", "cudaErrorDevicesUnavailable", "NVML_ERROR_GPU_IS_LOST")
 
 
 class LocalRenderer:
@@ -51,6 +55,9 @@ class LocalRenderer:
         # plans that need as much in that stage are refused, smaller ones still run
         self.ceilings: dict[tuple[str, Stage], float] = {}
         self._loaded: LoadedModel | None = None
+        self.loads: Counter[str] = Counter()  # model -> how many times it was loaded here
+        self.unserved: dict[str, str] = {}  # model -> why it cannot be loaded here (its jobs are not tried again)
+        self.broken: str | None = None  # why this device can render nothing more (it was lost)
 
     @property
     def storage(self) -> Storage:
@@ -136,12 +143,20 @@ class LocalRenderer:
                storage: Storage | None = None) -> list[RenderResult]:
         """Render jobs of one shape and store them (in `storage`, else the configured one): their prompts in one
         encoder stage, then as many images per pipeline call as the plan fits. A failure is reported per job,
-        never raised: a bug or an unforeseen library error fails the jobs in hand, and the batch goes on."""
+        never raised: a bug or an unforeseen library error fails the jobs in hand, and the batch goes on. A model
+        that cannot be loaded here, or a lost device, is the worker's fault (kind "worker"): remembered, and its
+        jobs are not tried here again."""
+        refused = self.broken or self.unserved.get(jobs[0].model)
+        if refused:
+            return [self._failed(job, RenderError(refused, "worker"), 0.0, None) for job in jobs]
         try:
             return self._render(jobs, on_step, storage)
         except Exception as exc:
             log.debug("render failed", exc_info=True)  # the traceback, for --debug
             error = RenderError(f"{type(exc).__name__}: {first_line(exc)}", "error")
+            if any(marker in str(exc) for marker in DEVICE_LOST):
+                self.broken = f"the device failed ({error}): restart this worker"
+                error = RenderError(self.broken, "worker")
         self._unload()  # whatever state the failure left the model in, the next job starts from a fresh load
         return [self._failed(job, error, 0.0, None) for job in jobs]
 
@@ -155,6 +170,8 @@ class LocalRenderer:
         except KilnError as exc:  # RenderError, or a ModelError from a component loading for its stage
             # A fresh error: the caught one's traceback holds the failed call's frames, and with them its tensors.
             error = RenderError(str(exc), getattr(exc, "kind", "error"))
+            if error.kind == "worker":
+                self.unserved[jobs[0].model] = str(error)
         else:
             seconds = (time.perf_counter() - started) / len(jobs)
             target = storage or self.storage
@@ -173,10 +190,14 @@ class LocalRenderer:
         try:
             loaded, oom = _unless_out_of_memory(
                 lambda: load_model(spec, self.settings.cache_dir, plan, self.device, self.prompts))
-        except KilnError as exc:
-            raise RenderError(str(exc), "error") from None
+        except KilnError as exc:  # weights missing here: the worker's fault, not the job's
+            raise RenderError(str(exc), "worker") from None
+        except Exception as exc:  # weights that do not load (a broken download, a library mismatch): the same
+            log.debug("loading %s failed", spec.name, exc_info=True)
+            raise RenderError(f"cannot load {spec.name}: {type(exc).__name__}: {first_line(exc)}", "worker") from None
         if loaded is not None:
             self._loaded = loaded
+            self.loads[spec.name] += 1
             return loaded
         self._unload()  # the half-loaded model was referenced only by the failed call, gone now
         self._lower_ceiling(plan, *STAGES)
