@@ -234,3 +234,32 @@ def test_a_submit_racing_another_for_the_same_new_jobs_links_them_instead_of_fai
     with sessions.begin() as s:
         assert len(s.scalars(select(Job)).all()) == 3
         assert {b: store.batch_counts(s, b)["queued"] for b in ("b1", "b2")} == {"b1": 3, "b2": 3}
+
+
+def test_migration_0004_moves_an_older_databases_jobs_to_their_models_queue(database_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+
+    def migrate(step, revision: str) -> None:  # type: ignore[no-untyped-def]
+        with engine.begin() as conn:
+            config = Config()
+            config.set_main_option("script_location", str(store.MIGRATIONS))
+            config.attributes["connection"] = conn
+            step(config, revision)
+
+    migrate(command.upgrade, "0003")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO jobs (id, queue, min_vram_gb, model, prompt, width, height, steps, guidance, "
+                          "seed, output_key, status, attempts, created_at, updated_at, budget_from) VALUES ('j1', "
+                          "'kiln.render.vram16', 0, 'tiny:klein-9b', 'p', 512, 512, 4, 1.0, 1, 'k', 'queued', 0, "
+                          ":t, :t, 0)"), {"t": T0})
+    migrate(command.upgrade, "head")
+    with engine.begin() as conn:
+        assert conn.scalar(text("SELECT queue FROM jobs")) == "kiln.render.tiny-klein-9b.vram16"
+    migrate(command.downgrade, "0003")
+    with engine.begin() as conn:
+        assert conn.scalar(text("SELECT queue FROM jobs")) == "kiln.render.vram16"
+    engine.dispose()
