@@ -41,3 +41,13 @@ def test_importing_the_whole_dispatcher_and_its_cli_never_imports_torch() -> Non
             + "print(','.join(heavy))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert done.stdout.strip() == "", f"importing the dispatcher pulled in {done.stdout.strip()}"
+
+
+def test_kiln_help_lists_every_command_without_importing_torch() -> None:
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom dispatcher.cli import cli\n"
+            "result = CliRunner().invoke(cli, ['--help'])\n"
+            "assert result.exit_code == 0 and '  worker ' in result.output, result.output\n"
+            "print(','.join(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"`kiln --help` imported {done.stdout.strip()}"
