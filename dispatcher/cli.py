@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
+import shlex
 import signal
 import sys
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
-from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import exporter, fleet, runner, store
+from dispatcher import exporter, runner, store, usecases
 from dispatcher.bucket import Bucket
 from dispatcher.expand import Expansion, Options, expand
 from dispatcher.reader import read_manifest
@@ -33,8 +33,9 @@ from schemas.settings import KilnSettings, load_settings
 from schemas.storage import open_storage, scheme
 from schemas.tables import Batch
 
-out = Console()
-err = Console(stderr=True)
+# Not on a terminal (a pipe, a log file): whole lines, never wrapped or cut at 80 columns.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 240)
 
 
 def utcnow() -> datetime:
@@ -295,7 +296,25 @@ def submit(manifest: Path, as_json: bool, dry_run: bool, **params: Any) -> None:
         out.print("dry run: nothing was written")
     else:
         out.print(f"recorded batch [bold]{summary['batch_id']}[/]: {summary['queued']} queued, "
-                  f"{summary['already_done']} already done; render here with `kiln render {manifest}`")
+                  f"{summary['already_done']} already done", highlight=False)
+        if settings.broker_url:
+            out.print(f"the fleet's workers take it from here: follow it with `kiln status {summary['batch_id']}`",
+                      highlight=False)
+        else:
+            out.print("no fleet is configured (KILN_BROKER_URL): render it here with "
+                      f"`{_render_command(manifest, params)}`", highlight=False)
+
+
+def _render_command(manifest: Path, params: dict[str, Any]) -> str:
+    """The `kiln render` line that expands `manifest` as `kiln submit` just did."""
+    words = ["kiln", "render", str(manifest)]
+    for option, key in (("--model", "model"), ("--prompt", "prompt"), ("--output", "output_template"),
+                        ("--name", "name"), ("--max-jobs", "max_jobs"), ("--database-url", "database_url")):
+        if params.get(key) is not None:
+            words += [option, str(params[key])]
+    words += [flag for flag, key in (("--non-commercial", "non_commercial"), ("--skip-incomplete", "skip_incomplete"))
+              if params.get(key)]
+    return shlex.join(words)
 
 
 def _upload_references(expansion: Expansion, settings: KilnSettings) -> int:
@@ -321,37 +340,41 @@ def _database(database_url: str | None) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def status(batch: str | None, database_url: str | None, as_json: bool) -> None:
     """Job counts of BATCH (an id or unique prefix) with its failures, or of the recent batches."""
-    with _database(database_url).begin() as session:
+    settings = load_settings(database_url=database_url)
+    with store.open_database(settings.database_url).begin() as session:
         if batch is None:
-            rows = [(b, store.batch_counts(session, b.id)) for b in store.recent_batches(session)]
-            if as_json:
-                out.print_json(data=[_batch_json(b, c) for b, c in rows])
-                return
-            if not rows:
-                out.print("no batches yet: start one with `kiln render MANIFEST`")
-            for b, counts in rows:
-                out.print(f"{b.id}  {b.created_at:%Y-%m-%d %H:%M}  {b.name}: {_counts_text(counts)}", highlight=False)
+            recent = usecases.recent_batches(session)
+        else:
+            found = usecases.batch_status(session, batch, utcnow(), _worker_timeout(settings))
+    if batch is None:
+        if as_json:
+            out.print_json(data=[row.as_json() for row in recent])
             return
-        found = store.find_batch(session, batch)
-        if found is None:
-            raise KilnError(f"no batch {batch!r}: `kiln status` lists the recent ones")
-        counts = store.batch_counts(session, found.id)
-        failures = store.batch_failures(session, found.id)
-        unfit = fleet.unfit_jobs(session, found.id)
-    if as_json:
-        out.print_json(data=_batch_json(found, counts) | {
-            "paused": found.paused, "priority": found.priority,
-            "failures": [{"row_id": r, "status": s, "error": e} for r, s, e in failures],
-            "unfit": [{"row_id": r, "reason": why} for r, why in unfit]})
+        if not recent:
+            out.print("no batches yet: start one with `kiln render MANIFEST`")
+        for row in recent:
+            out.print(f"{row.batch.id}  {row.batch.created_at:%Y-%m-%d %H:%M}  {row.batch.name}: "
+                      f"{_counts_text(row.counts)}" + _state_text(row.batch), highlight=False)
         return
-    out.print(f"batch [bold]{found.id}[/] {found.name!r} from {found.manifest}, {found.created_at:%Y-%m-%d %H:%M} UTC")
-    out.print(f"  {_counts_text(counts)}", highlight=False)
-    for row_id, state, error in failures:
+    if as_json:
+        out.print_json(data=found.as_json() | {
+            "failures": [{"row_id": r, "status": s, "error": e} for r, s, e in found.failures],
+            "unfit": [{"row_id": r, "reason": why} for r, why in found.unfit]})
+        return
+    b = found.batch
+    out.print(f"batch [bold]{b.id}[/] {b.name!r} from {b.manifest}, {b.created_at:%Y-%m-%d %H:%M} UTC"
+              + _state_text(b), highlight=False)
+    out.print(f"  {_counts_text(found.counts)}", highlight=False)
+    for row_id, state, error in found.failures:
         out.print(f"  [red]{state}[/] row {row_id}: {error}", highlight=False)
-    for row_id, why in unfit[:10]:
-        out.print(f"  [yellow]waiting, fits no worker[/] row {row_id}: {why}", highlight=False)
-    if len(unfit) > 10:
-        out.print(f"  ... and {len(unfit) - 10} more jobs that fit no registered worker")
+    for row_id, why in found.unfit[:10]:
+        out.print(f"  [yellow]waiting, fits no online worker[/] row {row_id}: {why}", highlight=False)
+    if len(found.unfit) > 10:
+        out.print(f"  ... and {len(found.unfit) - 10} more jobs that fit no online worker")
+
+
+def _worker_timeout(settings: KilnSettings) -> timedelta:
+    return timedelta(seconds=settings.worker_timeout_seconds)
 
 
 def _counts_text(counts: dict[str, int]) -> str:
@@ -359,9 +382,8 @@ def _counts_text(counts: dict[str, int]) -> str:
     return f"{sum(counts.values())} jobs" + (f": {shown}" if shown else "")
 
 
-def _batch_json(batch: Batch, counts: dict[str, int]) -> dict[str, Any]:
-    return {"batch_id": batch.id, "name": batch.name, "manifest": batch.manifest,
-            "created_at": batch.created_at.isoformat() + "Z", "jobs": sum(counts.values()), "counts": counts}
+def _state_text(batch: Batch) -> str:
+    return ("; paused" if batch.paused else "") + (f"; priority {batch.priority}" if batch.priority else "")
 
 
 @cli.command()
@@ -425,9 +447,13 @@ def _pause_command(name: str, paused: bool, help_text: str) -> None:
     @click.argument("batch_id")
     @_database_option
     def command(batch_id: str, database_url: str | None) -> None:
-        def change(_s: Any, b: Batch) -> str:
+        def change(session: Any, b: Batch) -> str:
             b.paused = paused
-            return f"{name}d"
+            cancelled = store.batch_counts(session, b.id)["cancelled"]
+            if paused or not cancelled:
+                return f"{name}d"
+            return (f"resumed; its {cancelled} cancelled jobs stay cancelled: submit the manifest again "
+                    f"({b.manifest}) to render them")
         _batch_change(batch_id, database_url, change)
 
 
@@ -459,32 +485,27 @@ def batch_cancel(batch_id: str, database_url: str | None) -> None:
 @_database_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def workers(database_url: str | None, as_json: bool) -> None:
-    """Workers the database has heard from: card, queues, what each is doing, when it was last seen."""
-    from schemas.tables import Worker
-
-    with _database(database_url).begin() as session:
-        rows = [{"name": w.name, "device": w.device, "vram_gb": round((w.vram_mb or 0) / 1024, 1),
-                 "queues": w.queues, "models": w.models or [], "unserved": w.unserved or {}, "problem": w.problem,
-                 "model_loads": w.model_loads or {},
-                 "loaded_model": w.loaded_model, "plan": w.plan, "current_job": w.current_job,
-                 "step": w.step,
-                 "seconds_per_image": w.seconds_per_image, "last_seen": w.last_seen.isoformat() + "Z"}
-                for w in session.scalars(select(Worker).order_by(Worker.name))]
+    """Workers heard from in the last day: online or not, card, models, what each is doing, images done."""
+    settings = load_settings(database_url=database_url)
+    with store.open_database(settings.database_url).begin() as session:
+        found = usecases.workers(session, utcnow(), _worker_timeout(settings))
     if as_json:
-        out.print_json(data=rows)
+        out.print_json(data=[w.as_json() for w in found])
         return
-    for r in rows:
-        doing = f"job {r['current_job']} step {r['step']}" if r["current_job"] else "idle"
-        loaded = f", {r['loaded_model']} loaded {r['plan']}" if r["loaded_model"] else ""
-        out.print(f"{r['name']}: {r['device']} {r['vram_gb']} GB{loaded}, {doing}, last seen {r['last_seen']}",
-                  highlight=False)
-        if r["models"]:
-            loads = ", ".join(f"{m} x{n}" for m, n in r["model_loads"].items())
-            out.print(f"  serves {', '.join(r['models'])}" + (f"; loads: {loads}" if loads else ""), highlight=False)
-        for model, why in r["unserved"].items():
+    if not found:
+        out.print("no worker heard from in the last day: start one with `kiln worker` (README, \"Run a fleet\")")
+    for w in found:
+        doing = (f"job {w.current_job} step {w.step}" if w.current_job else "idle") if w.online else "[red]offline[/]"
+        loaded = f", {w.loaded_model} loaded {w.plan}" if w.loaded_model and w.online else ""
+        out.print(f"{w.name}: {w.device} {w.vram_gb} GB{loaded}, {doing}, {w.done} done, {w.failed} failed, "
+                  f"last seen {w.last_seen:%Y-%m-%d %H:%M:%S} UTC", highlight=False)
+        if w.models:
+            loads = ", ".join(f"{m} x{n}" for m, n in w.model_loads.items())
+            out.print(f"  serves {', '.join(w.models)}" + (f"; loads: {loads}" if loads else ""), highlight=False)
+        for model, why in w.unserved.items():
             out.print(f"  [yellow]does not serve[/] {model}: {why}", highlight=False)
-        if r["problem"]:
-            out.print(f"  [red]takes no work:[/] {r['problem']}", highlight=False)
+        if w.problem:
+            out.print(f"  [red]takes no work:[/] {w.problem}", highlight=False)
 
 
 @cli.group()

@@ -276,14 +276,15 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
     return reaped
 
 
-def unfit_jobs(session: Session, batch_id: str) -> list[tuple[str, str]]:
-    """(row id, reason) for a batch's queued jobs that no registered worker can take: no worker has the model's
-    weights, or none of those that have them has a card big enough."""
+def unfit_jobs(session: Session, batch_id: str, live_since: datetime | None = None) -> list[tuple[str, str]]:
+    """(row id, reason) for a batch's queued jobs that no worker (heard from since `live_since`, when given) can
+    take: no worker has the model's weights, or none of those that have them has a card big enough."""
     served: dict[str, list[int]] = {}
-    for queues in session.scalars(select(Worker.queues)):
+    live = [] if live_since is None else [Worker.last_seen >= live_since]
+    for queues in session.scalars(select(Worker.queues).where(*live)):
         for q in queues or []:
             served.setdefault(queue_model_key(q), []).append(queue_tier(q))
-    unserved = _unserved_reasons(session)
+    unserved = _unserved_reasons(session, live)
     rows = session.execute(select(BatchJob.row_id, Job).join(Job, BatchJob.job_id == Job.id).where(
         BatchJob.batch_id == batch_id, Job.status == JobStatus.QUEUED))
     out = []
@@ -308,10 +309,10 @@ def unfit_jobs(session: Session, batch_id: str) -> list[tuple[str, str]]:
     return out
 
 
-def _unserved_reasons(session: Session) -> dict[str, list[tuple[str, str]]]:
+def _unserved_reasons(session: Session, live: list[Any]) -> dict[str, list[tuple[str, str]]]:
     """model -> (worker, why it does not serve that model), from the workers' heartbeats."""
     found: dict[str, list[tuple[str, str]]] = {}
-    for name, unserved in session.execute(select(Worker.name, Worker.unserved)):
+    for name, unserved in session.execute(select(Worker.name, Worker.unserved).where(*live)):
         for model, why in (unserved or {}).items():
             found.setdefault(model, []).append((name, why))
     return found

@@ -88,7 +88,7 @@ def why_unfit(profile: str, shape: Shape, largest_tier: int | None) -> str:
                                                          if shape.references else "")
     if tier is None:
         return f"{what} fits no card Kiln knows (up to {TIERS[-1]} GB)"
-    have = f"the largest worker takes {largest_tier} GB work" if largest_tier else "no worker is registered"
+    have = f"the largest worker takes {largest_tier} GB work" if largest_tier else "no worker is online"
     return f"needs a {tier} GB card for {what}; {have}"
 
 

@@ -153,5 +153,5 @@ def test_the_queue_choice_and_the_loader_agree_on_every_card() -> None:
 def test_unfit_reasons_say_what_card_is_needed() -> None:
     assert why_unfit("klein-9b", MP_1024, 8) == ("needs a 16 GB card for klein-9b at 1.05 MP; "
                                                  "the largest worker takes 8 GB work")
-    assert "no worker is registered" in why_unfit("klein-4b", MP_1024, None)
+    assert "no worker is online" in why_unfit("klein-4b", MP_1024, None)
     assert "with 1 reference image(s)" in why_unfit("klein-4b", Shape.of(1024, 1024, 1, 1), None)

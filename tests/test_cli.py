@@ -194,6 +194,19 @@ def test_submit_records_a_batch_that_render_then_completes(tmp_path: Path, kiln_
     assert status["counts"]["succeeded"] == 2
 
 
+def test_submit_says_what_renders_the_batch_with_the_options_it_was_given(tmp_path: Path,
+                                                                          kiln_env: dict[str, str]) -> None:
+    manifest = write(tmp_path / "m.csv", "id\nmug\n")
+    options = ["--model", "tiny", "--prompt", "studio photo of a {id}", "--non-commercial"]
+    here = kiln("submit", str(manifest), *options, cwd=tmp_path, env=kiln_env).stdout
+    assert f"render it here with `kiln render {manifest} --model tiny --prompt 'studio photo of a {{id}}' " \
+           "--non-commercial`" in here  # one line, however narrow the pipe
+    fleet = kiln("submit", str(manifest), *options, cwd=tmp_path,
+                 env={**kiln_env, "KILN_BROKER_URL": "redis://127.0.0.1:1/0"}).stdout
+    batch_id = fleet.split("recorded batch ", 1)[1].split(":", 1)[0]
+    assert f"the fleet's workers take it from here: follow it with `kiln status {batch_id}`" in fleet
+
+
 def test_an_edited_row_never_overwrites_the_image_another_job_made(tmp_path: Path, kiln_env: dict[str, str]) -> None:
     manifest = write(tmp_path / "m.csv", "id,prompt,width,height\nmug,a blue mug,256,256\n")
     kiln("render", str(manifest), "--model", "tiny", cwd=tmp_path, env=kiln_env)
@@ -304,6 +317,8 @@ def test_batches_are_paused_resumed_reprioritized_and_cancelled_in_the_database(
     assert (status["paused"], status["priority"]) == (False, 7)
     assert "2 jobs cancelled" in kiln("batch", "cancel", batch, cwd=tmp_path, env=kiln_env).stdout
     assert json.loads(kiln("status", batch, "--json", cwd=tmp_path, env=kiln_env).stdout)["counts"]["cancelled"] == 2
+    resumed = kiln("batch", "resume", batch, cwd=tmp_path, env=kiln_env).stdout
+    assert "its 2 cancelled jobs stay cancelled: submit the manifest again" in resumed
     again = json.loads(kiln("submit", str(manifest), "--json", cwd=tmp_path, env=kiln_env).stdout)
     assert again["queued"] == 2  # submitting again brings cancelled jobs back
     assert "no batch 'nope'" in kiln("batch", "pause", "nope", cwd=tmp_path, env=kiln_env, check=1).stderr

@@ -1,0 +1,60 @@
+"""The use-case layer under the CLI, on SQLite and PostgreSQL: workers online and offline, and a batch's status
+counting only the workers that are there."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from dispatcher import fleet, store, usecases
+from dispatcher.expand import Options, expand
+from dispatcher.reader import parse_manifest
+from schemas.errors import KilnError
+from schemas.messages import Heartbeat
+from schemas.tables import Attempt, Batch
+
+T0 = datetime(2026, 1, 1, 20, 0, 0)
+TIMEOUT = timedelta(seconds=60)
+
+
+def record(sessions, rows: str, **batch: object) -> list[str]:  # type: ignore[no-untyped-def]
+    """Record a one-batch manifest (batch b1); its job ids."""
+    expansion = expand(parse_manifest(rows.encode(), "m.csv"), Options(batch="b", base_dir=Path.cwd(),
+                                                                       non_commercial=True))
+    with sessions.begin() as s:
+        store.record_batch(s, Batch(id="b1", name="b", manifest="m.csv", manifest_sha256="0", created_at=T0,
+                                    **batch), expansion, T0)
+    return [j.job_id for j in expansion.jobs]
+
+
+def test_workers_go_offline_after_the_timeout_and_are_forgotten_after_a_day(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    jobs = record(sessions, "id,prompt\na,x\nb,y\nc,z\n")
+    with sessions.begin() as s:
+        for name, seen in (("w-old", T0 - timedelta(days=2)), ("w-gone", T0 - timedelta(minutes=5)), ("w-here", T0)):
+            fleet.record_heartbeat(s, Heartbeat(worker=name, device="cuda:RTX 4070", vram_gb=12, models=["klein-4b"],
+                                                queues=["kiln.render.klein-4b.vram12"]), seen)
+        s.add_all([Attempt(job_id=job, number=1, worker="w-here", status=status, started_at=T0)
+                   for job, status in zip(jobs, ["succeeded", "oom", "running"], strict=True)])
+    with sessions.begin() as s:
+        found = usecases.workers(s, T0 + timedelta(seconds=30), TIMEOUT)
+    assert [(w.name, w.online, w.done, w.failed) for w in found] == [("w-here", True, 1, 1),
+                                                                      ("w-gone", False, 0, 0)]
+    assert found[0].as_json()["last_seen"] == "2026-01-01T20:00:00Z"
+
+
+def test_status_counts_only_online_workers_as_able_to_take_work(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    record(sessions, "id,prompt,model\nbig,x,klein-9b\n", paused=True, priority=3)
+    with sessions.begin() as s:
+        fleet.record_heartbeat(s, Heartbeat(worker="w24", device="cuda", vram_gb=24, models=["klein-9b"],
+                                            queues=["kiln.render.klein-9b.vram24", "kiln.render.klein-9b.vram16"]), T0)
+    with sessions.begin() as s:
+        assert usecases.batch_status(s, "b1", T0 + timedelta(seconds=30), TIMEOUT).unfit == []
+        later = usecases.batch_status(s, "b", T0 + timedelta(minutes=5), TIMEOUT)  # a unique prefix will do
+        with pytest.raises(KilnError, match="no batch 'nope'"):
+            usecases.batch_status(s, "nope", T0, TIMEOUT)
+    assert later.unfit == [("big", "needs a 16 GB card for klein-9b at 1.05 MP; no worker is online")]
+    assert (later.as_json()["paused"], later.as_json()["priority"], later.counts["queued"]) == (True, 3, 1)
