@@ -6,6 +6,7 @@ import logging
 import shlex
 import signal
 import sys
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
@@ -36,6 +37,9 @@ from schemas.tables import Batch
 # Not on a terminal (a pipe, a log file): whole lines, never wrapped or cut at 80 columns.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
 err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 240)
+
+
+WATCH_SECONDS = 2.0  # how often `kiln status --watch` looks again
 
 
 def utcnow() -> datetime:
@@ -336,16 +340,25 @@ def _database(database_url: str | None) -> Any:
 
 @cli.command()
 @click.argument("batch", required=False)
+@click.option("--watch", is_flag=True, help="Follow BATCH live (progress, images per hour, ETA) until nothing of it "
+              "is queued or running; Ctrl-C stops watching, not the batch.")
 @click.option("--database-url", help="[env KILN_DATABASE_URL]")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
-def status(batch: str | None, database_url: str | None, as_json: bool) -> None:
-    """Job counts of BATCH (an id or unique prefix) with its failures, or of the recent batches."""
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts (with --watch: a line per update).")
+def status(batch: str | None, watch: bool, database_url: str | None, as_json: bool) -> None:
+    """Job counts of BATCH (an id or unique prefix) with its failures and progress, or of the recent batches."""
     settings = load_settings(database_url=database_url)
-    with store.open_database(settings.database_url).begin() as session:
+    sessions = store.open_database(settings.database_url)
+    if watch:
+        if batch is None:
+            raise ConfigError("--watch follows one batch: name it (`kiln status` lists the recent ones)")
+        _watch(sessions, batch, settings, as_json)
+        return
+    with sessions.begin() as session:
         if batch is None:
             recent = usecases.recent_batches(session)
         else:
             found = usecases.batch_status(session, batch, utcnow(), _worker_timeout(settings))
+            progress = usecases.batch_progress(session, found, utcnow(), _worker_timeout(settings))
     if batch is None:
         if as_json:
             out.print_json(data=[row.as_json() for row in recent])
@@ -358,6 +371,7 @@ def status(batch: str | None, database_url: str | None, as_json: bool) -> None:
         return
     if as_json:
         out.print_json(data=found.as_json() | {
+            "progress": progress.as_json(),
             "failures": [{"row_id": r, "status": s, "error": e} for r, s, e in found.failures],
             "unfit": [{"row_id": r, "reason": why} for r, why in found.unfit]})
         return
@@ -365,12 +379,61 @@ def status(batch: str | None, database_url: str | None, as_json: bool) -> None:
     out.print(f"batch [bold]{b.id}[/] {b.name!r} from {b.manifest}, {b.created_at:%Y-%m-%d %H:%M} UTC"
               + _state_text(b), highlight=False)
     out.print(f"  {_counts_text(found.counts)}", highlight=False)
+    out.print(f"  {_progress_text(progress)}", highlight=False)
     for row_id, state, error in found.failures:
         out.print(f"  [red]{state}[/] row {row_id}: {error}", highlight=False)
     for row_id, why in found.unfit[:10]:
         out.print(f"  [yellow]waiting, fits no online worker[/] row {row_id}: {why}", highlight=False)
     if len(found.unfit) > 10:
         out.print(f"  ... and {len(found.unfit) - 10} more jobs that fit no online worker")
+
+
+def _watch(sessions: sessionmaker[Session], batch: str, settings: KilnSettings, as_json: bool) -> None:
+    """Redraw a batch's progress every WATCH_SECONDS until nothing of it is queued or running."""
+    from rich.console import Group
+    from rich.live import Live
+    from rich.progress_bar import ProgressBar
+
+    live = None if as_json or not out.is_terminal else Live(console=out, auto_refresh=False)
+    last = ""
+    try:
+        if live:
+            live.start()
+        while True:
+            with sessions.begin() as session:
+                found = usecases.batch_status(session, batch, utcnow(), _worker_timeout(settings))
+                progress = usecases.batch_progress(session, found, utcnow(), _worker_timeout(settings))
+            line = (f"{found.batch.id}: {_progress_text(progress)}; {_counts_text(found.counts)}"
+                    + _state_text(found.batch))
+            if as_json:
+                out.print_json(data=found.as_json() | {"progress": progress.as_json()}, indent=None)
+            elif live:
+                live.update(Group(ProgressBar(total=progress.total or 1, completed=progress.finished), line),
+                            refresh=True)
+            elif line != last:
+                out.print(line, highlight=False)
+            last = line
+            if not progress.active:
+                return
+            time.sleep(WATCH_SECONDS)
+    except KeyboardInterrupt:
+        err.print("stopped watching; the batch goes on")
+    finally:
+        if live:
+            live.stop()
+
+
+def _progress_text(p: usecases.BatchProgress) -> str:
+    text = f"{p.finished}/{p.total} finished"
+    if p.images_per_hour:
+        text += f", {p.images_per_hour:.0f} images per hour"
+    if p.eta is not None:
+        minutes = round(p.eta.total_seconds() / 60)
+        done_at = utcnow() + p.eta
+        text += f", about {minutes // 60} h {minutes % 60:02d} min left (done near {done_at:%H:%M} UTC)"
+    elif p.active:
+        text += ", no pace measured yet"
+    return text
 
 
 def _worker_timeout(settings: KilnSettings) -> timedelta:

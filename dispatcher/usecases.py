@@ -1,6 +1,6 @@
 """What a person asks of Kiln, as functions that return typed results: the CLI (and a dashboard) only present them.
 
-Sessions come in; nothing here prints. So far: the fleet's workers, and a batch's status.
+Sessions come in; nothing here prints. So far: the fleet's workers, and a batch's status and progress.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
 from dispatcher import fleet, store
+from schemas.capacity import model_key, queue_model_key
 from schemas.errors import KilnError
-from schemas.tables import Attempt, Batch, Worker
+from schemas.job import JobStatus
+from schemas.tables import Attempt, Batch, BatchJob, Job, Worker
 
 FORGET_AFTER = timedelta(days=1)  # a worker silent this long is no longer listed
+RATE_WINDOW = timedelta(minutes=10)  # the recent past whose finished images measure a batch's throughput
 
 
 @dataclass(frozen=True)
@@ -92,3 +95,46 @@ def batch_status(session: Session, batch_id: str, now: datetime, timeout: timede
         raise KilnError(f"no batch {batch_id!r}: `kiln status` lists the recent ones")
     return BatchStatus(found, store.batch_counts(session, found.id), store.batch_failures(session, found.id),
                        fleet.unfit_jobs(session, found.id, live_since=now - timeout))
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    """How far along a batch is, and when it will be done at the pace it is going."""
+
+    total: int
+    finished: int  # succeeded, failed, dead or cancelled
+    active: int  # queued or running
+    images_per_hour: float | None  # measured over the last RATE_WINDOW, else from its online workers' speed
+    eta: timedelta | None  # None while nothing measures the pace, or when nothing is left
+
+    def as_json(self) -> dict[str, Any]:
+        """For --json."""
+        return {"total": self.total, "finished": self.finished, "active": self.active,
+                "images_per_hour": self.images_per_hour and round(self.images_per_hour, 1),
+                "eta_seconds": self.eta and round(self.eta.total_seconds())}
+
+
+def batch_progress(session: Session, status: BatchStatus, now: datetime, timeout: timedelta) -> BatchProgress:
+    """A batch's progress: images finished in the last RATE_WINDOW give the pace; before any has, the online
+    workers that serve its models, at their measured seconds per image."""
+    counts = status.counts
+    active = counts["queued"] + counts["running"]
+    total = sum(counts.values())
+    succeeded = (select(Job.updated_at).join(BatchJob, BatchJob.job_id == Job.id)
+                 .where(BatchJob.batch_id == status.batch.id, Job.status == JobStatus.SUCCEEDED))
+    if not active:  # a finished batch: its pace up to its last image, not a pace that fades as time passes
+        now = session.scalar(select(func.max(succeeded.subquery().c.updated_at))) or now
+    recent = session.scalar(select(func.count()).select_from(
+        succeeded.where(Job.updated_at >= now - RATE_WINDOW).subquery())) or 0
+    window = min(RATE_WINDOW, max(now - status.batch.created_at, timedelta(seconds=1)))
+    rate: float | None = recent / (window.total_seconds() / 3600) if recent else None
+    if rate is None and active:
+        models = {model_key(m) for m in session.scalars(
+            select(Job.model).join(BatchJob, BatchJob.job_id == Job.id)
+            .where(BatchJob.batch_id == status.batch.id, Job.status == JobStatus.QUEUED).distinct())}
+        speeds = [3600 / (w.seconds_per_image or 1) for w in session.scalars(select(Worker).where(
+            Worker.last_seen >= now - timeout, Worker.seconds_per_image > 0))
+            if models & {queue_model_key(q) for q in w.queues or []}]
+        rate = sum(speeds) or None
+    eta = timedelta(hours=active / rate) if rate and active else None
+    return BatchProgress(total, total - active, active, rate, eta)

@@ -191,7 +191,10 @@ def test_submit_records_a_batch_that_render_then_completes(tmp_path: Path, kiln_
                                env=kiln_env).stdout)
     assert rendered["rendered"] == 2
     status = json.loads(kiln("status", submitted["batch_id"], "--json", cwd=tmp_path, env=kiln_env).stdout)
-    assert status["counts"]["succeeded"] == 2
+    assert status["counts"]["succeeded"] == 2 and status["progress"]["finished"] == 2
+    watched = kiln("status", submitted["batch_id"], "--watch", cwd=tmp_path, env=kiln_env).stdout
+    assert watched.startswith(f"{submitted['batch_id']}: 2/2 finished, ")  # nothing left: it stops at once
+    assert "--watch follows one batch" in kiln("status", "--watch", cwd=tmp_path, env=kiln_env, check=2).stderr
 
 
 def test_submit_says_what_renders_the_batch_with_the_options_it_was_given(tmp_path: Path,

@@ -7,13 +7,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
 from dispatcher import fleet, store, usecases
 from dispatcher.expand import Options, expand
 from dispatcher.reader import parse_manifest
 from schemas.errors import KilnError
 from schemas.messages import Heartbeat
-from schemas.tables import Attempt, Batch
+from schemas.job import JobStatus
+from schemas.tables import Attempt, Batch, Job
 
 T0 = datetime(2026, 1, 1, 20, 0, 0)
 TIMEOUT = timedelta(seconds=60)
@@ -58,3 +60,27 @@ def test_status_counts_only_online_workers_as_able_to_take_work(database_url: st
             usecases.batch_status(s, "nope", T0, TIMEOUT)
     assert later.unfit == [("big", "needs a 16 GB card for klein-9b at 1.05 MP; no worker is online")]
     assert (later.as_json()["paused"], later.as_json()["priority"], later.counts["queued"]) == (True, 3, 1)
+
+
+def test_progress_measures_the_pace_of_recent_images_or_else_of_the_workers_that_can_take_them(
+        database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    jobs = record(sessions, "id,prompt\na,x\nb,y\nc,z\nd,w\n")
+    now = T0 + timedelta(minutes=10)
+    with sessions.begin() as s:
+        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cuda", vram_gb=12, models=["klein-4b"],
+                                            queues=["kiln.render.klein-4b.vram8"], seconds_per_image=30.0), now)
+        fleet.record_heartbeat(s, Heartbeat(worker="w-9b", device="cuda", vram_gb=24, models=["klein-9b"],
+                                            queues=["kiln.render.klein-9b.vram16"], seconds_per_image=5.0), now)
+        status = usecases.batch_status(s, "b1", now, TIMEOUT)
+        before = usecases.batch_progress(s, status, now, TIMEOUT)  # nothing finished: w1's speed (w-9b cannot help)
+    assert (before.finished, before.active, before.images_per_hour, before.eta) == (0, 4, 120.0, timedelta(minutes=2))
+    with sessions.begin() as s:
+        for job, minutes in zip(jobs[:2], (6, 8), strict=True):
+            s.execute(update(Job).where(Job.id == job).values(status=JobStatus.SUCCEEDED,
+                                                              updated_at=T0 + timedelta(minutes=minutes)))
+        progress = usecases.batch_progress(s, usecases.batch_status(s, "b1", now, TIMEOUT), now, TIMEOUT)
+    assert (progress.finished, progress.active) == (2, 2)
+    assert progress.images_per_hour == pytest.approx(12.0) and progress.eta == timedelta(minutes=10)
+    assert progress.as_json() == {"total": 4, "finished": 2, "active": 2, "images_per_hour": 12.0,
+                                  "eta_seconds": 600}
