@@ -195,15 +195,23 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
     # `docker stop`, systemd and `kill` send SIGTERM: stop like Ctrl-C, putting the jobs in hand back.
     signal.signal(signal.SIGTERM, _interrupt)
     failures: list[str] = []
-    with _progress(queued, quiet=as_json or not queued) as (on_step, on_result):
-        def record(job: JobSpec, result: RenderResult, status: JobStatus) -> None:
-            if status is not JobStatus.QUEUED:  # done with, one way or the other; not a retry
-                on_result(job, result)
-            if status in (JobStatus.FAILED, JobStatus.DEAD):
-                failures.append(f"row {job.row_id}: {result.error}")
+    try:
+        with _progress(queued, quiet=as_json or not queued) as (on_step, on_result):
+            def record(job: JobSpec, result: RenderResult, status: JobStatus) -> None:
+                if status is not JobStatus.QUEUED:  # done with, one way or the other; not a retry
+                    on_result(job, result)
+                if status in (JobStatus.FAILED, JobStatus.DEAD):
+                    failures.append(f"row {job.row_id}: {result.error}")
 
-        summary = runner.run_batch(sessions, renderer, recorded.batch_id, utcnow, runner.embedded_policy(settings),
-                                   settings.batch_size, on_step, record, storage)
+            summary = runner.run_batch(sessions, renderer, recorded.batch_id, utcnow,
+                                       runner.embedded_policy(settings), settings.batch_size, on_step, record, storage)
+    except KeyboardInterrupt:  # the jobs in hand are back in the queue (run_batch): say so, and how to go on
+        with sessions.begin() as session:
+            counts = store.batch_counts(session, recorded.batch_id)
+        err.print(f"interrupted: the job in hand went back to the queue; batch {recorded.batch_id} has "
+                  f"{counts['succeeded']} done and {counts['queued']} queued. Run the same command again to "
+                  "render the rest", highlight=False)
+        sys.exit(130)
     with sessions.begin() as session:
         counts = store.batch_counts(session, recorded.batch_id)
     report = {"batch_id": recorded.batch_id, "jobs": recorded.jobs, "rendered": summary.rendered,

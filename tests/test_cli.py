@@ -249,9 +249,9 @@ def start_render(tmp_path: Path, env: dict[str, str], jobs: int, status: str, at
     """Start `kiln render` on `jobs` 1024x1024 tiny jobs (about a second each) and return once `at_least` of them
     are in `status`, with the render still going."""
     manifest = write(tmp_path / "m.csv", "prompt\n" + "".join(f"shoe {i}\n" for i in range(jobs)))
-    proc = subprocess.Popen([KILN, "render", str(manifest), "--model", "tiny"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
-                            preexec_fn=terminal_signals)
+    with open(tmp_path / "render.err", "w") as errors:  # what the render says when stopped
+        proc = subprocess.Popen([KILN, "render", str(manifest), "--model", "tiny"], cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=errors, text=True, preexec_fn=terminal_signals)
     db = tmp_path / "kiln.db"
     wait_for_jobs(db, status, at_least, proc)
     assert proc.poll() is None, "the render finished before it could be interrupted"
@@ -263,9 +263,12 @@ def test_interrupting_a_render_requeues_its_job_and_the_next_run_finishes(
         tmp_path: Path, kiln_env: dict[str, str], signum: int) -> None:
     manifest, db, proc = start_render(tmp_path, kiln_env, 12, "succeeded", 2)
     proc.send_signal(signum)
-    assert proc.wait(timeout=60) != 0
+    assert proc.wait(timeout=60) == 130
     counts = dict(sql(db, "SELECT status, count(*) FROM jobs GROUP BY status"))
     assert "running" not in counts and counts["queued"] >= 1
+    said = " ".join((tmp_path / "render.err").read_text().split())
+    assert "interrupted: the job in hand went back to the queue; batch" in said and "Traceback" not in said
+    assert f"{counts['succeeded']} done and {counts['queued']} queued. Run the same command again" in said
     assert sql(db, "SELECT count(*) FROM attempts WHERE status = 'running'") == [(0,)]
     report = json.loads(kiln("render", str(manifest), "--model", "tiny", "--json", cwd=tmp_path, env=kiln_env).stdout)
     assert report["rendered"] == counts["queued"] and report["counts"]["succeeded"] == 12

@@ -13,8 +13,8 @@ from dispatcher import fleet, store, usecases
 from dispatcher.expand import Options, expand
 from dispatcher.reader import parse_manifest
 from schemas.errors import KilnError
-from schemas.messages import Heartbeat
 from schemas.job import JobStatus
+from schemas.messages import Heartbeat
 from schemas.tables import Attempt, Batch, Job
 
 T0 = datetime(2026, 1, 1, 20, 0, 0)
