@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from schemas.errors import KilnError
+from schemas.files import publish_mode
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 
@@ -25,9 +26,14 @@ def write(rows: list[dict[str, Any]], target: Path | None, stdout: IO[str]) -> N
     target = target.resolve()
     if not target.parent.is_dir():
         raise KilnError(f"cannot export to {target}: folder {target.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    except OSError as exc:
+        raise KilnError(f"cannot export to {target}: {exc.strerror} in {target.parent}: choose a folder you can "
+                        "write to with -o") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            publish_mode(fh.fileno())
             _write(rows, fmt, fh)
         os.replace(tmp, target)
     except BaseException:

@@ -380,6 +380,7 @@ def export_rows(session: Session, batch_id: str) -> Iterable[dict[str, Any]]:
                "kiln_seed": job.seed, "kiln_model": job.model, "kiln_steps": job.steps, "kiln_guidance": job.guidance,
                "kiln_width": job.width, "kiln_height": job.height, "kiln_prompt": job.prompt,
                "kiln_worker": job.worker, "kiln_plan": output.plan if output else None,
+               "kiln_seconds": round(output.seconds, 3) if output and output.seconds is not None else None,
                "kiln_attempts": job.attempts, "kiln_error": job.error}
 
 

@@ -301,6 +301,23 @@ def test_export_refuses_unknown_formats_and_batches(tmp_path: Path, kiln_env: di
                                                   check=1).stderr
     assert "no batch 'zzz'" in kiln("export", "zzz", cwd=tmp_path, env=kiln_env, check=1).stderr
     assert not (tmp_path / "r.xlsx").exists()
+    unwritable = kiln("export", batch, "-o", "/sys/results.csv", cwd=tmp_path, env=kiln_env, check=1).stderr
+    assert "cannot export to /sys/results.csv" in unwritable and "choose a folder you can write to" in unwritable
+    assert "Traceback" not in unwritable
+
+
+def test_images_and_exports_get_the_mode_the_umask_asks_for(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    manifest = write(tmp_path / "m.csv", "id,prompt,width,height\na,x,256,256\n")
+    done = subprocess.run([KILN, "render", str(manifest), "--model", "tiny", "--json"], cwd=tmp_path, env=kiln_env,
+                          capture_output=True, text=True, preexec_fn=lambda: os.umask(0o027))
+    assert done.returncode == 0, done.stderr
+    subprocess.run([KILN, "export", json.loads(done.stdout)["batch_id"], "-o", "r.csv"], cwd=tmp_path, env=kiln_env,
+                   check=True, capture_output=True, preexec_fn=lambda: os.umask(0o022))
+    assert oct((tmp_path / "renders" / "m" / "a.png").stat().st_mode & 0o777) == oct(0o640)
+    assert oct((tmp_path / "r.csv").stat().st_mode & 0o777) == oct(0o644)
+    with open(tmp_path / "r.csv", encoding="utf-8") as fh:
+        [row] = list(csv.DictReader(fh))
+    assert float(row["kiln_seconds"]) > 0  # how long the image took
 
 
 def test_help_explains_every_command(tmp_path: Path, kiln_env: dict[str, str]) -> None:

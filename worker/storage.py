@@ -11,6 +11,7 @@ from urllib.parse import unquote, urlparse
 from PIL import Image
 
 from schemas.errors import ConfigError, StorageError
+from schemas.files import publish_mode
 from schemas.keys import key_problem
 from schemas.settings import KilnSettings
 from schemas.storage import KeyTakenError
@@ -57,6 +58,7 @@ class LocalStorage:
             fd, tmp = tempfile.mkstemp(prefix=".part-", dir=path.parent)
             try:
                 with os.fdopen(fd, "wb") as out:
+                    publish_mode(out.fileno())
                     out.write(data)
                     out.flush()
                     os.fsync(out.fileno())
