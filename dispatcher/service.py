@@ -7,7 +7,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import redis
@@ -139,6 +139,14 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
             time.sleep(TICK_SECONDS)
 
     threading.Thread(target=bookkeeping, name="kiln-bookkeeping", daemon=True).start()
+    if settings.metrics_port:
+        from prometheus_client import start_http_server
+
+        from dispatcher.metrics import registry
+
+        start_http_server(settings.metrics_port, registry=registry(
+            sessions, clock, timedelta(seconds=settings.worker_timeout_seconds)))
+        log.info("Prometheus metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
     # Threads: a report waiting on a slow storage answer must not hold up the heartbeats behind it (a worker
     # whose heartbeats wait looks silent, and loses its job).
     app.worker_main(["worker", "--pool", "threads", "--concurrency", str(CONSUMERS), "-Q", REPORTS_QUEUE,

@@ -35,6 +35,8 @@ class KilnSettings(BaseSettings):
     # the fleet
     broker_url: str | None = Field(None, description="Celery broker, redis://host:6379/0 or rediss://")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); unset for AWS")
+    metrics_port: int | None = Field(None, ge=1, le=65535, description="where `kiln dispatcher` serves Prometheus "
+                                                                      "metrics on /metrics (default: off)")
     backlog: int = Field(4, ge=1, le=1000, description="messages waiting per render queue")
     heartbeat_seconds: float = Field(5.0, gt=0, description="how often a worker reports in")
     worker_timeout_seconds: float = Field(60.0, gt=0, description="silence after which a worker's jobs go back")

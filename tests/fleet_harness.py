@@ -60,6 +60,7 @@ class Fleet:
                            "KILN_DEVICE": "cpu", "HF_HUB_OFFLINE": "1", "KILN_HEARTBEAT_SECONDS": "1",
                            "KILN_STORAGE_TIMEOUT_SECONDS": "3", "KILN_UPLOAD_RETRY_SECONDS": "12"}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.metrics_port = free_port()
         self.outputs: list[str] = []
         self.engine = sqlalchemy.create_engine(db_url)
         self.s3 = boto3.client("s3", endpoint_url=direct, aws_access_key_id="test",
@@ -75,7 +76,14 @@ class Fleet:
         return proc
 
     def dispatcher(self, **env: str) -> subprocess.Popen[bytes]:
-        return self.start("dispatcher", ["dispatcher"], {**self.env, **env})
+        """`kiln dispatcher`, serving Prometheus metrics at self.metrics_url."""
+        return self.start("dispatcher", ["dispatcher"], {**self.env, "KILN_METRICS_PORT": str(self.metrics_port),
+                                                         **env})
+
+    @property
+    def metrics_url(self) -> str:
+        """The dispatcher's /metrics."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
     def worker(self, name: str, vram: float, dispatchers_env: bool = False, models: str = TINY_MODELS,
                **env: str) -> subprocess.Popen[bytes]:

@@ -59,6 +59,13 @@ def test_mixed_manifest_is_rendered_by_workers_that_fit_into_the_bucket(fleet: F
     assert "this card (cpu 8.0 GiB) fits no klein-9b work" in fleet.workers()["w8"]["unserved"]["tiny:klein-9b"]
     status = json.loads(fleet.kiln("status", batch_id, "--json"))
     assert status["counts"]["succeeded"] == 16 and status["unfit"] == [] and status["failures"] == []
+    with urllib.request.urlopen(fleet.metrics_url, timeout=10) as response:  # what Prometheus scrapes
+        metrics = response.read().decode()
+    assert 'kiln_jobs{status="succeeded"} 16.0' in metrics and "kiln_images_total 16.0" in metrics
+    assert all(f'kiln_worker_online{{worker="{name}"}} 1.0' in metrics for name in WORKERS), metrics
+    assert 'kiln_worker_seconds_per_image{worker="w24"}' in metrics
+    assert sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("kiln_worker_images_total{")) == 16
 
     inspect = subprocess.run([sys.executable, "-m", "celery", "-A", "schemas.broker", "inspect", "active_queues",
                               "--timeout", "5"], env=fleet.env, cwd=fleet.tmp, capture_output=True, text=True,
