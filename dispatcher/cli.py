@@ -86,11 +86,12 @@ def cli(debug: bool, verbose: bool) -> None:
     \b
     kiln render catalog.csv --model tiny    render here (SQLite + ./renders), no services needed
     kiln submit catalog.csv --dry-run       check a manifest and see what it would render
-    kiln status [BATCH]                     job counts, failures and their reasons
+    kiln status [BATCH] [--watch]           progress, ETA, failures and their reasons
     kiln export BATCH -o results.csv        one row per job: its manifest row, output and how it was made
     kiln models list                        models, licences, defaults, and whether weights are here
     kiln dispatcher / kiln worker           the fleet: coordinator, and one per GPU machine
     kiln batch pause|resume|cancel|priority control a batch the fleet is rendering
+    kiln retry BATCH [--set steps=8]        queue a batch's failed and dead jobs again
 
     Settings come from KILN_* environment variables (KILN_DATABASE_URL, KILN_STORAGE_URL, KILN_DEVICE,
     KILN_CACHE_DIR, KILN_BATCH_SIZE, KILN_MAX_JOBS, KILN_BROKER_URL, KILN_S3_ENDPOINT_URL) or the
@@ -550,6 +551,32 @@ def batch_priority(batch_id: str, priority: int, database_url: str | None) -> No
 def batch_cancel(batch_id: str, database_url: str | None) -> None:
     """Cancel BATCH's queued jobs (running ones finish); submitting the manifest again brings them back."""
     _batch_change(batch_id, database_url, lambda s, b: f"{store.cancel_queued(s, b.id, utcnow())} jobs cancelled")
+
+
+@cli.command()
+@click.argument("batch_id")
+@click.option("--failed", "which", flag_value="failed", help="Only the failed jobs.")
+@click.option("--dead", "which", flag_value="dead", help="Only the dead jobs.")
+@click.option("--set", "changes", multiple=True, metavar="FIELD=VALUE",
+              help="Retry with a changed " + ", ".join(usecases.RETRY_SETTABLE) + ", e.g. --set steps=8 (repeatable): "
+                   "each becomes a new job in the batch, naming the one it replaces.")
+@_database_option
+def retry(batch_id: str, which: str | None, changes: tuple[str, ...], database_url: str | None) -> None:
+    """Queue BATCH's failed and dead jobs again, in the same batch, each with a fresh attempt budget."""
+    bad = [c for c in changes if "=" not in c or not c.partition("=")[0].strip()]
+    if bad:
+        raise ConfigError(f"--set {bad[0]}: give FIELD=VALUE, e.g. --set steps=8")
+    wanted = {k.strip(): v.strip() for k, _, v in (c.partition("=") for c in changes)}
+    statuses = [JobStatus(which)] if which else [JobStatus.FAILED, JobStatus.DEAD]
+    with _database(database_url).begin() as session:
+        done = usecases.retry(session, batch_id, statuses, wanted, utcnow())
+    what = " and ".join(s.value for s in statuses)
+    if not done.requeued and not done.replaced:
+        out.print(f"batch {done.batch_id}: no {what} jobs to retry")
+        return
+    out.print(f"batch {done.batch_id}: {done.requeued + done.replaced} {what} jobs queued again"
+              + (f", {done.replaced} of them as new jobs with {', '.join(changes)}" if done.replaced else "")
+              + f"; follow with `kiln status {done.batch_id}`", highlight=False)
 
 
 @cli.command()

@@ -126,11 +126,19 @@ def _chunks(items: Sequence[str]) -> Iterable[Sequence[str]]:
 def record_batch(session: Session, batch: Batch, expansion: Expansion, now: datetime) -> Recorded:
     """Record a batch and its jobs. Jobs that already exist are linked, not copied: succeeded ones are not
     rendered again, failed, dead and cancelled ones go back to the queue, and active ones stay as they are."""
-    session.add(batch)
     ids = [j.job_id for j in expansion.jobs]
     existing: dict[str, Job] = {}
     for chunk in _chunks(ids):
         existing.update({j.id: j for j in session.scalars(select(Job).where(Job.id.in_(chunk)))})
+    if ids and len(existing) == len(set(ids)) and not any(j.status in REQUEUEABLE for j in existing.values()):
+        # Nothing to render: the batch that asked for these jobs before stands for this run too.
+        same = session.scalars(select(Batch).join(BatchJob, BatchJob.batch_id == Batch.id).where(
+            BatchJob.job_id == ids[0], Batch.name == batch.name, Batch.manifest_sha256 == batch.manifest_sha256)
+            .order_by(Batch.created_at.desc()).limit(1)).first()
+        if same is not None and _links(session, same.id) == len(set(ids)):
+            done = sum(j.status is JobStatus.SUCCEEDED for j in existing.values())
+            return Recorded(same.id, len(ids), 0, 0, done, len(existing) - done)
+    session.add(batch)
     new = requeued = done = active = 0
     links = []
     for position, planned in enumerate(expansion.jobs):
@@ -146,9 +154,8 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
                             reference_sha256=planned.reference_sha256, status=JobStatus.QUEUED,
                             attempts=0, created_at=now, updated_at=now))
             new += 1
-        elif job.status in REQUEUEABLE:  # asked for again: a fresh attempt budget, the history kept
-            move(session, job.id, job.status, JobStatus.QUEUED, job.attempts, now, error=None, published_at=None,
-                  not_before=None, budget_from=job.attempts)
+        elif job.status in REQUEUEABLE:
+            requeue(session, job, now)
             requeued += 1
         elif job.status is JobStatus.SUCCEEDED:
             done += 1
@@ -161,6 +168,16 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
     session.add_all(links)
     session.flush()
     return Recorded(batch.id, len(ids), new, requeued, done, active)
+
+
+def _links(session: Session, batch_id: str) -> int:
+    return session.scalar(select(func.count()).select_from(BatchJob).where(BatchJob.batch_id == batch_id)) or 0
+
+
+def requeue(session: Session, job: Job, now: datetime) -> None:
+    """A failed, dead or cancelled job asked for again: queued with a fresh attempt budget, its history kept."""
+    move(session, job.id, job.status, JobStatus.QUEUED, job.attempts, now, error=None, published_at=None,
+         not_before=None, budget_from=job.attempts)
 
 
 def record_new_batch(sessions: sessionmaker[Session], make_batch: Callable[[], Batch], expansion: Expansion,

@@ -1,6 +1,7 @@
 """What a person asks of Kiln, as functions that return typed results: the CLI (and a dashboard) only present them.
 
-Sessions come in; nothing here prints. So far: the fleet's workers, and a batch's status and progress.
+Sessions come in; nothing here prints. So far: the fleet's workers, a batch's status and progress, and retrying
+a batch's failures.
 """
 
 from __future__ import annotations
@@ -9,13 +10,17 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from pydantic import ValidationError
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import fleet, store
-from schemas.capacity import model_key, queue_model_key
-from schemas.errors import KilnError
-from schemas.job import JobStatus
+from dispatcher.expand import job_id
+from schemas.capacity import job_queue, model_key, queue_model_key
+from schemas.errors import ConfigError, KilnError
+from schemas.job import REQUEUEABLE, JobStatus
+from schemas.manifest import RowFields, describe
+from schemas.models import resolve_model
 from schemas.tables import Attempt, Batch, BatchJob, Job, Worker
 
 FORGET_AFTER = timedelta(days=1)  # a worker silent this long is no longer listed
@@ -138,3 +143,66 @@ def batch_progress(session: Session, status: BatchStatus, now: datetime, timeout
         rate = sum(speeds) or None
     eta = timedelta(hours=active / rate) if rate and active else None
     return BatchProgress(total, total - active, active, rate, eta)
+
+
+RETRY_SETTABLE = ("steps", "guidance", "seed", "width", "height")  # what `kiln retry --set` may change
+
+
+@dataclass(frozen=True)
+class Retried:
+    """What `retry` did."""
+
+    batch_id: str
+    requeued: int  # the same jobs, queued again with a fresh attempt budget
+    replaced: int  # new jobs with the changed parameters, in the batch in place of the old ones
+
+
+def retry(session: Session, batch_id: str, statuses: list[JobStatus], changes: dict[str, str],
+          now: datetime) -> Retried:
+    """Queue a batch's jobs in `statuses` again, in the same batch. With `changes` (RETRY_SETTABLE fields), each
+    becomes a new job with those parameters, which names the old one (`retry_of`) and takes its place in the
+    batch; the old job and its attempts stay as history."""
+    found = store.find_batch(session, batch_id)
+    if found is None:
+        raise KilnError(f"no batch {batch_id!r}: `kiln status` lists the recent ones")
+    unknown = sorted(set(changes) - set(RETRY_SETTABLE))
+    if unknown:
+        raise ConfigError(f"--set {unknown[0]}: only {', '.join(RETRY_SETTABLE)} can be changed on a retry")
+    try:
+        fields = RowFields.model_validate(changes)
+    except ValidationError as exc:
+        column = str(exc.errors()[0]["loc"][0])
+        raise ConfigError(f"--set {column}={changes[column]}: must be {describe(column)}") from None
+    values = {k: getattr(fields, k) for k in changes}
+    rows = session.scalars(select(Job).join(BatchJob, BatchJob.job_id == Job.id).where(
+        BatchJob.batch_id == found.id, Job.status.in_(statuses)).order_by(BatchJob.position)).all()
+    requeued = replaced = 0
+    for job in rows:
+        if not values:
+            store.requeue(session, job, now)
+            requeued += 1
+            continue
+        made = {c: getattr(job, c) for c in ("model", "prompt", "width", "height", "steps", "guidance", "seed",
+                                             "output_key", "reference", "reference_sha256")} | values
+        new_id = job_id(made["model"], made["prompt"], made["width"], made["height"], made["steps"],
+                        made["guidance"], made["seed"], made["output_key"],
+                        f"{made['reference']}#{made['reference_sha256']}" if made["reference"] else None)
+        if new_id == job.id:
+            store.requeue(session, job, now)
+            requeued += 1
+            continue
+        twin = session.get(Job, new_id)
+        if twin is None:
+            queue = job_queue(job.model, resolve_model(job.model).profile, made["width"], made["height"],
+                              references=1 if job.reference else 0)
+            if queue is None:
+                raise ConfigError(f"--set: {job.model} at {made['width']}x{made['height']} fits no card Kiln knows")
+            session.add(Job(id=new_id, queue=queue, min_vram_gb=0, status=JobStatus.QUEUED, attempts=0,
+                            created_at=now, updated_at=now, retry_of=job.id, **made))
+            session.flush()
+        elif twin.status in REQUEUEABLE:
+            store.requeue(session, twin, now)
+        session.execute(update(BatchJob).where(BatchJob.batch_id == found.id, BatchJob.job_id == job.id)
+                        .values(job_id=new_id))
+        replaced += 1
+    return Retried(found.id, requeued, replaced)

@@ -90,6 +90,8 @@ class Job(Base):
     queue: Mapped[str | None] = mapped_column(String(64))
     published_at: Mapped[datetime | None] = mapped_column(Timestamp)
     not_before: Mapped[datetime | None] = mapped_column(Timestamp)
+    # `kiln retry --set`: the job this one was made from, with changed parameters (its lineage)
+    retry_of: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (Index("ix_jobs_status_model", "status", "model"),)
 

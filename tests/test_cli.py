@@ -68,6 +68,7 @@ def test_catalog_renders_records_exports_and_renders_nothing_new_the_second_time
 
     second = json.loads(kiln("render", str(CATALOG), "--model", "tiny", "--json", cwd=tmp_path, env=kiln_env).stdout)
     assert (second["rendered"], second["already_done"]) == (0, 24)
+    assert second["batch_id"] == first["batch_id"] and sql(db, "SELECT count(*) FROM batches") == [(1,)]  # no no-op
     assert {p: p.stat().st_mtime_ns for p in images} == mtimes
     assert sql(db, "SELECT count(*) FROM outputs") == [(24,)]
 
@@ -236,6 +237,13 @@ def test_a_failing_job_is_recorded_and_the_batch_goes_on(tmp_path: Path, kiln_en
     assert status["counts"] == {"queued": 0, "running": 0, "succeeded": 2, "failed": 1, "dead": 0, "cancelled": 0}
     detail = json.loads(kiln("status", status["batch_id"], "--json", cwd=tmp_path, env=kiln_env).stdout)
     assert detail["failures"][0]["row_id"] == "b" and "cannot be read" in detail["failures"][0]["error"]
+    retried = kiln("retry", status["batch_id"], "--set", "steps=6", cwd=tmp_path, env=kiln_env).stdout
+    assert "1 failed and dead jobs queued again, 1 of them as new jobs with steps=6" in retried
+    assert sql(tmp_path / "kiln.db", "SELECT steps, status FROM jobs WHERE retry_of IS NOT NULL") == [(6, "queued")]
+    assert "no failed jobs to retry" in kiln("retry", status["batch_id"], "--failed", cwd=tmp_path,
+                                             env=kiln_env).stdout
+    bad = kiln("retry", status["batch_id"], "--set", "steps", cwd=tmp_path, env=kiln_env, check=2).stderr
+    assert "--set steps: give FIELD=VALUE" in bad
 
 
 def terminal_signals() -> None:

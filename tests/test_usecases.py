@@ -7,15 +7,15 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import func, select, update
 
 from dispatcher import fleet, store, usecases
 from dispatcher.expand import Options, expand
 from dispatcher.reader import parse_manifest
-from schemas.errors import KilnError
+from schemas.errors import ConfigError, KilnError
 from schemas.job import JobStatus
 from schemas.messages import Heartbeat
-from schemas.tables import Attempt, Batch, Job
+from schemas.tables import Attempt, Batch, BatchJob, Job
 
 T0 = datetime(2026, 1, 1, 20, 0, 0)
 TIMEOUT = timedelta(seconds=60)
@@ -84,3 +84,39 @@ def test_progress_measures_the_pace_of_recent_images_or_else_of_the_workers_that
     assert progress.images_per_hour == pytest.approx(12.0) and progress.eta == timedelta(minutes=10)
     assert progress.as_json() == {"total": 4, "finished": 2, "active": 2, "images_per_hour": 12.0,
                                   "eta_seconds": 600}
+
+
+def test_retry_queues_failures_again_in_the_same_batch_or_as_new_jobs_that_name_the_old_ones(
+        database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    a, b, c = record(sessions, "id,prompt\na,x\nb,y\nc,z\n")
+    with sessions.begin() as s:
+        for job, status in ((a, JobStatus.FAILED), (b, JobStatus.DEAD), (c, JobStatus.SUCCEEDED)):
+            s.execute(update(Job).where(Job.id == job).values(status=status, attempts=3, error="boom"))
+    with sessions.begin() as s:
+        assert usecases.retry(s, "b1", [JobStatus.DEAD], {}, T0) == usecases.Retried("b1", 1, 0)
+        assert (s.get(Job, b).status, s.get(Job, b).budget_from, s.get(Job, b).error) == (JobStatus.QUEUED, 3, None)
+        done = usecases.retry(s, "b1", [JobStatus.FAILED, JobStatus.DEAD], {"steps": "8", "guidance": "2.5"}, T0)
+        assert done == usecases.Retried("b1", 0, 1)
+        [new] = s.scalars(select(Job).where(Job.retry_of == a)).all()
+        assert (new.steps, new.guidance, new.status, new.output_key) == (8, 2.5, JobStatus.QUEUED, "b/a.png")
+        assert set(s.scalars(select(BatchJob.job_id).where(BatchJob.batch_id == "b1"))) == {new.id, b, c}
+        assert s.get(Job, a).status is JobStatus.FAILED  # the old job and its history stay
+        assert store.batch_counts(s, "b1")["queued"] == 2
+        with pytest.raises(ConfigError, match="--set steps=0: must be a whole number from 1 to 100"):
+            usecases.retry(s, "b1", [JobStatus.FAILED], {"steps": "0"}, T0)
+        with pytest.raises(ConfigError, match="only steps, guidance, seed, width, height can be changed"):
+            usecases.retry(s, "b1", [JobStatus.FAILED], {"prompt": "x"}, T0)
+
+
+def test_a_rerun_that_renders_nothing_adds_no_batch(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    jobs = record(sessions, "id,prompt\na,x\n")
+    with sessions.begin() as s:
+        s.execute(update(Job).where(Job.id == jobs[0]).values(status=JobStatus.SUCCEEDED))
+    expansion = expand(parse_manifest(b"id,prompt\na,x\n", "m.csv"), Options(batch="b", base_dir=Path.cwd()))
+    with sessions.begin() as s:
+        again = store.record_batch(s, Batch(id="b2", name="b", manifest="m.csv", manifest_sha256="0",
+                                            created_at=T0), expansion, T0)
+        assert (again.batch_id, again.already_done) == ("b1", 1)
+        assert s.scalar(select(func.count()).select_from(Batch)) == 1
