@@ -121,6 +121,17 @@ class Bucket:
         return StoredObject(md5=head["ETag"].strip('"'), size=head["ContentLength"],
                             job_id=head.get("Metadata", {}).get(JOB_META))
 
+    def get(self, output_key: str) -> bytes | None:
+        """The bytes of the object at an output key, or None when it is not there."""
+        try:
+            return bytes(self.client.get_object(Bucket=self.name, Key=self.key(output_key))["Body"].read())
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise StorageError(f"cannot read {self.uri(output_key)}: {_reason(exc)}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot read {self.uri(output_key)}: {_reason(exc)}") from None
+
     @classmethod
     def from_settings(cls, settings: KilnSettings) -> Bucket:
         """The bucket KILN_STORAGE_URL names, through KILN_S3_ENDPOINT_URL."""

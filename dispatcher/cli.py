@@ -465,7 +465,11 @@ def _state_text(batch: Batch) -> str:
 @click.option("--database-url", help="[env KILN_DATABASE_URL]")
 @click.option("--presign", "presign_seconds", type=click.IntRange(1, 7 * 24 * 3600),
               help="Add kiln_download_url: a signed link to each S3 image, valid this many seconds.")
-def export(batch: str, target: Path | None, database_url: str | None, presign_seconds: int | None) -> None:
+@click.option("--contact-sheet", "sheet", type=click.Path(path_type=Path),
+              help="Also write a contact sheet: sheet.html (thumbnails with row, prompt and seed; one file that "
+                   "opens offline) or sheet.png (a grid).")
+def export(batch: str, target: Path | None, database_url: str | None, presign_seconds: int | None,
+           sheet: Path | None) -> None:
     """Write one row per job of BATCH: its manifest row, then status, output, seed, model, worker, attempts, error."""
     settings = load_settings(database_url=database_url)
     with store.open_database(settings.database_url).begin() as session:
@@ -480,9 +484,38 @@ def export(batch: str, target: Path | None, database_url: str | None, presign_se
         for row in rows:
             done = row["kiln_status"] == "succeeded"
             row["kiln_download_url"] = bucket.download_url(row["kiln_output_key"], presign_seconds) if done else None
+    if sheet is not None:
+        _contact_sheet(rows, sheet, settings, f"{found.name} ({found.id})")
+        if target is None:
+            return
     exporter.write(rows, target, sys.stdout)
     if target:
         err.print(f"wrote {len(rows)} rows to {target}")
+
+
+def _contact_sheet(rows: list[dict[str, Any]], path: Path, settings: KilnSettings, title: str) -> None:
+    from urllib.parse import unquote, urlparse
+
+    from dispatcher import contact
+
+    if path.suffix.lower() not in (".html", ".png"):
+        raise ConfigError(f"--contact-sheet {path.name}: name it .html or .png")
+    bucket = Bucket.from_settings(settings) if scheme(settings.storage_url) == "s3" else None
+
+    def read(row: dict[str, Any]) -> bytes | None:
+        uri = row["kiln_output_uri"] or ""
+        if uri.startswith("s3://"):
+            return bucket.get(row["kiln_output_key"]) if bucket else None
+        try:
+            return Path(unquote(urlparse(uri).path)).read_bytes()
+        except OSError:
+            return None
+
+    sheet = contact.tiles(rows, read)
+    with exporter.replacing(path, "wb" if path.suffix.lower() == ".png" else "w") as fh:
+        fh.write(contact.grid(sheet) if path.suffix.lower() == ".png" else contact.page(sheet, title))
+    shown = sum(t.thumbnail is not None for t in sheet)
+    err.print(f"wrote a contact sheet of {len(sheet)} jobs ({shown} images) to {path}")
 
 
 @cli.command("dispatcher")

@@ -6,6 +6,8 @@ import csv
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,6 +25,14 @@ def write(rows: list[dict[str, Any]], target: Path | None, stdout: IO[str]) -> N
     fmt = FORMATS.get(target.suffix.lower())
     if fmt is None:
         raise KilnError(f"cannot export to {target.name}: name the file .csv or .jsonl")
+    with replacing(target, "w") as fh:
+        _write(rows, fmt, fh)
+
+
+@contextmanager
+def replacing(target: Path, mode: str) -> Iterator[IO[Any]]:
+    """A file object whose content replaces `target` whole when the block ends, or not at all when it fails;
+    the file gets the mode the umask gives any file."""
     target = target.resolve()
     if not target.parent.is_dir():
         raise KilnError(f"cannot export to {target}: folder {target.parent} does not exist")
@@ -32,9 +42,9 @@ def write(rows: list[dict[str, Any]], target: Path | None, stdout: IO[str]) -> N
         raise KilnError(f"cannot export to {target}: {exc.strerror} in {target.parent}: choose a folder you can "
                         "write to with -o") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+        with os.fdopen(fd, mode) if "b" in mode else os.fdopen(fd, mode, encoding="utf-8", newline="") as fh:
             publish_mode(fh.fileno())
-            _write(rows, fmt, fh)
+            yield fh
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -237,6 +237,13 @@ def test_a_failing_job_is_recorded_and_the_batch_goes_on(tmp_path: Path, kiln_en
     assert status["counts"] == {"queued": 0, "running": 0, "succeeded": 2, "failed": 1, "dead": 0, "cancelled": 0}
     detail = json.loads(kiln("status", status["batch_id"], "--json", cwd=tmp_path, env=kiln_env).stdout)
     assert detail["failures"][0]["row_id"] == "b" and "cannot be read" in detail["failures"][0]["error"]
+    kiln("export", status["batch_id"], "--contact-sheet", "sheet.html", cwd=tmp_path, env=kiln_env)
+    page = (tmp_path / "sheet.html").read_text(encoding="utf-8")
+    assert page.count('<img alt="') == 2 and "2 of 3 images" in page and "http" not in page.split("<main>")[1]
+    failed = page.split('<figure class="failed">')[1].split("</figure>")[0]
+    assert "<b>b</b>" in failed and "cannot be read" in failed  # the failed row, with its reason
+    kiln("export", status["batch_id"], "--contact-sheet", "sheet.png", cwd=tmp_path, env=kiln_env)
+    assert Image.open(tmp_path / "sheet.png").size == (3 * 264, 292)
     retried = kiln("retry", status["batch_id"], "--set", "steps=6", cwd=tmp_path, env=kiln_env).stdout
     assert "1 failed and dead jobs queued again, 1 of them as new jobs with steps=6" in retried
     assert sql(tmp_path / "kiln.db", "SELECT steps, status FROM jobs WHERE retry_of IS NOT NULL") == [(6, "queued")]

@@ -110,6 +110,9 @@ def test_embedded_render_writes_to_s3_with_verified_objects(tmp_path: Path, kiln
         s3 = boto3.client("s3", endpoint_url=endpoint, **_aws())
         assert sorted(o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET)["Contents"]) == ["shop/m/a.png",
                                                                                             "shop/m/b.png"]
+        sheet = subprocess.run([KILN, "export", json.loads(done.stdout)["batch_id"], "--contact-sheet", "s.html"],
+                               env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert "contact sheet of 2 jobs (2 images)" in sheet.stderr, sheet.stderr  # read back from the bucket
         missing = subprocess.run([KILN, "render", "m.csv", "--model", "tiny"], capture_output=True, text=True,
                                  env={**env, "KILN_STORAGE_URL": "s3://no-such-bucket/x"}, cwd=tmp_path)
         assert missing.returncode == 2 and "cannot reach bucket 'no-such-bucket'" in missing.stderr
