@@ -215,6 +215,11 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
         sys.exit(130)
     with sessions.begin() as session:
         counts = store.batch_counts(session, recorded.batch_id)
+        store.finish_batches(session, utcnow())
+    if settings.webhook_url and settings.webhook_secret:  # one round; what does not land goes with the next run
+        from dispatcher import webhooks
+
+        webhooks.deliver(sessions, settings.webhook_url, settings.webhook_secret, utcnow())
     report = {"batch_id": recorded.batch_id, "jobs": recorded.jobs, "rendered": summary.rendered,
               "failed": summary.failed, "retried": summary.retried, "left_queued": summary.left,
               "unserved_models": summary.unserved, "already_done": recorded.already_done,

@@ -267,6 +267,7 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
                 if policy.retry.exhausted(charged, workers):
                     store.move(session, job_id, JobStatus.RUNNING, JobStatus.DEAD, attempt, now, lease_until=None,
                                error=f"lost {charged} times: {reason}")
+                    store.job_dead(session, job_id, now)
                 else:
                     store.move(session, job_id, JobStatus.RUNNING, JobStatus.QUEUED, attempt, now,
                                lease_until=None, worker=None, published_at=None)

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import fleet, store
+from dispatcher import fleet, store, webhooks
 from dispatcher.bucket import Bucket
 from dispatcher.fleet import REPORT_RETRIES, REPORT_RETRY_SECONDS
 from schemas.broker import make_app
@@ -130,6 +130,8 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 with sessions.begin() as session:
                     counts = fleet.waiting(session, clock())
                 tell_waiting(counts)
+                with sessions.begin() as session:
+                    store.finish_batches(session, clock())
                 if reaped or published:
                     log.info("published %d render messages, gave back %d jobs of silent workers", published, reaped)
             except DATABASE_AWAY as exc:
@@ -138,7 +140,20 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 log.exception("bookkeeping failed; retrying")
             time.sleep(TICK_SECONDS)
 
+    def deliver_forever(url: str, secret: str) -> None:
+        while True:
+            try:
+                webhooks.deliver(sessions, url, secret, clock())
+            except DATABASE_AWAY as exc:
+                log.warning("webhooks: the database is away (%s); retrying", _why(exc))
+            except Exception:
+                log.exception("webhook delivery failed; retrying")
+            time.sleep(TICK_SECONDS)
+
     threading.Thread(target=bookkeeping, name="kiln-bookkeeping", daemon=True).start()
+    if settings.webhook_url and settings.webhook_secret:
+        threading.Thread(target=deliver_forever, args=(settings.webhook_url, settings.webhook_secret),
+                         name="kiln-webhooks", daemon=True).start()
     if settings.metrics_port:
         from prometheus_client import start_http_server
 

@@ -26,7 +26,7 @@ from dispatcher.lifecycle import Fault, RetryPolicy
 from schemas.capacity import job_queue, queue_tier
 from schemas.errors import ConfigError, KilnError, StaleStateError
 from schemas.job import ACTIVE, REQUEUEABLE, JobSpec, JobStatus, RenderResult, check_transition
-from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
+from schemas.tables import Attempt, Batch, BatchJob, Event, Job, Output, Worker
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
 MIGRATION_LOCK = 0x4B494C4E  # "KILN": the advisory lock that serializes migrations on PostgreSQL
@@ -298,6 +298,7 @@ def record_failure(session: Session, job_id: str, attempt: int, result: RenderRe
         return JobStatus.FAILED, step.note
     if step.status is JobStatus.DEAD:
         move(session, job_id, JobStatus.FAILED, JobStatus.DEAD, attempt, now)
+        job_dead(session, job_id, now)
         return JobStatus.DEAD, step.note
     values: dict[str, Any] = {"published_at": None, "not_before": now + step.delay if step.delay else None}
     if fault is Fault.NOBODY:
@@ -310,11 +311,41 @@ def record_failure(session: Session, job_id: str, attempt: int, result: RenderRe
         if queue is None:
             move(session, job_id, JobStatus.FAILED, JobStatus.DEAD, attempt, now,
                  error=f"{result.error}; no bigger card can take it")
+            job_dead(session, job_id, now)
             return JobStatus.DEAD, "dead: out of memory everywhere"
         values.update(queue=queue, min_vram_gb=queue_tier(queue))
         note = f"out of memory on {result.worker}: moved to {queue}"
     move(session, job_id, JobStatus.FAILED, JobStatus.QUEUED, attempt, now, **values)
     return JobStatus.QUEUED, note
+
+
+def add_event(session: Session, kind: str, payload: dict[str, Any], now: datetime) -> None:
+    """An event for the webhook, in the transaction that made it happen (dispatcher.webhooks delivers it)."""
+    session.add(Event(kind=kind, payload=payload, created_at=now, next_at=now))
+
+
+def job_dead(session: Session, job_id: str, now: datetime) -> None:
+    """The job.dead event of a job that just went dead."""
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    batches = list(session.scalars(select(BatchJob.batch_id).where(BatchJob.job_id == job_id)))
+    row_ids = list(session.scalars(select(BatchJob.row_id).where(BatchJob.job_id == job_id)))
+    add_event(session, "job.dead", {"job_id": job.id, "batches": batches, "rows": row_ids, "model": job.model,
+                                    "output_key": job.output_key, "attempts": job.attempts, "error": job.error},
+              now)
+
+
+def finish_batches(session: Session, now: datetime) -> list[str]:
+    """Mark the batches with nothing left queued or running as finished, each with its batch.finished event."""
+    active = (select(BatchJob.job_id).join(Job, Job.id == BatchJob.job_id)
+              .where(BatchJob.batch_id == Batch.id, Job.status.in_(list(ACTIVE))).exists())
+    linked = select(BatchJob.job_id).where(BatchJob.batch_id == Batch.id).exists()
+    done = list(session.scalars(select(Batch).where(Batch.finished_at.is_(None), linked, ~active)))
+    for batch in done:
+        batch.finished_at = now
+        add_event(session, "batch.finished", {"batch_id": batch.id, "name": batch.name, "manifest": batch.manifest,
+                                              "counts": batch_counts(session, batch.id)}, now)
+    return [b.id for b in done]
 
 
 def charged_attempts(session: Session, job_id: str) -> tuple[int, int]:

@@ -205,4 +205,6 @@ def retry(session: Session, batch_id: str, statuses: list[JobStatus], changes: d
         session.execute(update(BatchJob).where(BatchJob.batch_id == found.id, BatchJob.job_id == job.id)
                         .values(job_id=new_id))
         replaced += 1
+    if requeued or replaced:
+        found.finished_at = None  # it has work again: batch.finished comes once more when that is done
     return Retried(found.id, requeued, replaced)

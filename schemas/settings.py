@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.errors import ConfigError
@@ -37,6 +37,9 @@ class KilnSettings(BaseSettings):
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); unset for AWS")
     metrics_port: int | None = Field(None, ge=1, le=65535, description="where `kiln dispatcher` serves Prometheus "
                                                                       "metrics on /metrics (default: off)")
+    webhook_url: str | None = Field(None, description="POST job.dead and batch.finished events here (http:// or "
+                                                      "https://), signed with KILN_WEBHOOK_SECRET")
+    webhook_secret: str | None = Field(None, description="the HMAC-SHA256 key of X-Kiln-Signature")
     backlog: int = Field(4, ge=1, le=1000, description="messages waiting per render queue")
     heartbeat_seconds: float = Field(5.0, gt=0, description="how often a worker reports in")
     worker_timeout_seconds: float = Field(60.0, gt=0, description="silence after which a worker's jobs go back")
@@ -61,6 +64,14 @@ class KilnSettings(BaseSettings):
             url += ("&" if "?" in url else "?") + "ssl_cert_reqs=required"
         return url
 
+    @model_validator(mode="after")
+    def _webhook_signed(self) -> KilnSettings:
+        if self.webhook_url and not self.webhook_secret:
+            raise ValueError("KILN_WEBHOOK_URL needs KILN_WEBHOOK_SECRET, the key receivers check signatures with")
+        if self.webhook_url and not self.webhook_url.startswith(("http://", "https://")):
+            raise ValueError("KILN_WEBHOOK_URL must be an http:// or https:// URL")
+        return self
+
     @field_validator("database_url")
     @classmethod
     def _database_scheme(cls, url: str) -> str:
@@ -82,7 +93,10 @@ def load_settings(**overrides: Any) -> KilnSettings:
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
-            name = str(err["loc"][0]) if err["loc"] else "?"
+            if not err["loc"]:  # a rule across settings: its message names them
+                lines.append(err["msg"].removeprefix("Value error, "))
+                continue
+            name = str(err["loc"][0])
             source = f"--{name.replace('_', '-')}" if name in given else f"KILN_{name.upper()}"
             lines.append(f"{source}: {err['msg'].removeprefix('Value error, ')}; got {err.get('input')!r}")
         raise ConfigError("; ".join(lines)) from None

@@ -53,6 +53,7 @@ class Batch(Base):
     created_at: Mapped[datetime] = mapped_column(Timestamp)
     priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # higher goes first
     paused: Mapped[bool] = mapped_column(default=False, server_default=sa_false())
+    finished_at: Mapped[datetime | None] = mapped_column(Timestamp)  # when nothing of it was left to render
 
 
 class Job(Base):
@@ -170,3 +171,19 @@ class Worker(Base):
     current_job: Mapped[str | None] = mapped_column(String(32))
     step: Mapped[str | None] = mapped_column(String(16))  # "3/4"
     seconds_per_image: Mapped[float | None] = mapped_column(Float)
+
+
+class Event(Base):
+    """Something a webhook is told (job.dead, batch.finished): written in the transaction that made it happen,
+    delivered afterwards, retried until it lands (a transactional outbox)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    payload: Mapped[dict[str, object]] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(Timestamp)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    next_at: Mapped[datetime] = mapped_column(Timestamp)  # not delivered before this (its backoff)
+    delivered_at: Mapped[datetime | None] = mapped_column(Timestamp, index=True)
+    error: Mapped[str | None] = mapped_column(Text)  # why the last delivery failed

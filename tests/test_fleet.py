@@ -22,18 +22,26 @@ from schemas.models import tiny_path
 from schemas.tables import Attempt, Job, Output
 from tests.fleet_harness import AWS, AWS_SECRET, BUCKET, DB_PASSWORD, KILN, REDIS_PASSWORD, Fleet, running_fleet
 from tests.services import s3_server
+from tests.test_webhooks import SECRET, Receiver
 
 WORKERS = {"w8": 8, "w16": 16, "w24": 24}
 
 
 @pytest.fixture
-def fleet(tmp_path: Path, postgres_url: str, cache_dir: Path) -> Iterator[Fleet]:
+def receiver() -> Iterator[Receiver]:
+    found = Receiver()
+    yield found
+    found.server.shutdown()
+
+
+@pytest.fixture
+def fleet(tmp_path: Path, postgres_url: str, cache_dir: Path, receiver: Receiver) -> Iterator[Fleet]:
     with running_fleet(tmp_path, postgres_url, cache_dir) as running:
-        running.dispatcher()
+        running.dispatcher(KILN_WEBHOOK_URL=receiver.url, KILN_WEBHOOK_SECRET=SECRET)
         yield running
 
 
-def test_mixed_manifest_is_rendered_by_workers_that_fit_into_the_bucket(fleet: Fleet) -> None:
+def test_mixed_manifest_is_rendered_by_workers_that_fit_into_the_bucket(fleet: Fleet, receiver: Receiver) -> None:
     rows = "".join(f"s{i},small thing {i},tiny:klein-4b\n" for i in range(8))
     rows += "".join(f"b{i},big thing {i},tiny:klein-9b\n" for i in range(8))
     batch_id = fleet.submit("id,prompt,model\n" + rows, "--non-commercial")
@@ -59,6 +67,9 @@ def test_mixed_manifest_is_rendered_by_workers_that_fit_into_the_bucket(fleet: F
     assert "this card (cpu 8.0 GiB) fits no klein-9b work" in fleet.workers()["w8"]["unserved"]["tiny:klein-9b"]
     status = json.loads(fleet.kiln("status", batch_id, "--json"))
     assert status["counts"]["succeeded"] == 16 and status["unfit"] == [] and status["failures"] == []
+    fleet.wait_until(lambda: "batch.finished" in receiver.kinds(), 30, "the batch.finished webhook")
+    [finished] = [r for r in receiver.received if r["event"] == "batch.finished"]
+    assert finished["signed"] and finished["body"]["data"]["counts"]["succeeded"] == 16
     with urllib.request.urlopen(fleet.metrics_url, timeout=10) as response:  # what Prometheus scrapes
         metrics = response.read().decode()
     assert 'kiln_jobs{status="succeeded"} 16.0' in metrics and "kiln_images_total 16.0" in metrics
@@ -76,7 +87,7 @@ def test_mixed_manifest_is_rendered_by_workers_that_fit_into_the_bucket(fleet: F
 
     fleet.kiln("export", batch_id, "-o", "plain.csv")
     printed = fleet.everything_printed()
-    for secret in (REDIS_PASSWORD, AWS_SECRET, DB_PASSWORD, "X-Amz-Signature", "X-Amz-Credential"):
+    for secret in (REDIS_PASSWORD, AWS_SECRET, DB_PASSWORD, SECRET, "X-Amz-Signature", "X-Amz-Credential"):
         assert secret not in printed, f"{secret} leaked into a log, an error, a status or an export"
 
     fleet.kiln("export", batch_id, "--presign", "600", "-o", "out.jsonl")  # signed links only when asked for
