@@ -230,7 +230,7 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
         out.print_json(data=report)
     else:
         _print_summary(report, failures)
-    if summary.failed or summary.left:
+    if summary.failed or summary.unserved:
         sys.exit(1)
 
 
@@ -274,9 +274,12 @@ def _print_summary(report: dict[str, Any], failures: list[str]) -> None:
         out.print(f"  [red]failed[/] {line}", highlight=False)
     for model, why in report["unserved_models"].items():
         out.print(f"  [red]not rendered here[/] {model}: {why}", highlight=False)
-    if report["left_queued"]:
+    if report["left_queued"] and report["unserved_models"]:
         out.print(f"{report['left_queued']} jobs stay queued: run again once this machine can load their model, "
                   f"or render them on a fleet (`kiln submit`)")
+    elif report["left_queued"]:
+        out.print(f"batch paused: {report['left_queued']} jobs stay queued; `kiln batch resume "
+                  f"{report['batch_id']}`, then run the same command again")
     if report["failed"]:
         out.print(f"see every failure with `kiln status {report['batch_id']}`")
 

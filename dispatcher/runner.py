@@ -76,7 +76,7 @@ class RunSummary:
     retried: int = 0  # attempts that failed and were tried again
     seconds: float = 0.0
     unserved: dict[str, str] = field(default_factory=dict)  # model -> why this machine cannot render it
-    left: int = 0  # jobs left queued because this machine cannot render their model
+    left: int = 0  # jobs left queued: this machine cannot render their model, or the batch was paused
 
     @property
     def seconds_per_image(self) -> float | None:
@@ -133,9 +133,8 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
                 summary.retried += 1
             if on_result:
                 on_result(job, result, status)
-    if summary.unserved:
-        with sessions.begin() as session:
-            summary.left = store.active_jobs(session, batch_id)
+    with sessions.begin() as session:  # what is left: a model this machine cannot load, or the batch was paused
+        summary.left = store.batch_counts(session, batch_id)["queued"]
     summary.seconds = time.perf_counter() - started
     return summary
 

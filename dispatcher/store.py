@@ -208,11 +208,12 @@ def move(session: Session, job_id: str, current: JobStatus, target: JobStatus, a
 def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, batch_id: str | None = None,
           limit: int = 1, prefer_model: str | None = None, skip_models: Iterable[str] = ()) -> list[JobSpec]:
     """Take up to `limit` queued jobs of one shape (same model, size, steps, guidance and reference) for
-    `worker`, marking them running with a lease: jobs whose retry backoff is over, of models not in
-    `skip_models`. Concurrent claimers skip each other's rows."""
+    `worker`, marking them running with a lease: jobs of batches not paused whose retry backoff is over, of
+    models not in `skip_models`. Concurrent claimers skip each other's rows."""
     query = (select(Job, BatchJob, Batch).join(BatchJob, BatchJob.job_id == Job.id)
              .join(Batch, Batch.id == BatchJob.batch_id)
-             .where(Job.status == JobStatus.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now)))
+             .where(Job.status == JobStatus.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now),
+                    Batch.paused.is_(False)))
     if skip_models:
         query = query.where(Job.model.not_in(list(skip_models)))
     if batch_id:

@@ -290,6 +290,19 @@ def test_interrupting_a_render_requeues_its_job_and_the_next_run_finishes(
     assert sql(db, "SELECT count(*) FROM outputs") == [(12,)]
 
 
+def test_pausing_a_batch_stops_its_render_here_with_the_rest_left_queued(tmp_path: Path,
+                                                                        kiln_env: dict[str, str]) -> None:
+    manifest, db, proc = start_render(tmp_path, kiln_env, 12, "succeeded", 1)
+    [(batch_id,)] = sql(db, "SELECT id FROM batches")
+    kiln("batch", "pause", str(batch_id), cwd=tmp_path, env=kiln_env)
+    assert proc.wait(timeout=120) == 0
+    counts = dict(sql(db, "SELECT status, count(*) FROM jobs GROUP BY status"))
+    assert counts.get("queued", 0) >= 1 and "running" not in counts
+    kiln("batch", "resume", str(batch_id), cwd=tmp_path, env=kiln_env)
+    rest = json.loads(kiln("render", str(manifest), "--model", "tiny", "--json", cwd=tmp_path, env=kiln_env).stdout)
+    assert rest["rendered"] == counts["queued"] and rest["counts"]["succeeded"] == 12
+
+
 def test_a_killed_render_leaves_running_jobs_that_the_next_run_recovers(
         tmp_path: Path, kiln_env: dict[str, str]) -> None:
     manifest, db, proc = start_render(tmp_path, kiln_env, 8, "running", 1)
