@@ -35,6 +35,11 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_events_delivered_at'), ['delivered_at'], unique=False)
     with op.batch_alter_table('batches', schema=None) as batch_op:
         batch_op.add_column(sa.Column('finished_at', sa.DateTime(), nullable=True))
+    # Batches that were already done before this upgrade are finished, quietly: no burst of batch.finished events
+    # for last month's work.
+    op.execute("UPDATE batches SET finished_at = created_at WHERE NOT EXISTS (SELECT 1 FROM batch_jobs "
+               "JOIN jobs ON jobs.id = batch_jobs.job_id WHERE batch_jobs.batch_id = batches.id "
+               "AND jobs.status IN ('queued', 'running'))")
 
 
 def downgrade() -> None:
