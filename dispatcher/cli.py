@@ -481,10 +481,7 @@ def export(batch: str, target: Path | None, database_url: str | None, presign_se
     """Write one row per job of BATCH: its manifest row, then status, output, seed, model, worker, attempts, error."""
     settings = load_settings(database_url=database_url)
     with store.open_database(settings.database_url).begin() as session:
-        found = store.find_batch(session, batch)
-        if found is None:
-            raise KilnError(f"no batch {batch!r}: `kiln status` lists the recent ones")
-        rows = list(store.export_rows(session, found.id))
+        found, rows = usecases.export_rows(session, batch)
     if presign_seconds:
         if scheme(settings.storage_url) != "s3":
             raise ConfigError("--presign needs S3 storage: set KILN_STORAGE_URL=s3://bucket/prefix")
@@ -543,14 +540,6 @@ def batch() -> None:
     """Pause, resume, cancel or reprioritize a batch; the dispatcher acts on it within a second."""
 
 
-def _batch_change(batch_id: str, database_url: str | None, change: Callable[[Any, Batch], str]) -> None:
-    with _database(database_url).begin() as session:
-        found = store.find_batch(session, batch_id)
-        if found is None:
-            raise KilnError(f"no batch {batch_id!r}: `kiln status` lists the recent ones")
-        out.print(f"batch {found.id}: {change(session, found)}")
-
-
 def _database_option(fn: Callable[..., Any]) -> Callable[..., Any]:
     return click.option("--database-url", help="[env KILN_DATABASE_URL]")(fn)
 
@@ -560,14 +549,13 @@ def _pause_command(name: str, paused: bool, help_text: str) -> None:
     @click.argument("batch_id")
     @_database_option
     def command(batch_id: str, database_url: str | None) -> None:
-        def change(session: Any, b: Batch) -> str:
-            b.paused = paused
-            cancelled = store.batch_counts(session, b.id)["cancelled"]
-            if paused or not cancelled:
-                return f"{name}d"
-            return (f"resumed; its {cancelled} cancelled jobs stay cancelled: submit the manifest again "
-                    f"({b.manifest}) to render them")
-        _batch_change(batch_id, database_url, change)
+        with _database(database_url).begin() as session:
+            done = usecases.pause(session, batch_id, paused)
+        said = f"{name}d"
+        if done.cancelled:
+            said += (f"; its {done.cancelled} cancelled jobs stay cancelled: submit the manifest again "
+                     f"({done.batch.manifest}) to render them")
+        out.print(f"batch {done.batch.id}: {said}", highlight=False)
 
 
 _pause_command("pause", True, "Publish no more jobs of BATCH (running ones finish).")
@@ -580,10 +568,9 @@ _pause_command("resume", False, "Publish BATCH's jobs again.")
 @_database_option
 def batch_priority(batch_id: str, priority: int, database_url: str | None) -> None:
     """Set BATCH's PRIORITY: higher batches are rendered first."""
-    def change(_s: Any, b: Batch) -> str:
-        b.priority = priority
-        return f"priority {priority}"
-    _batch_change(batch_id, database_url, change)
+    with _database(database_url).begin() as session:
+        done = usecases.set_priority(session, batch_id, priority)
+    out.print(f"batch {done.batch.id}: priority {priority}", highlight=False)
 
 
 @batch.command("cancel")
@@ -591,7 +578,9 @@ def batch_priority(batch_id: str, priority: int, database_url: str | None) -> No
 @_database_option
 def batch_cancel(batch_id: str, database_url: str | None) -> None:
     """Cancel BATCH's queued jobs (running ones finish); submitting the manifest again brings them back."""
-    _batch_change(batch_id, database_url, lambda s, b: f"{store.cancel_queued(s, b.id, utcnow())} jobs cancelled")
+    with _database(database_url).begin() as session:
+        done = usecases.cancel(session, batch_id, utcnow())
+    out.print(f"batch {done.batch.id}: {done.cancelled} jobs cancelled", highlight=False)
 
 
 @cli.command()

@@ -1,7 +1,7 @@
 """What a person asks of Kiln, as functions that return typed results: the CLI (and a dashboard) only present them.
 
-Sessions come in; nothing here prints. So far: the fleet's workers, a batch's status and progress, and retrying
-a batch's failures.
+Sessions come in; nothing here prints. So far: the fleet's workers, a batch's status and progress, batch control
+(pause, resume, priority, cancel, retry) and a batch's export rows.
 """
 
 from __future__ import annotations
@@ -95,9 +95,7 @@ def recent_batches(session: Session) -> list[BatchStatus]:
 
 def batch_status(session: Session, batch_id: str, now: datetime, timeout: timedelta) -> BatchStatus:
     """One batch (an id or unique prefix): counts, failures with their reasons, and jobs no live worker fits."""
-    found = store.find_batch(session, batch_id)
-    if found is None:
-        raise KilnError(f"no batch {batch_id!r}: `kiln status` lists the recent ones")
+    found = find(session, batch_id)
     return BatchStatus(found, store.batch_counts(session, found.id), store.batch_failures(session, found.id),
                        fleet.unfit_jobs(session, found.id, live_since=now - timeout))
 
@@ -162,9 +160,7 @@ def retry(session: Session, batch_id: str, statuses: list[JobStatus], changes: d
     """Queue a batch's jobs in `statuses` again, in the same batch. With `changes` (RETRY_SETTABLE fields), each
     becomes a new job with those parameters, which names the old one (`retry_of`) and takes its place in the
     batch; the old job and its attempts stay as history."""
-    found = store.find_batch(session, batch_id)
-    if found is None:
-        raise KilnError(f"no batch {batch_id!r}: `kiln status` lists the recent ones")
+    found = find(session, batch_id)
     unknown = sorted(set(changes) - set(RETRY_SETTABLE))
     if unknown:
         raise ConfigError(f"--set {unknown[0]}: only {', '.join(RETRY_SETTABLE)} can be changed on a retry")
@@ -208,3 +204,46 @@ def retry(session: Session, batch_id: str, statuses: list[JobStatus], changes: d
     if requeued or replaced:
         found.finished_at = None  # it has work again: batch.finished comes once more when that is done
     return Retried(found.id, requeued, replaced)
+
+
+@dataclass(frozen=True)
+class BatchChange:
+    """What a batch control command did."""
+
+    batch: Batch
+    cancelled: int = 0  # jobs it cancelled (cancel), or cancelled jobs that stay so (resume)
+
+
+def find(session: Session, batch_id: str) -> Batch:
+    """A batch by id or unique prefix, or a KilnError saying how to find one."""
+    found = store.find_batch(session, batch_id)
+    if found is None:
+        raise KilnError(f"no batch {batch_id!r}: `kiln status` lists the recent ones")
+    return found
+
+
+def pause(session: Session, batch_id: str, paused: bool) -> BatchChange:
+    """Pause a batch (no more of its jobs are published or claimed; running ones finish) or resume it. Resuming
+    does not bring cancelled jobs back: `cancelled` says how many stay so."""
+    found = find(session, batch_id)
+    found.paused = paused
+    return BatchChange(found, 0 if paused else store.batch_counts(session, found.id)["cancelled"])
+
+
+def set_priority(session: Session, batch_id: str, priority: int) -> BatchChange:
+    """Set a batch's priority: higher batches are published first."""
+    found = find(session, batch_id)
+    found.priority = priority
+    return BatchChange(found)
+
+
+def cancel(session: Session, batch_id: str, now: datetime) -> BatchChange:
+    """Cancel a batch's queued jobs; running ones finish. Submitting the manifest again brings them back."""
+    found = find(session, batch_id)
+    return BatchChange(found, store.cancel_queued(session, found.id, now))
+
+
+def export_rows(session: Session, batch_id: str) -> tuple[Batch, list[dict[str, Any]]]:
+    """A batch and one row per job: its manifest row's values, then Kiln's columns (store.export_rows)."""
+    found = find(session, batch_id)
+    return found, list(store.export_rows(session, found.id))

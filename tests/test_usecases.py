@@ -120,3 +120,18 @@ def test_a_rerun_that_renders_nothing_adds_no_batch(database_url: str) -> None:
                                             created_at=T0), expansion, T0)
         assert (again.batch_id, again.already_done) == ("b1", 1)
         assert s.scalar(select(func.count()).select_from(Batch)) == 1
+
+
+def test_batch_control_pauses_resumes_reprioritizes_and_cancels(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    record(sessions, "id,prompt\na,x\nb,y\n")
+    with sessions.begin() as s:
+        assert usecases.pause(s, "b1", True).batch.paused
+        assert usecases.set_priority(s, "b", 7).batch.priority == 7  # a unique prefix will do
+        assert usecases.cancel(s, "b1", T0).cancelled == 2
+        resumed = usecases.pause(s, "b1", False)
+        assert (resumed.batch.paused, resumed.cancelled) == (False, 2)  # resuming does not bring them back
+        batch, rows = usecases.export_rows(s, "b1")
+        assert batch.id == "b1" and [r["kiln_status"] for r in rows] == ["cancelled", "cancelled"]
+        with pytest.raises(KilnError, match="no batch 'zz'"):
+            usecases.cancel(s, "zz", T0)
