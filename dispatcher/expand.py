@@ -112,6 +112,14 @@ def job_id(*parts: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def image_job_id(model: str, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int,
+                 output_key: str, reference: str | None, reference_sha256: str | None) -> str:
+    """The id of the job that makes this image: its reference counts by path and content, so an image edited in
+    place is a new job."""
+    ref_id = f"{reference}#{reference_sha256}" if reference else None
+    return job_id(model, prompt, width, height, steps, guidance, seed, output_key, ref_id)
+
+
 def expand(manifest: RawManifest, options: Options) -> Expansion:
     """Validate every row and expand it into jobs; raise one ManifestError listing every problem found."""
     if len(manifest.records) > MAX_ROWS:
@@ -254,9 +262,8 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                 raise _RowProblem(f'column "output": the output key {key!r} {problem}')
             reference, digest = (_reference(_fill("reference", row.reference, values), options) if row.reference
                                  else (None, None))
-            # the reference by content too: an image edited in place is a new job
-            ref_id = f"{reference}#{digest}" if reference else None
-            yield PlannedJob(job_id(spec.name, prompt, width, height, steps, guidance, seed, key, ref_id),
+            yield PlannedJob(image_job_id(spec.name, prompt, width, height, steps, guidance, seed, key, reference,
+                                          digest),
                              spec.name, prompt, width, height, steps, guidance, seed, key, reference, digest,
                              record.number, record.line, row_id, variant, {**row_data, **combo})
 

@@ -61,10 +61,8 @@ def withdraw(session: Session, mark: Callable[[str], None]) -> int:
     """Tell workers which published render messages are no longer wanted: those of cancelled jobs, and of queued
     jobs whose every batch is paused (published again on resume). A worker checks before rendering and before
     uploading (schemas.messages.unwanted_key)."""
-    wanted = (select(BatchJob.job_id).join(Batch, Batch.id == BatchJob.batch_id)
-              .where(BatchJob.job_id == Job.id, Batch.paused.is_(False)).exists())
     jobs = session.scalars(select(Job).where(Job.published_at.is_not(None), or_(
-        Job.status == JobStatus.CANCELLED, and_(Job.status == JobStatus.QUEUED, ~wanted)))).all()
+        Job.status == JobStatus.CANCELLED, and_(Job.status == JobStatus.QUEUED, ~store.in_unpaused_batch())))).all()
     for job in jobs:
         assert job.published_at is not None
         mark(unwanted_key(job.id, token(job.published_at)))
@@ -107,11 +105,9 @@ def waiting(session: Session, now: datetime) -> dict[str, int]:
     """How many jobs each render queue has that a worker could take now (published or not; not paused, not
     waiting out a backoff): what a worker reads to decide whether to stay on its loaded model. Every queue a
     registered worker consumes is listed, zeros included."""
-    wanted = (select(BatchJob.job_id).join(Batch, Batch.id == BatchJob.batch_id)
-              .where(BatchJob.job_id == Job.id, Batch.paused.is_(False)).exists())
     rows = session.execute(select(Job.queue, func.count()).where(
-        Job.status == JobStatus.QUEUED, Job.queue.is_not(None), wanted,
-        or_(Job.not_before.is_(None), Job.not_before <= now)).group_by(Job.queue))
+        Job.status == JobStatus.QUEUED, Job.queue.is_not(None), store.in_unpaused_batch(), store.due(now))
+        .group_by(Job.queue))
     counts = {q: 0 for queues in session.scalars(select(Worker.queues)) for q in queues or []}
     counts.update({q: n for q, n in rows if q})
     return counts
@@ -127,7 +123,7 @@ def _next_jobs(session: Session, queue: str, now: datetime, limit: int) -> list[
     query = (select(Job, func.min(BatchJob.batch_id)).join(BatchJob, BatchJob.job_id == Job.id)
              .join(Batch, Batch.id == BatchJob.batch_id)
              .where(Job.status == JobStatus.QUEUED, Job.queue == queue, Job.published_at.is_(None),
-                    or_(Job.not_before.is_(None), Job.not_before <= now), Batch.paused.is_(False))
+                    store.due(now), Batch.paused.is_(False))
              .group_by(Job.id)
              .order_by(func.max(Batch.priority).desc(), func.min(Batch.created_at), func.min(BatchJob.position))
              .limit(limit))

@@ -205,6 +205,17 @@ def move(session: Session, job_id: str, current: JobStatus, target: JobStatus, a
         raise StaleStateError(f"job {job_id} is no longer {current} at attempt {attempt}")
 
 
+def due(now: datetime) -> Any:
+    """Jobs whose retry backoff is over (or that have none)."""
+    return or_(Job.not_before.is_(None), Job.not_before <= now)
+
+
+def in_unpaused_batch() -> Any:
+    """Jobs that some batch not paused asks for."""
+    return (select(BatchJob.job_id).join(Batch, Batch.id == BatchJob.batch_id)
+            .where(BatchJob.job_id == Job.id, Batch.paused.is_(False)).exists())
+
+
 def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, batch_id: str | None = None,
           limit: int = 1, prefer_model: str | None = None, skip_models: Iterable[str] = ()) -> list[JobSpec]:
     """Take up to `limit` queued jobs of one shape (same model, size, steps, guidance and reference) for
@@ -212,8 +223,7 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
     models not in `skip_models`. Concurrent claimers skip each other's rows."""
     query = (select(Job, BatchJob, Batch).join(BatchJob, BatchJob.job_id == Job.id)
              .join(Batch, Batch.id == BatchJob.batch_id)
-             .where(Job.status == JobStatus.QUEUED, or_(Job.not_before.is_(None), Job.not_before <= now),
-                    Batch.paused.is_(False)))
+             .where(Job.status == JobStatus.QUEUED, due(now), Batch.paused.is_(False)))
     if skip_models:
         query = query.where(Job.model.not_in(list(skip_models)))
     if batch_id:
@@ -329,9 +339,9 @@ def job_dead(session: Session, job_id: str, now: datetime) -> None:
     """The job.dead event of a job that just went dead."""
     job = session.get(Job, job_id, populate_existing=True)
     assert job is not None
-    batches = list(session.scalars(select(BatchJob.batch_id).where(BatchJob.job_id == job_id)))
-    row_ids = list(session.scalars(select(BatchJob.row_id).where(BatchJob.job_id == job_id)))
-    add_event(session, "job.dead", {"job_id": job.id, "batches": batches, "rows": row_ids, "model": job.model,
+    links = session.execute(select(BatchJob.batch_id, BatchJob.row_id).where(BatchJob.job_id == job_id)).all()
+    add_event(session, "job.dead", {"job_id": job.id, "batches": [b for b, _ in links], "rows": [r for _, r in links],
+                                    "model": job.model,
                                     "output_key": job.output_key, "attempts": job.attempts, "error": job.error},
               now)
 
@@ -440,12 +450,6 @@ def next_retry(session: Session, batch_id: str, skip_models: Iterable[str] = ())
     if skip_models:
         query = query.where(Job.model.not_in(list(skip_models)))
     return session.scalar(query)
-
-
-def active_jobs(session: Session, batch_id: str) -> int:
-    """How many of a batch's jobs are still queued or running."""
-    return session.scalar(select(func.count()).select_from(BatchJob).join(Job, BatchJob.job_id == Job.id)
-                          .where(BatchJob.batch_id == batch_id, Job.status.in_(list(ACTIVE)))) or 0
 
 
 def cancel_queued(session: Session, batch_id: str, now: datetime) -> int:

@@ -15,7 +15,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import fleet, store
-from dispatcher.expand import job_id
+from dispatcher.expand import image_job_id
 from schemas.capacity import job_queue, model_key, queue_model_key
 from schemas.errors import ConfigError, KilnError
 from schemas.job import REQUEUEABLE, JobStatus
@@ -180,9 +180,7 @@ def retry(session: Session, batch_id: str, statuses: list[JobStatus], changes: d
             continue
         made = {c: getattr(job, c) for c in ("model", "prompt", "width", "height", "steps", "guidance", "seed",
                                              "output_key", "reference", "reference_sha256")} | values
-        new_id = job_id(made["model"], made["prompt"], made["width"], made["height"], made["steps"],
-                        made["guidance"], made["seed"], made["output_key"],
-                        f"{made['reference']}#{made['reference_sha256']}" if made["reference"] else None)
+        new_id = image_job_id(**made)
         if new_id == job.id:
             store.requeue(session, job, now)
             requeued += 1

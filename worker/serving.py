@@ -109,7 +109,7 @@ class ModelChooser:
                 log.error("taking no more work: %s", note["problem"])
                 self.queues.clear()
         target = pick_model(self.current, list(self.queues), self._waiting())
-        if target != self.current or (target is None and self.current is not None):
+        if target != self.current:
             self.switch(target)
 
     def switch(self, target: str | None) -> None:
