@@ -9,12 +9,10 @@ from datetime import datetime, timedelta
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
-from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import usecases
+from dispatcher import store, usecases
 from schemas.job import JobStatus
-from schemas.tables import Job
 
 
 class KilnCollector(Collector):
@@ -27,12 +25,11 @@ class KilnCollector(Collector):
         """The metrics, as of now."""
         now = self.clock()
         with self.sessions.begin() as session:
-            counts = {s: 0 for s in JobStatus} | dict(
-                session.execute(select(Job.status, func.count()).group_by(Job.status)).tuples().all())
+            counts = store.batch_counts(session, None)
             workers = usecases.workers(session, now, self.timeout)
         jobs = GaugeMetricFamily("kiln_jobs", "Jobs in each status", labels=["status"])
         for status, n in counts.items():
-            jobs.add_metric([status.value], n)
+            jobs.add_metric([status], n)
         yield jobs
         yield CounterMetricFamily("kiln_images", "Images rendered and recorded (rate() is images per second)",
                                   value=counts[JobStatus.SUCCEEDED])

@@ -396,10 +396,12 @@ def see_worker(session: Session, name: str, device: str, vram_mb: int | None, no
         worker.device, worker.vram_mb, worker.last_seen = device, vram_mb, now
 
 
-def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
-    """How many of a batch's jobs are in each status (every status listed, zeros included)."""
-    rows = session.execute(select(Job.status, func.count()).join(BatchJob, BatchJob.job_id == Job.id)
-                           .where(BatchJob.batch_id == batch_id).group_by(Job.status))
+def batch_counts(session: Session, batch_id: str | None) -> dict[str, int]:
+    """How many of a batch's jobs (None: of all jobs) are in each status (every status listed, zeros included)."""
+    query = select(Job.status, func.count()).group_by(Job.status)
+    if batch_id is not None:
+        query = query.join(BatchJob, BatchJob.job_id == Job.id).where(BatchJob.batch_id == batch_id)
+    rows = session.execute(query)
     counts = {s.value: 0 for s in JobStatus}
     counts.update({status.value: n for status, n in rows})
     return counts

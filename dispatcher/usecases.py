@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from dispatcher import fleet, store
@@ -55,8 +55,7 @@ class WorkerView:
 
 
 def workers(session: Session, now: datetime, timeout: timedelta) -> list[WorkerView]:
-    """Every worker heard from in the last day, online ones first; older ones are forgotten (deleted)."""
-    session.execute(delete(Worker).where(Worker.last_seen < now - FORGET_AFTER))
+    """Every worker heard from in the last day, online ones first; older ones are forgotten."""
     counts: dict[tuple[str, str], int] = {
         (worker, status): n for worker, status, n in session.execute(
             select(Attempt.worker, Attempt.status, func.count()).group_by(Attempt.worker, Attempt.status))}
@@ -68,7 +67,7 @@ def workers(session: Session, now: datetime, timeout: timedelta) -> list[WorkerV
         seconds_per_image=w.seconds_per_image, done=counts.get((w.name, "succeeded"), 0),
         failed=sum(n for (name, status), n in counts.items() if name == w.name and status not in
                    ("succeeded", "running")))
-        for w in session.scalars(select(Worker).order_by(Worker.name))]
+        for w in session.scalars(select(Worker).where(Worker.last_seen >= now - FORGET_AFTER).order_by(Worker.name))]
     return sorted(views, key=lambda v: not v.online)
 
 
