@@ -92,6 +92,7 @@ def cli(debug: bool, verbose: bool) -> None:
     kiln dispatcher / kiln worker           the fleet: coordinator, and one per GPU machine
     kiln batch pause|resume|cancel|priority control a batch the fleet is rendering
     kiln retry BATCH [--set steps=8]        queue a batch's failed and dead jobs again
+    kiln serve [--token SECRET]             a dashboard: progress, a gallery per batch, the fleet
 
     Settings come from KILN_* environment variables (KILN_DATABASE_URL, KILN_STORAGE_URL, KILN_DEVICE,
     KILN_CACHE_DIR, KILN_BATCH_SIZE, KILN_MAX_JOBS, KILN_BROKER_URL, KILN_S3_ENDPOINT_URL) or the
@@ -389,7 +390,7 @@ def status(batch: str | None, watch: bool, database_url: str | None, as_json: bo
     if as_json:
         out.print_json(data=found.as_json() | {
             "progress": progress.as_json(),
-            "failures": [{"row_id": r, "status": s, "error": e} for r, s, e in found.failures],
+            "failures": [g.as_json() for g in found.failures],
             "unfit": [{"row_id": r, "reason": why} for r, why in found.unfit]})
         return
     b = found.batch
@@ -397,8 +398,9 @@ def status(batch: str | None, watch: bool, database_url: str | None, as_json: bo
               + _state_text(b), highlight=False)
     out.print(f"  {_counts_text(found.counts)}", highlight=False)
     out.print(f"  {_progress_text(progress)}", highlight=False)
-    for row_id, state, error in found.failures:
-        out.print(f"  [red]{state}[/] row {row_id}: {error}", highlight=False)
+    for g in found.failures:
+        rows = f"row {g.row_id}" if g.count == 1 else f"{g.count} rows (first: {g.row_id})"
+        out.print(f"  [red]{g.status}[/] {rows}: {g.error}", highlight=False)
     for row_id, why in found.unfit[:10]:
         out.print(f"  [yellow]waiting, fits no online worker[/] row {row_id}: {why}", highlight=False)
     if len(found.unfit) > 10:
@@ -499,24 +501,13 @@ def export(batch: str, target: Path | None, database_url: str | None, presign_se
 
 
 def _contact_sheet(rows: list[dict[str, Any]], path: Path, settings: KilnSettings, title: str) -> None:
-    from urllib.parse import unquote, urlparse
-
     from dispatcher import contact
+    from dispatcher.images import StoredImages
 
     if path.suffix.lower() not in (".html", ".png"):
         raise ConfigError(f"--contact-sheet {path.name}: name it .html or .png")
-    bucket = Bucket.from_settings(settings) if scheme(settings.storage_url) == "s3" else None
-
-    def read(row: dict[str, Any]) -> bytes | None:
-        uri = row["kiln_output_uri"] or ""
-        if uri.startswith("s3://"):
-            return bucket.get(row["kiln_output_key"]) if bucket else None
-        try:
-            return Path(unquote(urlparse(uri).path)).read_bytes()
-        except OSError:
-            return None
-
-    sheet = contact.tiles(rows, read)
+    images = StoredImages(settings)
+    sheet = contact.tiles(rows, lambda row: images.read(row["kiln_output_uri"] or "", row["kiln_output_key"]))
     with exporter.replacing(path, "wb" if path.suffix.lower() == ".png" else "w") as fh:
         fh.write(contact.grid(sheet) if path.suffix.lower() == ".png" else contact.page(sheet, title))
     shown = sum(t.thumbnail is not None for t in sheet)
@@ -535,13 +526,39 @@ def dispatcher_command(database_url: str | None, broker_url: str | None) -> None
     service.serve(settings, store.open_database(settings.database_url), utcnow)
 
 
+def _database_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option("--database-url", help="[env KILN_DATABASE_URL]")(fn)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; 0.0.0.0 lets other PCs in (give a --token only over a network you trust).")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--token", help="Secret that unlocks pause, resume, cancel and retry [env KILN_SERVE_TOKEN; "
+                                "none: read-only].")
+@_database_option
+def serve(host: str, port: int, token: str | None, database_url: str | None) -> None:
+    """A dashboard in the browser: batches with live progress and ETA, a gallery per batch, the fleet."""
+    import uvicorn
+
+    from dispatcher import web
+    from dispatcher.images import StoredImages
+
+    settings = load_settings(database_url=database_url, serve_token=token)
+    token = settings.serve_token or None
+    app = web.create_app(store.open_database(settings.database_url), StoredImages(settings), utcnow,
+                         _worker_timeout(settings), token)
+    shown = "localhost" if host in ("127.0.0.1", "::1") else host
+    err.print(f"dashboard on http://{shown}:{port}/ ("
+              + ("batch control for whoever signs in with the token at /login" if token else
+                 "read-only: start with --token SECRET to pause, cancel and retry from it") + "); Ctrl-C stops it",
+              highlight=False)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
 @cli.group()
 def batch() -> None:
     """Pause, resume, cancel or reprioritize a batch; the dispatcher acts on it within a second."""
-
-
-def _database_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    return click.option("--database-url", help="[env KILN_DATABASE_URL]")(fn)
 
 
 def _pause_command(name: str, paused: bool, help_text: str) -> None:

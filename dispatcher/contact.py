@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from PIL import Image, ImageDraw, UnidentifiedImageError
+from PIL import Image, ImageDraw
 
-THUMB = 256  # pixels on the longer side
+from dispatcher.images import THUMB, jpeg, thumbnail
+
 COLUMNS = 6  # per row of the PNG sheet
 CAPTION = 36  # pixels under each PNG thumbnail
 
@@ -33,18 +34,9 @@ def tiles(rows: Iterable[dict[str, Any]], read: Callable[[dict[str, Any]], bytes
     """A tile per export row (dispatcher.store.export_rows); `read(row)` gives its stored image's bytes."""
     found = []
     for r in rows:
-        thumbnail = None
-        if r["kiln_status"] == "succeeded":
-            data = read(r)
-            if data is not None:
-                try:
-                    with Image.open(io.BytesIO(data)) as image:
-                        thumbnail = image.convert("RGB")
-                        thumbnail.thumbnail((THUMB, THUMB))
-                except (OSError, UnidentifiedImageError):
-                    thumbnail = None
+        small = thumbnail(read(r)) if r["kiln_status"] == "succeeded" else None
         row = r.get("id") or f"row {r['kiln_row']}" + (f" #{r['kiln_variant']}" if r.get("kiln_variant") else "")
-        found.append(Tile(str(row), r["kiln_prompt"], r["kiln_seed"], r["kiln_status"], r["kiln_error"], thumbnail))
+        found.append(Tile(str(row), r["kiln_prompt"], r["kiln_seed"], r["kiln_status"], r["kiln_error"], small))
     return found
 
 
@@ -53,10 +45,8 @@ def page(sheet: list[Tile], title: str) -> str:
     cells = []
     for t in sheet:
         if t.thumbnail is not None:
-            buffer = io.BytesIO()
-            t.thumbnail.save(buffer, "JPEG", quality=82)
             picture = (f'<img alt="{html.escape(t.row)}" src="data:image/jpeg;base64,'
-                       f'{base64.b64encode(buffer.getvalue()).decode()}">')
+                       f'{base64.b64encode(jpeg(t.thumbnail)).decode()}">')
         else:
             picture = f'<div class="missing">{html.escape(t.status)}</div>'
         problem = f'<p class="error">{html.escape(t.error)}</p>' if t.error else ""

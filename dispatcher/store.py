@@ -420,20 +420,29 @@ def recent_batches(session: Session, limit: int = 20) -> list[Batch]:
     return list(session.scalars(select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
 
 
-def batch_failures(session: Session, batch_id: str, limit: int = 10) -> list[tuple[str, str, str | None]]:
-    """(row id, status, error) of a batch's failed and dead jobs."""
-    rows = session.execute(select(BatchJob.row_id, Job.status, Job.error).join(Job, BatchJob.job_id == Job.id)
-                           .where(BatchJob.batch_id == batch_id,
-                                  Job.status.in_([JobStatus.FAILED, JobStatus.DEAD]))
-                           .order_by(BatchJob.position).limit(limit))
-    return [(r[0], r[1].value, r[2]) for r in rows]
+def batch_failures(session: Session, batch_id: str) -> list[tuple[str, str | None, int, str]]:
+    """A batch's failed and dead jobs grouped by (status, error), largest group first: (status, error, how many,
+    the first row id)."""
+    rows = session.execute(
+        select(Job.status, Job.error, func.count(), func.min(BatchJob.position)).join(Job, BatchJob.job_id == Job.id)
+        .where(BatchJob.batch_id == batch_id, Job.status.in_([JobStatus.FAILED, JobStatus.DEAD]))
+        .group_by(Job.status, Job.error)).all()
+    first = {position: row_id for position, row_id in session.execute(
+        select(BatchJob.position, BatchJob.row_id).where(BatchJob.batch_id == batch_id,
+                                                          BatchJob.position.in_([r[3] for r in rows])))}
+    return sorted(((status.value, error, n, first[position]) for status, error, n, position in rows),
+                  key=lambda g: (-g[2], g[3]))
 
 
-def export_rows(session: Session, batch_id: str) -> Iterable[dict[str, Any]]:
-    """One dict per job of the batch, in manifest order: the manifest row's values, then Kiln's columns."""
+def export_rows(session: Session, batch_id: str, statuses: Iterable[JobStatus] | None = None, offset: int = 0,
+                limit: int | None = None) -> Iterable[dict[str, Any]]:
+    """One dict per job of the batch (those in `statuses`, if given), in manifest order: the manifest row's values,
+    then Kiln's columns."""
     query = (select(BatchJob, Job, Output).join(Job, BatchJob.job_id == Job.id)
              .outerjoin(Output, Output.job_id == Job.id)
-             .where(BatchJob.batch_id == batch_id).order_by(BatchJob.position))
+             .where(BatchJob.batch_id == batch_id).order_by(BatchJob.position).offset(offset).limit(limit))
+    if statuses is not None:
+        query = query.where(Job.status.in_(list(statuses)))
     for link, job, output in session.execute(query).yield_per(1000):
         yield {**link.row_data, "kiln_job_id": job.id, "kiln_row": link.manifest_row, "kiln_variant": link.variant,
                "kiln_status": job.status.value, "kiln_output_uri": output.uri if output else None,

@@ -21,7 +21,7 @@ from schemas.errors import ConfigError, KilnError
 from schemas.job import REQUEUEABLE, JobStatus
 from schemas.manifest import RowFields, describe
 from schemas.models import resolve_model
-from schemas.tables import Attempt, Batch, BatchJob, Job, Worker
+from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
 
 FORGET_AFTER = timedelta(days=1)  # a worker silent this long is no longer listed
 RATE_WINDOW = timedelta(minutes=10)  # the recent past whose finished images measure a batch's throughput
@@ -72,12 +72,26 @@ def workers(session: Session, now: datetime, timeout: timedelta) -> list[WorkerV
 
 
 @dataclass(frozen=True)
+class FailureGroup:
+    """A batch's failed (or dead) jobs that share one reason."""
+
+    status: str
+    error: str | None
+    count: int
+    row_id: str  # the first such row, to look at
+
+    def as_json(self) -> dict[str, Any]:
+        """For --json."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class BatchStatus:
     """Where one batch stands."""
 
     batch: Batch
     counts: dict[str, int]
-    failures: list[tuple[str, str, str | None]] = field(default_factory=list)  # (row id, status, error)
+    failures: list[FailureGroup] = field(default_factory=list)  # largest group first
     unfit: list[tuple[str, str]] = field(default_factory=list)  # (row id, why no live worker can take it)
 
     def as_json(self) -> dict[str, Any]:
@@ -95,7 +109,8 @@ def recent_batches(session: Session) -> list[BatchStatus]:
 def batch_status(session: Session, batch_id: str, now: datetime, timeout: timedelta) -> BatchStatus:
     """One batch (an id or unique prefix): counts, failures with their reasons, and jobs no live worker fits."""
     found = find(session, batch_id)
-    return BatchStatus(found, store.batch_counts(session, found.id), store.batch_failures(session, found.id),
+    return BatchStatus(found, store.batch_counts(session, found.id),
+                       [FailureGroup(*g) for g in store.batch_failures(session, found.id)],
                        fleet.unfit_jobs(session, found.id, live_since=now - timeout))
 
 
@@ -244,3 +259,40 @@ def export_rows(session: Session, batch_id: str) -> tuple[Batch, list[dict[str, 
     """A batch and one row per job: its manifest row's values, then Kiln's columns (store.export_rows)."""
     found = find(session, batch_id)
     return found, list(store.export_rows(session, found.id))
+
+
+SHOWS: dict[str, list[JobStatus] | None] = {  # a gallery's filters
+    "all": None, "done": [JobStatus.SUCCEEDED], "failed": [JobStatus.FAILED], "dead": [JobStatus.DEAD],
+    "waiting": [JobStatus.QUEUED, JobStatus.RUNNING], "cancelled": [JobStatus.CANCELLED]}
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """One page of a batch's jobs (those a filter shows), each with its parameters and its image's place."""
+
+    batch: Batch
+    show: str
+    rows: list[dict[str, Any]]  # export rows (store.export_rows)
+    shown: int  # jobs the filter shows, on every page
+    tallies: dict[str, int]  # how many jobs each filter (SHOWS) shows
+    page: int  # from 1
+    pages: int
+
+
+def gallery(session: Session, batch_id: str, show: str = "all", page: int = 1, per_page: int = 48) -> Gallery:
+    """The `page`th `per_page` jobs of a batch that `show` (a SHOWS key) picks, in manifest order."""
+    if show not in SHOWS:
+        raise ConfigError(f"show={show}: one of {', '.join(SHOWS)}")
+    found = find(session, batch_id)
+    counts = store.batch_counts(session, found.id)
+    tallies = {name: sum(n for s, n in counts.items() if statuses is None or JobStatus(s) in statuses)
+               for name, statuses in SHOWS.items()}
+    pages = max(1, -(-tallies[show] // per_page))
+    page = min(max(page, 1), pages)
+    rows = list(store.export_rows(session, found.id, SHOWS[show], offset=(page - 1) * per_page, limit=per_page))
+    return Gallery(found, show, rows, tallies[show], tallies, page, pages)
+
+
+def output(session: Session, job_id: str) -> Output | None:
+    """The stored image of a succeeded job."""
+    return session.scalar(select(Output).where(Output.job_id == job_id))

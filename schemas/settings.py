@@ -40,6 +40,8 @@ class KilnSettings(BaseSettings):
     webhook_url: str | None = Field(None, description="POST job.dead and batch.finished events here (http:// or "
                                                       "https://), signed with KILN_WEBHOOK_SECRET")
     webhook_secret: str | None = Field(None, description="the HMAC-SHA256 key of X-Kiln-Signature")
+    serve_token: str | None = Field(None, description="the secret that unlocks batch control in `kiln serve` "
+                                                      "(unset or empty: read-only)")
     backlog: int = Field(4, ge=1, le=1000, description="messages waiting per render queue")
     heartbeat_seconds: float = Field(5.0, gt=0, description="how often a worker reports in")
     worker_timeout_seconds: float = Field(60.0, gt=0, description="silence after which a worker's jobs go back")

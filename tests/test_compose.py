@@ -18,7 +18,7 @@ def services() -> dict[str, Any]:
 
 def test_every_kiln_variable_in_compose_is_a_setting_kiln_reads() -> None:
     known = {f"KILN_{name.upper()}" for name in KilnSettings.model_fields}
-    for name in ("dispatcher", "worker"):
+    for name in ("dispatcher", "worker", "dashboard"):
         given = {k for k in services()[name]["environment"] if k.startswith("KILN_")}
         assert given <= known, f"{name} sets {sorted(given - known)}, which Kiln does not read"
 
@@ -36,3 +36,10 @@ def test_flower_is_not_open_to_the_lan_and_exports_have_a_writable_folder() -> N
     volumes = services()["dispatcher"]["volumes"]
     assert ".:/manifests:ro" in volumes and "./exports:/exports" in volumes
     assert services()["dispatcher"]["environment"]["KILN_METRICS_PORT"] == "9464"
+
+
+def test_the_dashboard_reads_what_the_dispatcher_writes_and_signs_links_for_the_browser() -> None:
+    dashboard, dispatcher = services()["dashboard"], services()["dispatcher"]
+    assert dashboard["command"] == ["serve", "--host", "0.0.0.0"] and dashboard["ports"] == ["8000:8000"]
+    for name in ("KILN_DATABASE_URL", "KILN_STORAGE_URL", "KILN_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID"):
+        assert dashboard["environment"][name] == dispatcher["environment"][name]

@@ -21,12 +21,12 @@ T0 = datetime(2026, 1, 1, 20, 0, 0)
 TIMEOUT = timedelta(seconds=60)
 
 
-def record(sessions, rows: str, **batch: object) -> list[str]:  # type: ignore[no-untyped-def]
+def record(sessions, rows: str, batch_id: str = "b1", **batch: object) -> list[str]:  # type: ignore[no-untyped-def]
     """Record a one-batch manifest (batch b1); its job ids."""
     expansion = expand(parse_manifest(rows.encode(), "m.csv"), Options(batch="b", base_dir=Path.cwd(),
                                                                        non_commercial=True))
     with sessions.begin() as s:
-        store.record_batch(s, Batch(id="b1", name="b", manifest="m.csv", manifest_sha256="0", created_at=T0,
+        store.record_batch(s, Batch(id=batch_id, name="b", manifest="m.csv", manifest_sha256="0", created_at=T0,
                                     **batch), expansion, T0)
     return [j.job_id for j in expansion.jobs]
 
@@ -135,3 +135,16 @@ def test_batch_control_pauses_resumes_reprioritizes_and_cancels(database_url: st
         assert batch.id == "b1" and [r["kiln_status"] for r in rows] == ["cancelled", "cancelled"]
         with pytest.raises(KilnError, match="no batch 'zz'"):
             usecases.cancel(s, "zz", T0)
+
+
+def test_failures_are_grouped_by_reason_with_a_count_and_the_first_row(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    jobs = record(sessions, "id,prompt\na,x\nb,y\nc,z\nd,w\n")
+    with sessions.begin() as s:
+        for job, status, error in zip(jobs, [JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.DEAD, JobStatus.FAILED],
+                                      ["", "bad reference", "upload failed", "bad reference"], strict=True):
+            s.execute(update(Job).where(Job.id == job).values(status=status, error=error or None))
+    with sessions.begin() as s:
+        found = usecases.batch_status(s, "b1", T0, TIMEOUT).failures
+    assert [(g.status, g.error, g.count, g.row_id) for g in found] == [("failed", "bad reference", 2, "b"),
+                                                                       ("dead", "upload failed", 1, "c")]

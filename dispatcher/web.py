@@ -1,0 +1,213 @@
+"""`kiln serve`: a small dashboard over the use-case layer. Server-rendered HTML (Jinja2 templates, no front-end build
+step, no script): the batches with live progress and ETA, a batch's gallery with filters and each image's
+parameters, and the fleet. Read-only unless started with a token; with one, whoever gives it may pause, resume,
+cancel and retry batches. JSON of the same views under /api for scripts.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import datetime, timedelta
+from pathlib import Path
+from threading import Lock
+from typing import Any
+from urllib.parse import quote
+
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.templating import Jinja2Templates
+
+from dispatcher import usecases
+from dispatcher.images import StoredImages, jpeg, thumbnail
+from schemas.errors import KilnError
+from schemas.job import JobStatus
+
+COOKIE = "kiln_token"
+REFRESH_SECONDS = 5  # how often a page that is still changing reloads itself
+PER_PAGE = 48  # thumbnails on a gallery page
+THUMBS_KEPT = 1024  # thumbnails kept in memory (about 20 kB each)
+ACTIONS = ("pause", "resume", "cancel", "retry")
+
+
+class Thumbnails:
+    """JPEG thumbnails of stored images, the most recently asked for kept in memory."""
+
+    def __init__(self, images: StoredImages, kept: int = THUMBS_KEPT) -> None:
+        self.images = images
+        self.kept = kept
+        self.cache: OrderedDict[str, bytes] = OrderedDict()
+        self.lock = Lock()
+
+    def get(self, job_id: str, uri: str, key: str) -> bytes | None:
+        with self.lock:
+            if job_id in self.cache:
+                self.cache.move_to_end(job_id)
+                return self.cache[job_id]
+        small = thumbnail(self.images.read(uri, key))
+        if small is None:
+            return None
+        data = jpeg(small)
+        with self.lock:
+            self.cache[job_id] = data
+            while len(self.cache) > self.kept:
+                self.cache.popitem(last=False)
+        return data
+
+
+def create_app(sessions: sessionmaker[Session], images: StoredImages, clock: Callable[[], datetime],
+               worker_timeout: timedelta, token: str | None = None) -> Starlette:
+    """The dashboard as an ASGI app. `token`: None for read-only; else the secret that unlocks batch control."""
+    templates = Jinja2Templates(directory=Path(__file__).parent / "templates")  # escapes .html
+    templates.env.filters["duration"] = _duration
+    templates.env.filters["urlquote"] = lambda s: quote(str(s), safe="")
+    thumbs = Thumbnails(images)
+
+    def allowed(request: Request) -> bool:
+        given = request.cookies.get(COOKIE) or request.headers.get("authorization", "").removeprefix("Bearer ")
+        return token is not None and bool(given) and hmac.compare_digest(given.encode(), token.encode())
+
+    def page(request: Request, name: str, **context: Any) -> Response:
+        return templates.TemplateResponse(request, name, context | {
+            "control": allowed(request), "read_only": token is None, "refresh": context.get("refresh")})
+
+    def read(fn: Callable[[Session], Any]) -> Any:
+        try:
+            with sessions.begin() as session:
+                return fn(session)
+        except KilnError as exc:
+            raise HTTPException(404, str(exc)) from None
+
+    def batches_view(session: Session) -> list[tuple[usecases.BatchStatus, usecases.BatchProgress]]:
+        now = clock()
+        return [(b, usecases.batch_progress(session, b, now, worker_timeout))
+                for b in usecases.recent_batches(session)]
+
+    def index(request: Request) -> Response:
+        rows = read(batches_view)
+        return page(request, "batches.html", rows=rows, now=clock(),
+                    refresh=REFRESH_SECONDS if any(p.active for _, p in rows) else None)
+
+    def batch_view(request: Request) -> Response:
+        show = request.query_params.get("show", "all")
+        if show not in usecases.SHOWS:
+            raise HTTPException(400, f"show={show}: one of {', '.join(usecases.SHOWS)}")
+        try:
+            number = int(request.query_params.get("page", "1"))
+        except ValueError:
+            raise HTTPException(400, "page: a number from 1") from None
+
+        def load(session: Session) -> tuple[Any, ...]:
+            status = usecases.batch_status(session, request.path_params["batch_id"], clock(), worker_timeout)
+            progress = usecases.batch_progress(session, status, clock(), worker_timeout)
+            return status, progress, usecases.gallery(session, status.batch.id, show, number, PER_PAGE)
+
+        status, progress, gallery = read(load)
+        return page(request, "batch.html", status=status, progress=progress, gallery=gallery,
+                    now=clock(), refresh=REFRESH_SECONDS if progress.active else None)
+
+    def workers_view(request: Request) -> Response:
+        found = read(lambda s: usecases.workers(s, clock(), worker_timeout))
+        return page(request, "workers.html", workers=found, refresh=REFRESH_SECONDS)
+
+    def stored(job_id: str) -> Any:
+        found = read(lambda s: usecases.output(s, job_id))
+        if found is None:
+            raise HTTPException(404, f"job {job_id} has no image")
+        return found
+
+    def thumb(request: Request) -> Response:
+        found = stored(request.path_params["job_id"])
+        data = thumbs.get(found.job_id, found.uri, found.key)
+        if data is None:
+            raise HTTPException(404, f"the image of job {found.job_id} is gone from {found.uri}")
+        # A job's image is created once and never replaced: the browser may keep it.
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=86400, immutable"})
+
+    def image(request: Request) -> Response:
+        found = stored(request.path_params["job_id"])
+        link = images.link(found.uri, found.key)
+        if link is not None:  # from the bucket straight to the browser
+            return RedirectResponse(link, status_code=307)
+        path = images.path(found.uri)
+        if path is None or not path.is_file():
+            raise HTTPException(404, f"the image of job {found.job_id} is gone from {found.uri}")
+        return FileResponse(path, media_type="image/png")
+
+    async def control(request: Request) -> Response:
+        if not allowed(request):
+            raise HTTPException(403, "this dashboard is read-only: batch control needs the token it was started "
+                                     "with (kiln serve --token); sign in at /login")
+        action, batch_id = request.path_params["action"], request.path_params["batch_id"]
+        if action not in ACTIONS:
+            raise HTTPException(404, f"no action {action}: one of {', '.join(ACTIONS)}")
+
+        def act(session: Session) -> str:
+            if action == "retry":
+                return usecases.retry(session, batch_id, [JobStatus.FAILED, JobStatus.DEAD], {}, clock()).batch_id
+            if action == "cancel":
+                return usecases.cancel(session, batch_id, clock()).batch.id
+            return usecases.pause(session, batch_id, action == "pause").batch.id
+
+        from starlette.concurrency import run_in_threadpool
+
+        done = await run_in_threadpool(read, act)
+        return RedirectResponse(f"/batches/{quote(done, safe='')}", status_code=303)
+
+    async def login(request: Request) -> Response:
+        if request.method == "GET":
+            return page(request, "login.html", failed=False)
+        form = await request.form()
+        given = str(form.get("token", ""))
+        if token is None or not hmac.compare_digest(given.encode(), token.encode()):
+            response = page(request, "login.html", failed=True)
+            response.status_code = 403
+            return response
+        response = RedirectResponse("/", status_code=303)
+        response.set_cookie(COOKIE, given, httponly=True, samesite="strict")
+        return response
+
+    def api_batches(_request: Request) -> Response:
+        return JSONResponse([s.as_json() | {"progress": p.as_json()} for s, p in read(batches_view)])
+
+    def api_batch(request: Request) -> Response:
+        def load(session: Session) -> dict[str, Any]:
+            status = usecases.batch_status(session, request.path_params["batch_id"], clock(), worker_timeout)
+            return status.as_json() | {
+                "progress": usecases.batch_progress(session, status, clock(), worker_timeout).as_json(),
+                "failures": [g.as_json() for g in status.failures],
+                "unfit": [{"row_id": r, "reason": why} for r, why in status.unfit]}
+
+        return JSONResponse(read(load))
+
+    def api_workers(_request: Request) -> Response:
+        return JSONResponse([w.as_json() for w in read(lambda s: usecases.workers(s, clock(), worker_timeout))])
+
+    async def not_found(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"error": exc.detail}, status_code=exc.status_code)
+        response = page(request, "error.html", message=exc.detail, code=exc.status_code)
+        response.status_code = exc.status_code
+        return response
+
+    routes = [
+        Route("/", index), Route("/batches/{batch_id}", batch_view), Route("/workers", workers_view),
+        Route("/thumbs/{job_id}.jpg", thumb), Route("/images/{job_id}", image),
+        Route("/batches/{batch_id}/{action}", control, methods=["POST"]),
+        Route("/login", login, methods=["GET", "POST"]),
+        Route("/api/batches", api_batches), Route("/api/batches/{batch_id}", api_batch),
+        Route("/api/workers", api_workers)]
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+
+
+def _duration(value: timedelta | None) -> str:
+    if value is None:
+        return ""
+    minutes = round(value.total_seconds() / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{max(minutes, 1)} min"
