@@ -7,8 +7,6 @@ import shlex
 import signal
 import sys
 import time
-import uuid
-from collections import Counter
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from importlib.metadata import entry_points
@@ -23,15 +21,13 @@ from rich.table import Table
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import exporter, runner, store, usecases
+from dispatcher import exporter, store, usecases
 from dispatcher.bucket import Bucket
-from dispatcher.expand import Expansion, Options, expand
-from dispatcher.reader import read_manifest
-from schemas.errors import ConfigError, KilnError, ManifestError, ModelError
+from schemas.errors import ConfigError, KilnError, ManifestError
 from schemas.job import JobSpec, JobStatus, RenderResult
 from schemas.models import REGISTRY, known_names, resolve_model, weights_location
 from schemas.settings import KilnSettings, load_settings
-from schemas.storage import open_storage, scheme
+from schemas.storage import scheme
 from schemas.tables import Batch
 
 # Not on a terminal (a pipe, a log file): whole lines, never wrapped or cut at 80 columns.
@@ -136,30 +132,11 @@ def manifest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _plan(manifest: Path, settings: KilnSettings, params: dict[str, Any]) -> Expansion:
-    raw = read_manifest(manifest)
-    options = Options(batch=params.get("name") or manifest.stem, base_dir=manifest.resolve().parent,
-                      prompt=params.get("prompt"), model=params.get("model"), output=params.get("output_template"),
-                      non_commercial=params["non_commercial"], skip_incomplete=params["skip_incomplete"],
-                      max_jobs=settings.max_jobs)
-    return expand(raw, options)
-
-
-def _record(manifest: Path, sessions: sessionmaker[Session], expansion: Expansion,
-            params: dict[str, Any]) -> store.Recorded:
-    digest = _sha256(manifest)
-
-    def batch() -> Batch:
-        return Batch(id=uuid.uuid4().hex[:12], name=params.get("name") or manifest.stem, manifest=str(manifest),
-                     manifest_sha256=digest, non_commercial=params["non_commercial"], created_at=utcnow(),
-                     priority=params.get("priority") or 0, paused=False)
-
-    return store.record_new_batch(sessions, batch, expansion, utcnow)  # all or nothing
-
-
-def _sha256(path: Path) -> str:
-    import hashlib
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _request(manifest: Path, params: dict[str, Any]) -> usecases.Request:
+    return usecases.Request(manifest, model=params.get("model"), prompt=params.get("prompt"),
+                            output=params.get("output_template"), name=params.get("name"),
+                            non_commercial=params["non_commercial"], skip_incomplete=params["skip_incomplete"],
+                            priority=params.get("priority") or 0)
 
 
 @cli.command()
@@ -179,110 +156,74 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
     settings = load_settings(**{k: params.get(k) for k in
                                 ("database_url", "storage_url", "device", "batch_size", "vram", "cache_dir",
                                  "max_jobs")})
-    expansion = _plan(manifest, settings, params)
-    storage = open_storage(settings)  # a folder, or S3 with our own credentials
-    storage.check()
-    renderer = runner.load_renderer(settings, runner.local_worker_name())
-    renderer.prepare(list(expansion.models.values()))  # missing weights fail before anything is written
-    shapes = {(j.model, j.width, j.height, 1 if j.reference else 0) for j in expansion.jobs}
-    unfit = sorted({reason for shape in shapes if (reason := renderer.why_unfit(*shape))})
-    if unfit:  # before anything is written: this machine cannot render these rows at all
-        raise ModelError("; ".join(unfit) + ". Render them on a fleet worker with a bigger card (`kiln submit`), "
-                         "or choose a smaller model or size")
-    sessions = store.open_database(settings.database_url)
-    recorded = _record(manifest, sessions, expansion, params)
-    with sessions.begin() as session:
-        runner.recover_orphans(session, utcnow())
-    queued = recorded.new + recorded.requeued + recorded.in_progress
     # `docker stop`, systemd and `kill` send SIGTERM: stop like Ctrl-C, putting the jobs in hand back.
     signal.signal(signal.SIGTERM, _interrupt)
-    failures: list[str] = []
+    progress = Progress(TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
+                        TimeRemainingColumn(), console=err, disable=as_json, transient=False)
+    task = progress.add_task("render", total=None, start=False)
+    done = 0
+
+    def on_start(queued: int) -> None:
+        if queued:
+            progress.update(task, total=queued)
+            progress.start_task(task)
+            progress.start()  # a bar only once something is to render (a stopped, never started one prints a line)
+
+    def on_step(step: int, steps: int) -> None:
+        progress.update(task, completed=done + min(step / steps, 0.99))
+
+    def on_result(_job: JobSpec, _result: RenderResult) -> None:
+        nonlocal done
+        done += 1
+        progress.update(task, completed=done)
+
     try:
-        with _progress(queued, quiet=as_json or not queued) as (on_step, on_result):
-            def record(job: JobSpec, result: RenderResult, status: JobStatus) -> None:
-                if status is not JobStatus.QUEUED:  # done with, one way or the other; not a retry
-                    on_result(job, result)
-                if status in (JobStatus.FAILED, JobStatus.DEAD):
-                    failures.append(f"row {job.row_id}: {result.error}")
-
-            summary = runner.run_batch(sessions, renderer, recorded.batch_id, utcnow,
-                                       runner.embedded_policy(settings), settings.batch_size, on_step, record, storage)
-    except KeyboardInterrupt:  # the jobs in hand are back in the queue (run_batch): say so, and how to go on
-        with sessions.begin() as session:
-            counts = store.batch_counts(session, recorded.batch_id)
-        err.print(f"interrupted: the job in hand went back to the queue; batch {recorded.batch_id} has "
-                  f"{counts['succeeded']} done and {counts['queued']} queued. Run the same command again to "
-                  "render the rest", highlight=False)
+        report = usecases.render_here(_request(manifest, params), settings, utcnow, on_start=on_start,
+                                      on_step=on_step, on_result=on_result)
+    except usecases.Interrupted as stopped:  # say how far it got, and how to go on
+        _stop(progress)
+        err.print(f"interrupted: the job in hand went back to the queue; batch {stopped.batch_id} has "
+                  f"{stopped.counts['succeeded']} done and {stopped.counts['queued']} queued. Run the same command "
+                  "again to render the rest", highlight=False)
         sys.exit(130)
-    with sessions.begin() as session:
-        counts = store.batch_counts(session, recorded.batch_id)
-        store.finish_batches(session, utcnow())
-    if settings.webhook_url and settings.webhook_secret:  # one round; what does not land goes with the next run
-        from dispatcher import webhooks
-
-        webhooks.deliver(sessions, settings.webhook_url, settings.webhook_secret, utcnow())
-    report = {"batch_id": recorded.batch_id, "jobs": recorded.jobs, "rendered": summary.rendered,
-              "failed": summary.failed, "retried": summary.retried, "left_queued": summary.left,
-              "unserved_models": summary.unserved, "already_done": recorded.already_done,
-              "skipped_rows": expansion.skipped_rows, "counts": counts, "wall_seconds": round(summary.seconds, 3),
-              "seconds_per_image": summary.seconds_per_image and round(summary.seconds_per_image, 3),
-              "storage": storage.uri(""), "device": renderer.device_name}
+    finally:
+        _stop(progress)
     if as_json:
-        out.print_json(data=report)
+        out.print_json(data=report.as_json())
     else:
-        _print_summary(report, failures)
-    if summary.failed or summary.unserved:
+        _print_summary(report)
+    if report.failed or report.unserved_models:
         sys.exit(1)
+
+
+def _stop(progress: Progress) -> None:
+    if progress.live.is_started:
+        progress.stop()
 
 
 def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def _progress(total: int, quiet: bool) -> Any:
-    """A progress bar over images, advancing per denoising step; silent for --json."""
-    from contextlib import contextmanager
-
-    @contextmanager
-    def bar() -> Any:
-        progress = Progress(TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
-                            TimeRemainingColumn(), console=err, disable=quiet, transient=False)
-        task = progress.add_task("render", total=total)
-        done = 0
-
-        def on_step(step: int, steps: int) -> None:
-            progress.update(task, completed=done + min(step / steps, 0.99))
-
-        def on_result(_job: JobSpec, _result: RenderResult) -> None:
-            nonlocal done
-            done += 1
-            progress.update(task, completed=done)
-
-        with progress:
-            yield on_step, on_result
-
-    return bar()
-
-
-def _print_summary(report: dict[str, Any], failures: list[str]) -> None:
-    spi = report["seconds_per_image"]
-    out.print(f"batch [bold]{report['batch_id']}[/]: {report['rendered']} rendered, {report['failed']} failed, "
-              f"{report['already_done']} already done, of {report['jobs']} jobs"
-              + (f"; {report['skipped_rows']} incomplete rows skipped" if report["skipped_rows"] else ""))
-    out.print(f"wall time {report['wall_seconds']:.1f} s" + (f", {spi:.2f} s per image" if spi else "")
-              + f" on {report['device']}; images in {report['storage']}")
-    for line in failures[:10]:
-        out.print(f"  [red]failed[/] {line}", highlight=False)
-    for model, why in report["unserved_models"].items():
+def _print_summary(report: usecases.Rendered) -> None:
+    spi = report.seconds_per_image
+    out.print(f"batch [bold]{report.batch_id}[/]: {report.rendered} rendered, {report.failed} failed, "
+              f"{report.already_done} already done, of {report.jobs} jobs"
+              + (f"; {report.skipped_rows} incomplete rows skipped" if report.skipped_rows else ""))
+    out.print(f"wall time {report.wall_seconds:.1f} s" + (f", {spi:.2f} s per image" if spi else "")
+              + f" on {report.device}; images in {report.storage}")
+    for row_id, error in report.failures[:10]:
+        out.print(f"  [red]failed[/] row {row_id}: {error}", highlight=False)
+    for model, why in report.unserved_models.items():
         out.print(f"  [red]not rendered here[/] {model}: {why}", highlight=False)
-    if report["left_queued"] and report["unserved_models"]:
-        out.print(f"{report['left_queued']} jobs stay queued: run again once this machine can load their model, "
+    if report.left_queued and report.unserved_models:
+        out.print(f"{report.left_queued} jobs stay queued: run again once this machine can load their model, "
                   f"or render them on a fleet (`kiln submit`)")
-    elif report["left_queued"]:
-        out.print(f"batch paused: {report['left_queued']} jobs stay queued; `kiln batch resume "
-                  f"{report['batch_id']}`, then run the same command again")
-    if report["failed"]:
-        out.print(f"see every failure with `kiln status {report['batch_id']}`")
+    elif report.left_queued:
+        out.print(f"batch paused: {report.left_queued} jobs stay queued; `kiln batch resume "
+                  f"{report.batch_id}`, then run the same command again")
+    if report.failed:
+        out.print(f"see every failure with `kiln status {report.batch_id}`")
 
 
 @cli.command()
@@ -292,27 +233,16 @@ def _print_summary(report: dict[str, Any], failures: list[str]) -> None:
 def submit(manifest: Path, as_json: bool, dry_run: bool, **params: Any) -> None:
     """Validate MANIFEST and record it as a batch of queued jobs (with --dry-run, write nothing)."""
     settings = load_settings(database_url=params.get("database_url"), max_jobs=params.get("max_jobs"))
-    expansion = _plan(manifest, settings, params)
-    jobs = expansion.jobs
-    per_model = Counter(j.model for j in jobs)
-    summary: dict[str, Any] = {
-        "jobs": len(jobs), "per_model": dict(per_model), "skipped_rows": expansion.skipped_rows,
-        "megapixels": round(sum(j.width * j.height for j in jobs) / 1e6, 2),
-        "examples": [{"id": j.row_id, "prompt": j.prompt, "output": j.output_key, "seed": j.seed}
-                     for j in jobs[:3]]}
-    if not dry_run:
-        summary["references_uploaded"] = _upload_references(expansion, settings)
-        recorded = _record(manifest, store.open_database(settings.database_url), expansion, params)
-        summary |= {"batch_id": recorded.batch_id, "queued": recorded.new + recorded.requeued,
-                    "already_done": recorded.already_done, "in_progress": recorded.in_progress}
+    done = usecases.submit(_request(manifest, params), settings, utcnow, dry_run)
+    summary, plan = done.as_json(), done.plan
     if as_json:
         out.print_json(data=summary)
         return
-    out.print(f"[bold]{manifest.name}[/]: {len(jobs)} jobs, {summary['megapixels']} megapixels"
-              + (f", {expansion.skipped_rows} incomplete rows skipped" if expansion.skipped_rows else ""))
-    for model, n in per_model.most_common():
+    out.print(f"[bold]{manifest.name}[/]: {plan.jobs} jobs, {plan.megapixels} megapixels"
+              + (f", {plan.skipped_rows} incomplete rows skipped" if plan.skipped_rows else ""))
+    for model, n in plan.per_model.items():
         out.print(f"  {model}: {n} jobs")
-    for ex in summary["examples"]:
+    for ex in plan.examples:
         out.print(f"  row {ex['id']} -> {ex['output']} (seed {ex['seed']}): {ex['prompt']}", highlight=False)
     if dry_run:
         out.print("dry run: nothing was written")
@@ -337,19 +267,6 @@ def _render_command(manifest: Path, params: dict[str, Any]) -> str:
     words += [flag for flag, key in (("--non-commercial", "non_commercial"), ("--skip-incomplete", "skip_incomplete"))
               if params.get(key)]
     return shlex.join(words)
-
-
-def _upload_references(expansion: Expansion, settings: KilnSettings) -> int:
-    """With S3 storage, put each reference image in the bucket once, by content, for workers on other PCs (before
-    the batch is recorded: a reference uploaded for a batch that then fails to record is harmless)."""
-    references = {j.reference_sha256: j.reference for j in expansion.jobs if j.reference and j.reference_sha256}
-    if not references or scheme(settings.storage_url) != "s3":
-        return 0
-    bucket = Bucket.from_settings(settings)
-    bucket.check()
-    for sha256, path in references.items():
-        bucket.put_reference(Path(path), sha256)
-    return len(references)
 
 
 def _database(database_url: str | None) -> Any:

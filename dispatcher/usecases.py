@@ -1,30 +1,224 @@
-"""What a person asks of Kiln, as functions that return typed results: the CLI (and a dashboard) only present them.
+"""What a person asks of Kiln, as functions that return typed results: the CLI and the dashboard only present them.
 
-Sessions come in; nothing here prints. So far: the fleet's workers, a batch's status and progress, batch control
-(pause, resume, priority, cancel, retry) and a batch's export rows.
+Nothing here prints. A manifest in: plan (what it would render), submit (record it for the fleet), render here.
+Then: the fleet's workers, a batch's status, progress and gallery, batch control (pause, resume, priority, cancel,
+retry) and a batch's export rows.
 """
 
 from __future__ import annotations
 
+import hashlib
+import uuid
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import fleet, store
-from dispatcher.expand import image_job_id
+from dispatcher import fleet, runner, store
+from dispatcher.expand import Expansion, Options, expand, image_job_id
+from dispatcher.reader import read_manifest
 from schemas.capacity import job_queue, model_key, queue_model_key
-from schemas.errors import ConfigError, KilnError
-from schemas.job import REQUEUEABLE, JobStatus
+from schemas.errors import ConfigError, KilnError, ModelError
+from schemas.job import REQUEUEABLE, JobSpec, JobStatus, RenderResult
 from schemas.manifest import RowFields, describe
 from schemas.models import resolve_model
+from schemas.renderer import StepCallback
+from schemas.settings import KilnSettings
+from schemas.storage import open_storage, scheme
 from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
 
 FORGET_AFTER = timedelta(days=1)  # a worker silent this long is no longer listed
 RATE_WINDOW = timedelta(minutes=10)  # the recent past whose finished images measure a batch's throughput
+
+
+Clock = Callable[[], datetime]
+
+
+@dataclass(frozen=True)
+class Request:
+    """A manifest and the options that decide how it expands into jobs (render and submit share them)."""
+
+    manifest: Path
+    model: str | None = None  # for every row, over the manifest's
+    prompt: str | None = None  # a template for every row
+    output: str | None = None  # an output key template for every row
+    name: str | None = None  # the batch's name [the manifest's file name]
+    non_commercial: bool = False
+    skip_incomplete: bool = False
+    priority: int = 0
+
+    @property
+    def batch_name(self) -> str:
+        return self.name or self.manifest.stem
+
+
+def expansion(request: Request, settings: KilnSettings) -> Expansion:
+    """Read and validate a manifest and expand it into jobs; a ManifestError says what to fix. Writes nothing."""
+    options = Options(batch=request.batch_name, base_dir=request.manifest.resolve().parent, prompt=request.prompt,
+                      model=request.model, output=request.output, non_commercial=request.non_commercial,
+                      skip_incomplete=request.skip_incomplete, max_jobs=settings.max_jobs)
+    return expand(read_manifest(request.manifest), options)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a manifest would render."""
+
+    jobs: int
+    per_model: dict[str, int]  # most jobs first
+    skipped_rows: int
+    megapixels: float
+    examples: list[dict[str, Any]]  # the first three jobs: row id, prompt, output key, seed
+
+    @classmethod
+    def of(cls, found: Expansion) -> Plan:
+        jobs = found.jobs
+        return cls(len(jobs), dict(Counter(j.model for j in jobs).most_common()), found.skipped_rows,
+                   round(sum(j.width * j.height for j in jobs) / 1e6, 2),
+                   [{"id": j.row_id, "prompt": j.prompt, "output": j.output_key, "seed": j.seed} for j in jobs[:3]])
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def record(request: Request, sessions: sessionmaker[Session], found: Expansion, clock: Clock) -> store.Recorded:
+    """Record an expanded manifest as a batch, all or nothing (a rerun with nothing to render adds no batch)."""
+    digest = hashlib.sha256(request.manifest.read_bytes()).hexdigest()
+
+    def batch() -> Batch:
+        return Batch(id=uuid.uuid4().hex[:12], name=request.batch_name, manifest=str(request.manifest),
+                     manifest_sha256=digest, non_commercial=request.non_commercial, created_at=clock(),
+                     priority=request.priority, paused=False)
+
+    return store.record_new_batch(sessions, batch, found, clock)
+
+
+@dataclass(frozen=True)
+class Submitted:
+    """What `submit` did: the plan, and unless it was a dry run, the batch it recorded."""
+
+    plan: Plan
+    recorded: store.Recorded | None  # None: a dry run, nothing written
+    references_uploaded: int = 0  # reference images put in the bucket for workers on other PCs
+
+    def as_json(self) -> dict[str, Any]:
+        r = self.recorded
+        return self.plan.as_json() | ({} if r is None else {
+            "references_uploaded": self.references_uploaded, "batch_id": r.batch_id, "queued": r.new + r.requeued,
+            "already_done": r.already_done, "in_progress": r.in_progress})
+
+
+def submit(request: Request, settings: KilnSettings, clock: Clock, dry_run: bool = False) -> Submitted:
+    """Validate a manifest and, unless `dry_run`, record it as a batch of queued jobs for the fleet. With S3
+    storage, each reference image goes to the bucket once, by content, before the batch is recorded (one uploaded
+    for a batch that then fails to record is harmless)."""
+    found = expansion(request, settings)
+    if dry_run:
+        return Submitted(Plan.of(found), None)
+    uploaded = _upload_references(found, settings)
+    return Submitted(Plan.of(found), record(request, store.open_database(settings.database_url), found, clock),
+                     uploaded)
+
+
+def _upload_references(found: Expansion, settings: KilnSettings) -> int:
+    references = {j.reference_sha256: j.reference for j in found.jobs if j.reference and j.reference_sha256}
+    if not references or scheme(settings.storage_url) != "s3":
+        return 0
+    from dispatcher.bucket import Bucket
+
+    bucket = Bucket.from_settings(settings)
+    bucket.check()
+    for sha256, path in references.items():
+        bucket.put_reference(Path(path), sha256)
+    return len(references)
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """What rendering a manifest here did."""
+
+    batch_id: str
+    jobs: int
+    rendered: int
+    failed: int  # failed or dead
+    retried: int  # attempts that failed and were tried again
+    left_queued: int  # its model cannot be loaded here, or the batch was paused
+    unserved_models: dict[str, str]  # model -> why this machine cannot render it
+    already_done: int
+    skipped_rows: int
+    counts: dict[str, int]
+    wall_seconds: float
+    seconds_per_image: float | None
+    storage: str
+    device: str
+    failures: list[tuple[str, str | None]] = field(default_factory=list)  # (row id, error) of this run's failures
+
+    def as_json(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "failures"}
+
+
+class Interrupted(Exception):
+    """Rendering here stopped at Ctrl-C or SIGTERM; the job in hand went back to the queue."""
+
+    def __init__(self, batch_id: str, counts: dict[str, int]) -> None:
+        super().__init__(f"batch {batch_id} interrupted")
+        self.batch_id = batch_id
+        self.counts = counts
+
+
+def render_here(request: Request, settings: KilnSettings, clock: Clock, *,
+                on_start: Callable[[int], None] = lambda queued: None, on_step: StepCallback | None = None,
+                on_result: Callable[[JobSpec, RenderResult], None] = lambda job, result: None) -> Rendered:
+    """Expand, record and render a manifest in this process. Everything that can be known to fail (a bad manifest,
+    storage, missing weights, rows too big for this card) fails before anything is written. `on_start` hears how
+    many jobs are to render, `on_result` each one done with (not retries). A KeyboardInterrupt puts the job in hand
+    back and becomes Interrupted."""
+    found = expansion(request, settings)
+    storage = open_storage(settings)  # a folder, or S3 with our own credentials
+    storage.check()
+    renderer = runner.load_renderer(settings, runner.local_worker_name())
+    renderer.prepare(list(found.models.values()))  # missing weights fail before anything is written
+    shapes = {(j.model, j.width, j.height, 1 if j.reference else 0) for j in found.jobs}
+    unfit = sorted({reason for shape in shapes if (reason := renderer.why_unfit(*shape))})
+    if unfit:  # before anything is written: this machine cannot render these rows at all
+        raise ModelError("; ".join(unfit) + ". Render them on a fleet worker with a bigger card (`kiln submit`), "
+                         "or choose a smaller model or size")
+    sessions = store.open_database(settings.database_url)
+    recorded = record(request, sessions, found, clock)
+    with sessions.begin() as session:
+        runner.recover_orphans(session, clock())
+    on_start(recorded.new + recorded.requeued + recorded.in_progress)
+    failures: list[tuple[str, str | None]] = []
+
+    def recorded_one(job: JobSpec, result: RenderResult, status: JobStatus) -> None:
+        if status is not JobStatus.QUEUED:  # done with, one way or the other; not a retry
+            on_result(job, result)
+        if status in (JobStatus.FAILED, JobStatus.DEAD):
+            failures.append((job.row_id, result.error))
+
+    try:
+        summary = runner.run_batch(sessions, renderer, recorded.batch_id, clock, runner.embedded_policy(settings),
+                                   settings.batch_size, on_step, recorded_one, storage)
+    except KeyboardInterrupt:  # the jobs in hand are back in the queue (run_batch)
+        with sessions.begin() as session:
+            raise Interrupted(recorded.batch_id, store.batch_counts(session, recorded.batch_id)) from None
+    with sessions.begin() as session:
+        counts = store.batch_counts(session, recorded.batch_id)
+        store.finish_batches(session, clock())
+    if settings.webhook_url and settings.webhook_secret:  # one round; what does not land goes with the next run
+        from dispatcher import webhooks
+
+        webhooks.deliver(sessions, settings.webhook_url, settings.webhook_secret, clock())
+    return Rendered(recorded.batch_id, recorded.jobs, summary.rendered, summary.failed, summary.retried,
+                    summary.left, summary.unserved, recorded.already_done, found.skipped_rows, counts,
+                    round(summary.seconds, 3), summary.seconds_per_image and round(summary.seconds_per_image, 3),
+                    storage.uri(""), renderer.device_name, failures)
 
 
 @dataclass(frozen=True)
