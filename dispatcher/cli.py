@@ -36,6 +36,7 @@ err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() els
 
 
 WATCH_SECONDS = 2.0  # how often `kiln status --watch` looks again
+CAPS = ("max_jobs", "max_rows", "max_manifest_bytes")  # a manifest's size limits: settings and options alike
 
 
 def utcnow() -> datetime:
@@ -123,6 +124,9 @@ def manifest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                      help="Skip rows whose placeholders are empty, and say how many."),
         click.option("--max-jobs", type=int,
                      help="Refuse manifests that expand to more jobs [env KILN_MAX_JOBS; 100000]."),
+        click.option("--max-rows", type=int, help="Refuse manifests with more rows [env KILN_MAX_ROWS; 100000]."),
+        click.option("--max-bytes", "max_manifest_bytes", type=int,
+                     help="Refuse manifest files bigger than this [env KILN_MAX_MANIFEST_BYTES; 64 MiB]."),
         click.option("--database-url", help="SQLAlchemy URL [env KILN_DATABASE_URL; sqlite:///kiln.db]."),
         click.option("--json", "as_json", is_flag=True, help="Print a JSON summary for scripts."),
         click.argument("manifest", type=click.Path(path_type=Path)),
@@ -155,7 +159,7 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
     """
     settings = load_settings(**{k: params.get(k) for k in
                                 ("database_url", "storage_url", "device", "batch_size", "vram", "cache_dir",
-                                 "max_jobs")})
+                                 *CAPS)})
     # `docker stop`, systemd and `kill` send SIGTERM: stop like Ctrl-C, putting the jobs in hand back.
     signal.signal(signal.SIGTERM, _interrupt)
     progress = Progress(TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
@@ -232,7 +236,7 @@ def _print_summary(report: usecases.Rendered) -> None:
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher batches are rendered first.")
 def submit(manifest: Path, as_json: bool, dry_run: bool, **params: Any) -> None:
     """Validate MANIFEST and record it as a batch of queued jobs (with --dry-run, write nothing)."""
-    settings = load_settings(database_url=params.get("database_url"), max_jobs=params.get("max_jobs"))
+    settings = load_settings(database_url=params.get("database_url"), **{k: params.get(k) for k in CAPS})
     done = usecases.submit(_request(manifest, params), settings, utcnow, dry_run)
     summary, plan = done.as_json(), done.plan
     if as_json:
@@ -261,7 +265,8 @@ def _render_command(manifest: Path, params: dict[str, Any]) -> str:
     """The `kiln render` line that expands `manifest` as `kiln submit` just did."""
     words = ["kiln", "render", str(manifest)]
     for option, key in (("--model", "model"), ("--prompt", "prompt"), ("--output", "output_template"),
-                        ("--name", "name"), ("--max-jobs", "max_jobs"), ("--database-url", "database_url")):
+                        ("--name", "name"), ("--max-jobs", "max_jobs"), ("--max-rows", "max_rows"),
+                        ("--max-bytes", "max_manifest_bytes"), ("--database-url", "database_url")):
         if params.get(key) is not None:
             words += [option, str(params[key])]
     words += [flag for flag, key in (("--non-commercial", "non_commercial"), ("--skip-incomplete", "skip_incomplete"))

@@ -44,6 +44,7 @@ class Options:
     non_commercial: bool = False
     skip_incomplete: bool = False
     max_jobs: int = 100_000
+    max_rows: int = MAX_ROWS
 
 
 @dataclass(frozen=True)
@@ -122,9 +123,10 @@ def image_job_id(model: str, prompt: str, width: int, height: int, steps: int, g
 
 def expand(manifest: RawManifest, options: Options) -> Expansion:
     """Validate every row and expand it into jobs; raise one ManifestError listing every problem found."""
-    if len(manifest.records) > MAX_ROWS:
+    if len(manifest.records) > options.max_rows:
         raise ManifestError([Problem(manifest.name, f"has {len(manifest.records):,} rows; the limit is "
-                                                    f"{MAX_ROWS:,}: split it into several manifests")])
+                                                    f"{options.max_rows:,} (--max-rows, KILN_MAX_ROWS): split it "
+                                                    "into several manifests, or raise the limit")])
     problems = _Problems()
     expansion = Expansion(jobs=[])
     seen_ids: dict[str, str] = {}

@@ -38,14 +38,14 @@ class RawManifest:
     matrix: dict[str, list[Any]] = field(default_factory=dict)
 
 
-def read_manifest(path: Path, fmt: str | None = None) -> RawManifest:
+def read_manifest(path: Path, fmt: str | None = None, max_bytes: int = MAX_MANIFEST_BYTES) -> RawManifest:
     """Read and parse a manifest file, or raise ManifestError naming the file and what to fix."""
     name = path.name
     try:
         size = path.stat().st_size
-        if size > MAX_MANIFEST_BYTES:
-            raise _fail(name, f"is {size / 2**20:.0f} MiB; the limit is {MAX_MANIFEST_BYTES // 2**20} MiB: "
-                              "split it into several manifests")
+        if size > max_bytes:
+            raise _fail(name, f"is {size:,} bytes; the limit is {max_bytes:,} (--max-bytes, "
+                              "KILN_MAX_MANIFEST_BYTES): split it into several manifests, or raise the limit")
         data = path.read_bytes()
     except FileNotFoundError:
         raise _fail(name, f"not found: {path}") from None

@@ -33,6 +33,7 @@ from schemas.settings import KilnSettings
 
 log = logging.getLogger("kiln.dispatcher")
 TICK_SECONDS = 1.0
+FEED_GAP_SECONDS = 0.05  # between two top-ups of the queues that reports asked for
 STORAGE_DOWN_AFTER = 3  # failed probes in a row (one a tick) before publishing stops
 PROBE_SECONDS = 5.0  # how often a reachable bucket is looked at again (a LIST request each time)
 CONSUMERS = 8  # reports and heartbeats recorded at once
@@ -76,6 +77,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 pass
             raise task.retry(countdown=REPORT_RETRY_SECONDS) from None
         log.info("job %s attempt %d on %s: %s", message.job_id, message.attempt, message.worker, outcome)
+        taken.set()  # a worker took a message (or is done with one): its queue has room, top it up now
 
     @app.task(name=HEARTBEAT_TASK)
     def heartbeat(payload: dict[str, Any]) -> None:
@@ -113,9 +115,27 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
             pipe.set(waiting_key(queue), count, ex=WAITING_SECONDS)
         pipe.execute()
 
+    taken = threading.Event()
+
     def bookkeeping() -> None:
+        """Every tick: give back silent workers' jobs, withdraw unwanted messages, top the queues up, publish the
+        waiting counts and finish batches. Between ticks, whenever reports come in: top the queues up, so a
+        worker faster than a tick's backlog never waits for the next message."""
         gate = StorageGate(bucket)
+        chores_at = time.monotonic()
         while True:
+            if taken.wait(max(chores_at - time.monotonic(), 0)):
+                taken.clear()
+                if time.monotonic() < chores_at:
+                    try:
+                        if gate.open():
+                            with sessions.begin() as session:
+                                fleet.feed(session, clock(), policy, bucket, publish, depth)
+                    except Exception as exc:  # the tick's full pass says more
+                        log.debug("top-up failed: %s", exc)
+                    time.sleep(FEED_GAP_SECONDS)
+                    continue
+            chores_at = time.monotonic() + TICK_SECONDS
             try:
                 with sessions.begin() as session:
                     reaped = fleet.reap(session, clock(), policy)
@@ -138,7 +158,6 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 log.warning("bookkeeping: the database is away (%s); retrying", _why(exc))
             except Exception:  # the broker is away, or something unforeseen: say so and try again next tick
                 log.exception("bookkeeping failed; retrying")
-            time.sleep(TICK_SECONDS)
 
     def deliver_forever(url: str, secret: str) -> None:
         while True:

@@ -62,8 +62,9 @@ def expansion(request: Request, settings: KilnSettings) -> Expansion:
     """Read and validate a manifest and expand it into jobs; a ManifestError says what to fix. Writes nothing."""
     options = Options(batch=request.batch_name, base_dir=request.manifest.resolve().parent, prompt=request.prompt,
                       model=request.model, output=request.output, non_commercial=request.non_commercial,
-                      skip_incomplete=request.skip_incomplete, max_jobs=settings.max_jobs)
-    return expand(read_manifest(request.manifest), options)
+                      skip_incomplete=request.skip_incomplete, max_jobs=settings.max_jobs,
+                      max_rows=settings.max_rows)
+    return expand(read_manifest(request.manifest, max_bytes=settings.max_manifest_bytes), options)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.errors import ConfigError
-from schemas.manifest import MAX_JOBS
+from schemas.manifest import MAX_JOBS, MAX_MANIFEST_BYTES, MAX_ROWS
 
 
 class KilnSettings(BaseSettings):
@@ -32,6 +32,8 @@ class KilnSettings(BaseSettings):
                                                  "ones its card fits whose weights are here, else klein-4b)")
     prompt_cache_mb: int = Field(512, ge=0, description="host memory for prompt embeddings kept between renders")
     max_jobs: int = Field(MAX_JOBS, ge=1, description="refuse manifests that expand to more jobs than this")
+    max_rows: int = Field(MAX_ROWS, ge=1, description="refuse manifests with more rows than this")
+    max_manifest_bytes: int = Field(MAX_MANIFEST_BYTES, ge=1, description="refuse manifest files bigger than this")
     # the fleet
     broker_url: str | None = Field(None, description="Celery broker, redis://host:6379/0 or rediss://")
     s3_endpoint_url: str | None = Field(None, description="S3-compatible endpoint (MinIO, R2); unset for AWS")

@@ -181,6 +181,17 @@ def test_dry_run_summarizes_and_writes_nothing(tmp_path: Path, kiln_env: dict[st
     assert "18 jobs" in text and "klein-4b: 18 jobs" in text and "nothing was written" in text
 
 
+def test_the_manifest_caps_are_settings_that_say_how_to_raise_them(tmp_path: Path, kiln_env: dict[str, str]) -> None:
+    manifest = write(tmp_path / "m.csv", "prompt\na\nb\nc\n")
+    rows = kiln("submit", str(manifest), "--dry-run", "--max-rows", "2", cwd=tmp_path, env=kiln_env, check=2).stderr
+    assert "has 3 rows; the limit is 2 (--max-rows, KILN_MAX_ROWS)" in rows
+    size = kiln("submit", str(manifest), "--dry-run", cwd=tmp_path, env=kiln_env | {"KILN_MAX_MANIFEST_BYTES": "8"},
+                check=2).stderr
+    assert "is 13 bytes; the limit is 8 (--max-bytes, KILN_MAX_MANIFEST_BYTES)" in size
+    assert "3 jobs" in kiln("submit", str(manifest), "--dry-run", "--max-bytes", "13", cwd=tmp_path,
+                            env=kiln_env | {"KILN_MAX_ROWS": "3"}).stdout
+
+
 def test_submit_records_a_batch_that_render_then_completes(tmp_path: Path, kiln_env: dict[str, str]) -> None:
     manifest = write(tmp_path / "m.csv", "id,prompt,width,height\na,x,256,256\nb,y,256,256\n")
     submitted = json.loads(kiln("submit", str(manifest), "--model", "tiny", "--json", cwd=tmp_path,

@@ -166,11 +166,10 @@ def test_reference_paths_resolve_against_the_manifest_folder(tmp_path: Path) -> 
     assert job.reference == str((tmp_path / "ref.png").resolve())
 
 
-def test_row_count_is_capped_before_any_row_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("dispatcher.expand.MAX_ROWS", 3)
-    assert "m.csv: has 4 rows; the limit is 3: split it into several manifests" in rejection(
-        "prompt\na\nb\nc\nd\n")
-    assert len(jobs_of("prompt\na\nb\nc\n").jobs) == 3
+def test_row_count_is_capped_before_any_row_is_checked() -> None:
+    assert "m.csv: has 4 rows; the limit is 3 (--max-rows, KILN_MAX_ROWS): split it into several manifests" in \
+        rejection("prompt\na\nb\nc\nd\n", max_rows=3)
+    assert len(jobs_of("prompt\na\nb\nc\n", max_rows=3).jobs) == 3
 
 
 def test_reference_images_over_20_mib_are_refused(tmp_path: Path) -> None:

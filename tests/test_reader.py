@@ -78,10 +78,8 @@ def test_missing_file_and_folder_are_clear(tmp_path: Path) -> None:
 
 
 def test_oversized_manifest_is_refused_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import dispatcher.reader
-
-    monkeypatch.setattr(dispatcher.reader, "MAX_MANIFEST_BYTES", 10)
     path = tmp_path / "big.csv"
     path.write_text("id,prompt\n1,xxxxxxxx\n", encoding="utf-8")
-    with pytest.raises(ManifestError, match="the limit is"):
-        read_manifest(path)
+    with pytest.raises(ManifestError, match=r"is 21 bytes; the limit is 10 \(--max-bytes, KILN_MAX_MANIFEST_BYTES\)"):
+        read_manifest(path, max_bytes=10)
+    assert len(read_manifest(path, max_bytes=21).records) == 1
