@@ -230,7 +230,7 @@ def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
     session.execute(update(Worker).where(Worker.name == beat.worker).values(
         queues=beat.queues, models=beat.models, unserved=beat.unserved, problem=beat.problem,
         model_loads=beat.model_loads, loaded_model=beat.loaded_model, plan=beat.plan, current_job=beat.current_job,
-        step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,
+        finishing=beat.finishing, step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,
         seconds_per_image=beat.seconds_per_image))
 
 
@@ -241,7 +241,8 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
     whose workers keep vanishing goes dead."""
     cutoff = now - policy.worker_timeout
     silent = or_(Worker.last_seen.is_(None), Worker.last_seen < cutoff)
-    elsewhere = or_(Worker.current_job.is_(None), Worker.current_job != Job.id)
+    elsewhere = and_(or_(Worker.current_job.is_(None), Worker.current_job != Job.id),
+                     or_(Worker.finishing.is_(None), Worker.finishing != Job.id))
     overdue = Job.updated_at < cutoff - policy.time_limit
     # A report in hand means the worker is done with the job; while it waits to be recorded (storage slow to
     # confirm the upload), giving the job back would only render it again.

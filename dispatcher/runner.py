@@ -6,6 +6,7 @@ import os
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from importlib.metadata import entry_points
@@ -96,34 +97,21 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
               storage: Storage | None = None, sleep: Callable[[float], None] = time.sleep) -> RunSummary:
     """Render every queued job of a batch here, recording each result as it comes, with the fleet's lifecycle
     (dispatcher.lifecycle): a transient failure is retried after its backoff, bad input fails at once, and a model
-    this machine cannot load is left queued for another run or a fleet. On Ctrl-C the jobs in hand go back to
-    the queue, so the next run picks them up. `on_result` hears each attempt with the job's new status."""
+    this machine cannot load is left queued for another run or a fleet. The jobs in hand are stored while the next
+    ones render, and recorded once stored. On Ctrl-C the jobs in hand go back to the queue, so the next run picks
+    them up. `on_result` hears each attempt with the job's new status."""
     summary = RunSummary()
     started = time.perf_counter()
     with sessions.begin() as session:
         store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
-    while True:
-        jobs: list[JobSpec] = []
-        try:
-            with sessions.begin() as session:
-                jobs = store.claim(session, renderer.worker, clock(), LEASE, batch_id=batch_id, limit=batch_size,
-                                   prefer_model=renderer.loaded_model, skip_models=summary.unserved)
-                retry_at = None if jobs else store.next_retry(session, batch_id, summary.unserved)
-            if not jobs:
-                if retry_at is None:
-                    break
-                sleep(max((retry_at - clock()).total_seconds(), 0.0) + 0.01)  # a retry's backoff
-                continue
-            results = renderer.render(jobs, on_step, storage)
-            outcomes = []
-            with sessions.begin() as session:
-                for job, result in zip(jobs, results, strict=True):
-                    status, _ = store.record_result(session, job, result, clock(), policy)
-                    outcomes.append(status)
-                store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
-        except BaseException:  # Ctrl-C or SIGTERM anywhere from the claim on: the jobs in hand go back
-            _release(sessions, jobs, clock)
-            raise
+    storing: tuple[list[JobSpec], Future[list[RenderResult]]] | None = None  # rendered, being stored
+    jobs: list[JobSpec] = []
+
+    def record(jobs: list[JobSpec], results: list[RenderResult]) -> None:
+        with sessions.begin() as session:
+            outcomes = [store.record_result(session, job, result, clock(), policy)[0]
+                        for job, result in zip(jobs, results, strict=True)]
+            store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
         for job, result, status in zip(jobs, results, outcomes, strict=True):
             summary.rendered += status is JobStatus.SUCCEEDED
             summary.failed += status in (JobStatus.FAILED, JobStatus.DEAD)
@@ -133,6 +121,33 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
                 summary.retried += 1
             if on_result:
                 on_result(job, result, status)
+
+    try:
+        while True:
+            with sessions.begin() as session:
+                jobs = store.claim(session, renderer.worker, clock(), LEASE, batch_id=batch_id, limit=batch_size,
+                                   prefer_model=renderer.loaded_model, skip_models=summary.unserved)
+                retry_at = None if jobs else store.next_retry(session, batch_id, summary.unserved)
+            rendering = renderer.start(jobs, on_step, storage) if jobs else None
+            recorded = storing is not None
+            if storing is not None:  # the previous jobs, stored meanwhile
+                record(storing[0], storing[1].result())
+                storing = None
+            if rendering is not None:
+                if rendering.done():  # settled already (a model it cannot load, say): recorded before claiming
+                    record(jobs, rendering.result())  # more of the same
+                else:
+                    storing = (jobs, rendering)
+                jobs = []
+            elif recorded:
+                continue  # what was just recorded may have queued a retry: look again
+            elif retry_at is None:
+                break
+            else:
+                sleep(max((retry_at - clock()).total_seconds(), 0.0) + 0.01)  # a retry's backoff
+    except BaseException:  # Ctrl-C or SIGTERM anywhere from the claim on: the jobs in hand go back
+        _release(sessions, jobs + (storing[0] if storing else []), clock)
+        raise
     with sessions.begin() as session:  # what is left: a model this machine cannot load, or the batch was paused
         summary.left = store.batch_counts(session, batch_id)["queued"]
     summary.seconds = time.perf_counter() - started

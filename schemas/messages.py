@@ -71,6 +71,7 @@ class Heartbeat(BaseModel):
     loaded_model: str | None = None
     plan: str | None = None  # how the loaded model sits on the card (schemas.plan.Plan.describe)
     current_job: str | None = None
+    finishing: str | None = None  # the job before it: rendered, its image being stored (and then reported)
     step: int | None = None
     steps: int | None = None
     seconds_per_image: float | None = None

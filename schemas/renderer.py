@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Protocol
 
 from schemas.job import JobSpec, RenderResult
@@ -49,4 +50,10 @@ class Renderer(Protocol):
     def render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None,
                storage: Storage | None = None) -> list[RenderResult]:
         """Render jobs of one shape into `storage` (else the renderer's own); failures come back as results."""
+        ...
+
+    def start(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None,
+              storage: Storage | None = None) -> Future[list[RenderResult]]:
+        """`render`, returning once the images are rendered: they are stored in the background meanwhile (one
+        hand-off deep), and the future holds the results."""
         ...

@@ -169,6 +169,7 @@ class Worker(Base):
     loaded_model: Mapped[str | None] = mapped_column(String(300))
     plan: Mapped[str | None] = mapped_column(String(120))  # how the loaded model sits on its card
     current_job: Mapped[str | None] = mapped_column(String(32))
+    finishing: Mapped[str | None] = mapped_column(String(32))  # rendered, its image being stored
     step: Mapped[str | None] = mapped_column(String(16))  # "3/4"
     seconds_per_image: Mapped[float | None] = mapped_column(Float)
 

@@ -325,6 +325,20 @@ def test_a_job_whose_gpu_process_died_goes_back_though_its_worker_still_beats(da
     assert job_row(sessions, task.job.job_id).status is JobStatus.QUEUED
 
 
+def test_a_job_whose_image_is_still_uploading_while_its_worker_renders_the_next_is_not_taken_back(
+        database_url: str, bucket: Bucket) -> None:
+    sessions, task = started(database_url, bucket)
+    later = T0 + timedelta(seconds=61)  # a slow upload: the job's last word is a minute old
+    with sessions.begin() as s:
+        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[], current_job="next",
+                                            finishing=task.job.job_id), later)
+        assert fleet.reap(s, later, POLICY) == 0
+        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[], current_job="next"),
+                               later)  # no longer finishing it, and no report came: its process died meanwhile
+        assert fleet.reap(s, later, POLICY) == 1
+    assert job_row(sessions, task.job.job_id).status is JobStatus.QUEUED
+
+
 def test_no_job_stays_running_past_its_time_limit_whatever_the_heartbeats_say(database_url: str,
                                                                               bucket: Bucket) -> None:
     sessions, task = started(database_url, bucket)

@@ -57,11 +57,28 @@ class WorkerState:
                               queues=[q for queues in served.values() for q in queues], models=list(served),
                               unserved=unserved)
         self.lock = threading.Lock()
+        self._stored: set[str] = set()  # jobs stored before their hand-over was noted
 
     def update(self, **values: Any) -> None:
         """Change what the next heartbeat says."""
         with self.lock:
             self.beat = self.beat.model_copy(update=values)
+
+    def handed_over(self, job_id: str, **values: Any) -> None:
+        """A job is rendered and its image handed to the writer: heartbeats name it as finishing (so the
+        dispatcher does not take it back while it uploads) until `stored` says it is done."""
+        with self.lock:
+            finishing = None if job_id in self._stored else job_id
+            self._stored.discard(job_id)
+            self.beat = self.beat.model_copy(update=values | {"finishing": finishing})
+
+    def stored(self, job_id: str) -> None:
+        """A job's image is stored and its result reported (on the writer thread, maybe before `handed_over`)."""
+        with self.lock:
+            if self.beat.finishing == job_id:
+                self.beat = self.beat.model_copy(update={"finishing": None})
+            else:
+                self._stored.add(job_id)
 
 
 def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, ModelChooser]:
@@ -145,11 +162,23 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
             return
         send(REPORT_TASK, Report(kind="started", job_id=job.job_id, attempt=job.attempt, worker=name)
              .model_dump(mode="json"))
-        result = _render(job, message, settings, name, state, renderer, wanted)
-        if result.error_kind == "worker":  # this worker cannot serve the model (or anything): stop taking it
-            _stop_taking(job.model, result, state, renderer["local"], news_out)
-        send(REPORT_TASK, Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=name,
-                                 result=result).model_dump(mode="json"))
+
+        def finished(result: RenderResult) -> None:  # once its image is stored: on the writer thread
+            if result.error_kind == "worker":  # this worker cannot serve the model (or anything): stop taking it
+                _stop_taking(job.model, result, state, renderer["local"], news_out)
+            send(REPORT_TASK, Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=name,
+                                     result=result).model_dump(mode="json"))
+
+        # Returns once the image is rendered: the message is acknowledged and the next one rendered while this
+        # one uploads. A worker that dies before the upload and report has its job taken back and rendered again.
+        _render(job, message, settings, name, state, renderer, wanted, finished)
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def store_the_last(**_: Any) -> None:  # the GPU process stops: what it rendered is stored and reported first
+        local = renderer.get("local")
+        budget = settings.upload_retry_seconds + settings.storage_timeout_seconds
+        if local is not None and not local.writer.drain(budget):
+            log.warning("stopped before the last image was stored: its job will be rendered again")
 
     return app, state, chooser
 
@@ -192,7 +221,9 @@ def _stop_taking(model: str, result: RenderResult, state: WorkerState, local: Lo
 
 
 def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str, state: WorkerState,
-            renderer: dict[str, Any], wanted: Callable[[RenderTask], bool]) -> RenderResult:
+            renderer: dict[str, Any], wanted: Callable[[RenderTask], bool],
+            finished: Callable[[RenderResult], None]) -> None:
+    """Render one job; `finished` hears its result once its image is stored (on the writer thread)."""
     if "local" not in renderer:
         renderer["local"] = LocalRenderer(settings, name, card=state.card)
     local: LocalRenderer = renderer["local"]
@@ -205,15 +236,23 @@ def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str
                 settings.cache_dir / "references", settings.storage_timeout_seconds, settings.upload_retry_seconds))})
         except RenderError as exc:
             state.update(current_job=None, step=None, steps=None)
-            return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,
-                                error=str(exc), error_kind=exc.kind)
+            finished(RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,
+                                  error=str(exc), error_kind=exc.kind))
+            return
     upload = WantedUpload(SignedUpload(message.upload, settings.storage_timeout_seconds,
                                        settings.upload_retry_seconds), lambda: wanted(message))
-    [result] = local.render([job], lambda step, steps: state.update(step=step, steps=steps), upload)
-    seconds = round(time.perf_counter() - started, 3) if result.ok else state.beat.seconds_per_image
-    state.update(current_job=None, step=None, steps=None, loaded_model=local.loaded_model,
-                 plan=local.loaded_plan, seconds_per_image=seconds, model_loads=dict(local.loads))
-    return result
+
+    def then(results: list[RenderResult]) -> None:
+        try:
+            finished(results[0])
+        finally:
+            state.stored(job.job_id)
+
+    future = local.start([job], lambda step, steps: state.update(step=step, steps=steps), upload, then)
+    failed = future.done() and not future.result()[0].ok  # it never rendered: its time says nothing of the pace
+    seconds = state.beat.seconds_per_image if failed else round(time.perf_counter() - started, 3)  # storing overlaps
+    state.handed_over(job.job_id, current_job=None, step=None, steps=None, loaded_model=local.loaded_model,
+                      plan=local.loaded_plan, seconds_per_image=seconds, model_loads=dict(local.loads))
 
 
 class WantedUpload:

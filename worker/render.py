@@ -9,6 +9,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any, TypeVar
 
 import numpy as np
@@ -27,10 +28,12 @@ from worker.device import cap_memory, device_name, free_cached, local_card, pick
 from worker.pipeline import LoadedModel, load_model, quiet_libraries, weights_folder
 from worker.png import encode_png
 from worker.prompts import PromptCache
+from worker.writer import Writer
 
 log = logging.getLogger("kiln.worker")
 # What CUDA libraries say when an allocation fails outside torch's allocator (cuBLAS workspaces, cuDNN plans).
 T = TypeVar("T")
+Outcome = RenderResult | Callable[[], RenderResult]  # a job's result, or what stores its image and gives it
 ALLOCATION_FAILURES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 # What torch says when the CUDA context is gone (a driver reset, a card dropping off the bus, a device-side
 # assert): nothing more renders in this process.
@@ -58,6 +61,7 @@ class LocalRenderer:
         self.loads: Counter[str] = Counter()  # model -> how many times it was loaded here
         self.unserved: dict[str, str] = {}  # model -> why it cannot be loaded here (its jobs are not tried again)
         self.broken: str | None = None  # why this device can render nothing more (it was lost)
+        self.writer = Writer()  # stores images while the next ones render
 
     @property
     def storage(self) -> Storage:
@@ -141,11 +145,41 @@ class LocalRenderer:
 
     def render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None,
                storage: Storage | None = None) -> list[RenderResult]:
-        """Render jobs of one shape and store them (in `storage`, else the configured one): their prompts in one
-        encoder stage, then as many images per pipeline call as the plan fits. A failure is reported per job,
-        never raised: a bug or an unforeseen library error fails the jobs in hand, and the batch goes on. A model
-        that cannot be loaded here, or a lost device, is the worker's fault (kind "worker"): remembered, and its
-        jobs are not tried here again."""
+        """Render jobs of one shape and store them (in `storage`, else the configured one); `start`, waited for."""
+        return self.start(jobs, on_step, storage).result()
+
+    def start(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None, storage: Storage | None = None,
+              then: Callable[[list[RenderResult]], None] | None = None) -> Future[list[RenderResult]]:
+        """Render jobs of one shape now: their prompts in one encoder stage, then as many images per pipeline call
+        as the plan fits. Their images are encoded and stored (in `storage`, else the configured one) on the
+        writer thread, while the caller goes on to the next jobs; the future holds the results once they are
+        stored, and `then` hears them first (on that thread). A failure is reported per job, never raised: a bug
+        or an unforeseen library error fails the jobs in hand, and the batch goes on. A model that cannot be
+        loaded here, or a lost device, is the worker's fault (kind "worker"): remembered, and its jobs are not
+        tried here again."""
+        outcomes = self._attempt(jobs, on_step, storage)
+
+        def finish() -> list[RenderResult]:
+            results = []
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                try:
+                    results.append(outcome() if callable(outcome) else outcome)
+                except Exception as exc:  # a bug while encoding or storing: the job fails, the worker goes on
+                    log.debug("storing failed", exc_info=True)
+                    results.append(self._failed(job, RenderError(f"{type(exc).__name__}: {first_line(exc)}",
+                                                                 "error"), 0.0, None))
+            if then is not None:
+                then(results)
+            return results
+
+        if any(callable(o) for o in outcomes):
+            return self.writer.submit(finish)
+        done: Future[list[RenderResult]] = Future()
+        done.set_result(finish())  # nothing to store: settled here
+        return done
+
+    def _attempt(self, jobs: Sequence[JobSpec], on_step: StepCallback | None,
+                 storage: Storage | None) -> list[Outcome]:
         refused = self.broken or self.unserved.get(jobs[0].model)
         if refused:
             return [self._failed(job, RenderError(refused, "worker"), 0.0, None) for job in jobs]
@@ -161,7 +195,8 @@ class LocalRenderer:
         return [self._failed(job, error, 0.0, None) for job in jobs]
 
     def _render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None,
-                storage: Storage | None) -> list[RenderResult]:
+                storage: Storage | None) -> list[Outcome]:
+        """Each job's result, or for a rendered image, what stores it and gives its result."""
         started = time.perf_counter()
         plan: Plan | None = None
         try:
@@ -173,10 +208,13 @@ class LocalRenderer:
             if error.kind == "worker":
                 self.unserved[jobs[0].model] = str(error)
         else:
-            seconds = (time.perf_counter() - started) / len(jobs)
-            target = storage or self.storage
-            return [self._store(job, image, seconds, target, plan)
-                    for job, image in zip(jobs, images, strict=True)]
+            seconds = (time.perf_counter() - started) / len(jobs)  # rendering only: storing is the writer's
+            target, done = storage or self.storage, plan
+
+            def storing(job: JobSpec, image: np.ndarray) -> Callable[[], RenderResult]:
+                return lambda: self._store(job, image, seconds, target, done)
+
+            return [storing(job, image) for job, image in zip(jobs, images, strict=True)]
         if len(jobs) > 1 and error.kind == "oom":  # find out which ones fit alone
             return [r for job in jobs for r in self._render([job], on_step, storage)]
         return [self._failed(job, error, time.perf_counter() - started, plan) for job in jobs]
