@@ -16,7 +16,7 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, or_, select, update
+from sqlalchemy import Engine, create_engine, event, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -31,6 +31,7 @@ from schemas.tables import Attempt, Batch, BatchJob, Event, Job, Output, Worker
 MIGRATIONS = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
 MIGRATION_LOCK = 0x4B494C4E  # "KILN": the advisory lock that serializes migrations on PostgreSQL
 CHUNK = 500  # ids per IN (...) query, well under every database's parameter limit
+BULK = 5000  # rows handed to one bulk insert (SQLAlchemy pages them under each database's parameter limit)
 BUSY_SECONDS = 10  # how long SQLite waits for another process's write lock before giving up
 RECORD_TRIES = 3  # a submit racing others for the same new jobs records again after the first one commits
 
@@ -139,20 +140,22 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
             done = sum(j.status is JobStatus.SUCCEEDED for j in existing.values())
             return Recorded(same.id, len(ids), 0, 0, done, len(existing) - done)
     session.add(batch)
+    queues: dict[tuple[str, int, int, int], str | None] = {}  # by shape: a catalog has a handful
     new = requeued = done = active = 0
-    links = []
+    jobs, links = [], []
     for position, planned in enumerate(expansion.jobs):
         job = existing.get(planned.job_id)
         if job is None:
-            profile = expansion.models[planned.model].profile
-            queue = job_queue(planned.model, profile, planned.width, planned.height,
-                              references=1 if planned.reference else 0)
-            session.add(Job(id=planned.job_id, queue=queue, min_vram_gb=0,
-                            model=planned.model, prompt=planned.prompt, width=planned.width,
-                            height=planned.height, steps=planned.steps, guidance=planned.guidance, seed=planned.seed,
-                            output_key=planned.output_key, reference=planned.reference,
-                            reference_sha256=planned.reference_sha256, status=JobStatus.QUEUED,
-                            attempts=0, created_at=now, updated_at=now))
+            shape = (planned.model, planned.width, planned.height, 1 if planned.reference else 0)
+            if shape not in queues:
+                queues[shape] = job_queue(planned.model, expansion.models[planned.model].profile, planned.width,
+                                          planned.height, references=shape[3])
+            jobs.append(dict(id=planned.job_id, queue=queues[shape], min_vram_gb=0, budget_from=0,
+                             model=planned.model, prompt=planned.prompt, width=planned.width,
+                             height=planned.height, steps=planned.steps, guidance=planned.guidance, seed=planned.seed,
+                             output_key=planned.output_key, reference=planned.reference,
+                             reference_sha256=planned.reference_sha256, status=JobStatus.QUEUED,
+                             attempts=0, created_at=now, updated_at=now))
             new += 1
         elif job.status in REQUEUEABLE:
             requeue(session, job, now)
@@ -161,12 +164,14 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
             done += 1
         else:
             active += 1
-        links.append(BatchJob(batch_id=batch.id, job_id=planned.job_id, position=position,
-                              manifest_row=planned.manifest_row, manifest_line=planned.manifest_line,
-                              row_id=planned.row_id, variant=planned.variant, row_data=planned.row_data))
-    session.flush()  # jobs before the links that point at them
-    session.add_all(links)
-    session.flush()
+        links.append(dict(batch_id=batch.id, job_id=planned.job_id, position=position,
+                          manifest_row=planned.manifest_row, manifest_line=planned.manifest_line,
+                          row_id=planned.row_id, variant=planned.variant, row_data=planned.row_data))
+    session.flush()  # the batch, and requeued jobs
+    # Bulk inserts (many rows per statement), not one ORM object per job.
+    for table, rows in ((Job, jobs), (BatchJob, links)):  # jobs before the links that point at them
+        for i in range(0, len(rows), BULK):
+            session.execute(insert(table), rows[i:i + BULK])
     return Recorded(batch.id, len(ids), new, requeued, done, active)
 
 
