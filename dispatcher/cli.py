@@ -214,8 +214,9 @@ def _print_summary(report: usecases.Rendered) -> None:
     out.print(f"batch [bold]{report.batch_id}[/]: {report.rendered} rendered, {report.failed} failed, "
               f"{report.already_done} already done, of {report.jobs} jobs"
               + (f"; {report.skipped_rows} incomplete rows skipped" if report.skipped_rows else ""))
-    out.print(f"wall time {report.wall_seconds:.1f} s" + (f", {spi:.2f} s per image" if spi else "")
-              + f" on {report.device}; images in {report.storage}")
+    out.print(f"wall time {report.wall_seconds:.1f} s" + (f" ({report.load_seconds:.1f} s loading the model)"
+                                                             if report.load_seconds >= 0.05 else "")
+              + (f", {spi:.2f} s per image" if spi else "") + f" on {report.device}; images in {report.storage}")
     for row_id, error in report.failures[:10]:
         out.print(f"  [red]failed[/] row {row_id}: {error}", highlight=False)
     for model, why in report.unserved_models.items():
@@ -567,7 +568,8 @@ def workers(database_url: str | None, as_json: bool) -> None:
         out.print(f"{w.name}: {w.device} {w.vram_gb} GB{loaded}, {doing}, {w.done} done, {w.failed} failed, "
                   f"last seen {w.last_seen:%Y-%m-%d %H:%M:%S} UTC", highlight=False)
         if w.models:
-            loads = ", ".join(f"{m} x{n}" for m, n in w.model_loads.items())
+            loads = ", ".join(f"{m} x{n}" + (f" ({w.load_seconds[m]:.1f} s)" if m in w.load_seconds else "")
+                              for m, n in w.model_loads.items())
             out.print(f"  serves {', '.join(w.models)}" + (f"; loads: {loads}" if loads else ""), highlight=False)
         for model, why in w.unserved.items():
             out.print(f"  [yellow]does not serve[/] {model}: {why}", highlight=False)

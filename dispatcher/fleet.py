@@ -229,7 +229,8 @@ def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
     store.see_worker(session, beat.worker, beat.device, int(beat.vram_gb * 1024), now)
     session.execute(update(Worker).where(Worker.name == beat.worker).values(
         queues=beat.queues, models=beat.models, unserved=beat.unserved, problem=beat.problem,
-        model_loads=beat.model_loads, loaded_model=beat.loaded_model, plan=beat.plan, current_job=beat.current_job,
+        model_loads=beat.model_loads, load_seconds=beat.load_seconds, loaded_model=beat.loaded_model, plan=beat.plan,
+        current_job=beat.current_job,
         finishing=beat.finishing, step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,
         seconds_per_image=beat.seconds_per_image))
 

@@ -16,7 +16,7 @@ FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".json": "json", ".jsonl
 DOCUMENT_KEYS = {"items", "defaults", "prompt", "matrix"}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Record:
     """One manifest row with where it stands in the file."""
 

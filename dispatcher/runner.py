@@ -76,14 +76,15 @@ class RunSummary:
     failed: int = 0  # failed (bad input, out of memory here) or dead (its retries spent)
     retried: int = 0  # attempts that failed and were tried again
     seconds: float = 0.0
+    loading: float = 0.0  # of those seconds, loading models
     unserved: dict[str, str] = field(default_factory=dict)  # model -> why this machine cannot render it
     left: int = 0  # jobs left queued: this machine cannot render their model, or the batch was paused
 
     @property
     def seconds_per_image(self) -> float | None:
-        """Wall seconds per attempted image, or None when nothing ran."""
+        """Wall seconds per attempted image, loading left out, or None when nothing ran."""
         done = self.rendered + self.failed
-        return self.seconds / done if done else None
+        return (self.seconds - self.loading) / done if done else None
 
 
 def embedded_policy(settings: KilnSettings) -> RetryPolicy:
@@ -101,7 +102,7 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
     ones render, and recorded once stored. On Ctrl-C the jobs in hand go back to the queue, so the next run picks
     them up. `on_result` hears each attempt with the job's new status."""
     summary = RunSummary()
-    started = time.perf_counter()
+    started, loading = time.perf_counter(), renderer.loading_seconds
     with sessions.begin() as session:
         store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
     storing: tuple[list[JobSpec], Future[list[RenderResult]]] | None = None  # rendered, being stored
@@ -151,6 +152,7 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
     with sessions.begin() as session:  # what is left: a model this machine cannot load, or the batch was paused
         summary.left = store.batch_counts(session, batch_id)["queued"]
     summary.seconds = time.perf_counter() - started
+    summary.loading = renderer.loading_seconds - loading
     return summary
 
 

@@ -155,7 +155,8 @@ class Rendered:
     skipped_rows: int
     counts: dict[str, int]
     wall_seconds: float
-    seconds_per_image: float | None
+    load_seconds: float  # of the wall time, loading models
+    seconds_per_image: float | None  # loading left out
     storage: str
     device: str
     failures: list[tuple[str, str | None]] = field(default_factory=list)  # (row id, error) of this run's failures
@@ -218,7 +219,8 @@ def render_here(request: Request, settings: KilnSettings, clock: Clock, *,
         webhooks.deliver(sessions, settings.webhook_url, settings.webhook_secret, clock())
     return Rendered(recorded.batch_id, recorded.jobs, summary.rendered, summary.failed, summary.retried,
                     summary.left, summary.unserved, recorded.already_done, found.skipped_rows, counts,
-                    round(summary.seconds, 3), summary.seconds_per_image and round(summary.seconds_per_image, 3),
+                    round(summary.seconds, 3), round(summary.loading, 3),
+                    summary.seconds_per_image and round(summary.seconds_per_image, 3),
                     storage.uri(""), renderer.device_name, failures)
 
 
@@ -235,6 +237,7 @@ class WorkerView:
     unserved: dict[str, str] = field(default_factory=dict)
     problem: str | None = None
     model_loads: dict[str, int] = field(default_factory=dict)
+    load_seconds: dict[str, float] = field(default_factory=dict)  # each model's last load
     queues: list[str] = field(default_factory=list)
     loaded_model: str | None = None
     plan: str | None = None
@@ -257,7 +260,8 @@ def workers(session: Session, now: datetime, timeout: timedelta) -> list[WorkerV
     views = [WorkerView(
         name=w.name, device=w.device, vram_gb=round((w.vram_mb or 0) / 1024, 1),
         online=w.last_seen >= now - timeout, last_seen=w.last_seen, models=w.models or [],
-        unserved=w.unserved or {}, problem=w.problem, model_loads=w.model_loads or {}, queues=w.queues or [],
+        unserved=w.unserved or {}, problem=w.problem, model_loads=w.model_loads or {},
+        load_seconds=w.load_seconds or {}, queues=w.queues or [],
         loaded_model=w.loaded_model, plan=w.plan, current_job=w.current_job, step=w.step,
         seconds_per_image=w.seconds_per_image, done=counts.get((w.name, "succeeded"), 0),
         failed=sum(n for (name, status), n in counts.items() if name == w.name and status not in

@@ -68,6 +68,7 @@ class Heartbeat(BaseModel):
     unserved: dict[str, str] = {}  # model -> why it does not take that model's work (no weights, failed to load)
     problem: str | None = None  # why it takes no work at all (its device was lost)
     model_loads: dict[str, int] = {}  # how many times it loaded each model since it started
+    load_seconds: dict[str, float] = {}  # how long each model's last load took (not in seconds_per_image)
     loaded_model: str | None = None
     plan: str | None = None  # how the loaded model sits on the card (schemas.plan.Plan.describe)
     current_job: str | None = None

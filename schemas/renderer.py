@@ -18,6 +18,7 @@ class Renderer(Protocol):
     """Turns jobs into stored images; `worker.render.LocalRenderer` is the one Kiln ships."""
 
     worker: str
+    loading_seconds: float  # spent loading models so far, in all
 
     @property
     def storage_uri(self) -> str:

@@ -166,6 +166,7 @@ class Worker(Base):
     unserved: Mapped[dict[str, str] | None] = mapped_column(JSON)  # model -> why it does not take its work
     problem: Mapped[str | None] = mapped_column(Text)  # why it takes no work at all
     model_loads: Mapped[dict[str, int] | None] = mapped_column(JSON)  # loads per model since it started
+    load_seconds: Mapped[dict[str, float] | None] = mapped_column(JSON)  # each model's last load, in seconds
     loaded_model: Mapped[str | None] = mapped_column(String(300))
     plan: Mapped[str | None] = mapped_column(String(120))  # how the loaded model sits on its card
     current_job: Mapped[str | None] = mapped_column(String(32))

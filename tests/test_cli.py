@@ -57,6 +57,8 @@ def test_catalog_renders_records_exports_and_renders_nothing_new_the_second_time
         tmp_path: Path, kiln_env: dict[str, str]) -> None:
     first = json.loads(kiln("render", str(CATALOG), "--model", "tiny", "--json", cwd=tmp_path, env=kiln_env).stdout)
     assert (first["jobs"], first["rendered"], first["failed"], first["already_done"]) == (24, 24, 0, 0)
+    assert 0 < first["load_seconds"] < first["wall_seconds"]  # reported on its own, not in seconds per image
+    assert abs(first["seconds_per_image"] - (first["wall_seconds"] - first["load_seconds"]) / 24) < 0.002
     images = sorted((tmp_path / "renders" / "catalog").glob("*.png"))
     assert len(images) == 24 and Image.open(images[0]).size == (1024, 1024)
     db = tmp_path / "kiln.db"

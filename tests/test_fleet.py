@@ -232,5 +232,6 @@ def test_a_two_model_batch_costs_each_worker_at_most_one_load_per_model(fleet: F
     fleet.wait_until(lambda: all(sum(fleet.workers()[w]["model_loads"].values()) >= 1 for w in rendered), 30,
                      "heartbeats with the model loads")
     loads = {name: w["model_loads"] for name, w in fleet.workers().items()}
+    assert all(set(w["load_seconds"]) == set(w["model_loads"]) for w in fleet.workers().values())
     print(f"model loads per worker for an 18-job batch of two models: {loads}")  # the figure the issue asks for
     assert all(n <= 1 for per_model in loads.values() for n in per_model.values()), loads

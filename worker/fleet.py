@@ -248,11 +248,14 @@ def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str
         finally:
             state.stored(job.job_id)
 
+    loading = local.loading_seconds
     future = local.start([job], lambda step, steps: state.update(step=step, steps=steps), upload, then)
     failed = future.done() and not future.result()[0].ok  # it never rendered: its time says nothing of the pace
-    seconds = state.beat.seconds_per_image if failed else round(time.perf_counter() - started, 3)  # storing overlaps
+    # from one job's start to the next's (storing overlaps), a model load left out: that is reported on its own
+    seconds = time.perf_counter() - started - (local.loading_seconds - loading)
     state.handed_over(job.job_id, current_job=None, step=None, steps=None, loaded_model=local.loaded_model,
-                      plan=local.loaded_plan, seconds_per_image=seconds, model_loads=dict(local.loads))
+                      plan=local.loaded_plan, seconds_per_image=state.beat.seconds_per_image if failed else
+                      round(seconds, 3), model_loads=dict(local.loads), load_seconds=dict(local.load_seconds))
 
 
 class WantedUpload:

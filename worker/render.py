@@ -59,6 +59,8 @@ class LocalRenderer:
         self.ceilings: dict[tuple[str, Stage], float] = {}
         self._loaded: LoadedModel | None = None
         self.loads: Counter[str] = Counter()  # model -> how many times it was loaded here
+        self.load_seconds: dict[str, float] = {}  # model -> how long its last load took
+        self.loading_seconds = 0.0  # spent loading models here, in all (kept out of seconds per image)
         self.unserved: dict[str, str] = {}  # model -> why it cannot be loaded here (its jobs are not tried again)
         self.broken: str | None = None  # why this device can render nothing more (it was lost)
         self.writer = Writer()  # stores images while the next ones render
@@ -225,6 +227,7 @@ class LocalRenderer:
                 and loaded.plan.fp8 == plan.fp8:
             return loaded
         self._unload()  # free the old model before loading the next
+        started = time.perf_counter()
         try:
             loaded, oom = _unless_out_of_memory(
                 lambda: load_model(spec, self.settings.cache_dir, plan, self.device, self.prompts))
@@ -233,9 +236,11 @@ class LocalRenderer:
         except Exception as exc:  # weights that do not load (a broken download, a library mismatch): the same
             log.debug("loading %s failed", spec.name, exc_info=True)
             raise RenderError(f"cannot load {spec.name}: {type(exc).__name__}: {first_line(exc)}", "worker") from None
+        self.loading_seconds += time.perf_counter() - started
         if loaded is not None:
             self._loaded = loaded
             self.loads[spec.name] += 1
+            self.load_seconds[spec.name] = round(time.perf_counter() - started, 2)
             return loaded
         self._unload()  # the half-loaded model was referenced only by the failed call, gone now
         self._lower_ceiling(plan, *STAGES)

@@ -1,4 +1,5 @@
-"""A worker's job whose image is being stored while the next one renders (heartbeats name it).
+"""A worker's job whose image is being stored while the next one renders (heartbeats name it), and how long
+its model loads took (kept out of its seconds per image).
 
 Revision ID: 0007
 Revises: 0006
@@ -21,9 +22,11 @@ def upgrade() -> None:
     """Upgrade schema."""
     with op.batch_alter_table('workers', schema=None) as batch_op:
         batch_op.add_column(sa.Column('finishing', sa.String(length=32), nullable=True))
+        batch_op.add_column(sa.Column('load_seconds', sa.JSON(), nullable=True))
 
 
 def downgrade() -> None:
     """Downgrade schema."""
     with op.batch_alter_table('workers', schema=None) as batch_op:
+        batch_op.drop_column('load_seconds')
         batch_op.drop_column('finishing')
