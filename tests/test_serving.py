@@ -28,13 +28,14 @@ def test_models_without_weights_or_room_are_not_served_and_say_why() -> None:
     assert small == {"tiny:klein-9b": "this card (cuda 8.0 GiB, fp8 math) fits no klein-9b work"}
 
 
-def test_a_worker_keeps_its_model_while_its_work_waits() -> None:
-    served = ["9b", "4b"]
-    assert pick_model("4b", served, {"9b": 5, "4b": 1}) == "4b"  # no reload while 4B work waits
-    assert pick_model("4b", served, {"9b": 5, "4b": 0}) == "9b"
-    assert pick_model(None, served, {"9b": 2, "4b": 3}) == "4b"  # the most waiting work
-    assert pick_model(None, served, {"9b": 3, "4b": 3}) == "9b"  # a tie: the heavier model, as served
+def test_a_worker_takes_the_heaviest_waiting_work_and_keeps_its_model_while_nothing_heavier_waits() -> None:
+    served = ["9b", "4b"]  # heaviest first
+    assert pick_model(None, served, {"9b": 2, "4b": 300}) == "9b"  # only cards like this one can take 9B work
+    assert pick_model("9b", served, {"9b": 0, "4b": 3}) == "4b"  # the 9B work is done
+    assert pick_model("4b", served, {"9b": 0, "4b": 3}) == "4b"
+    assert pick_model("4b", served, {"9b": 5, "4b": 1}) == "9b"  # heavier work came: it goes first
     assert pick_model("9b", served, {}) == "9b"  # nothing waits anywhere: stay
+    assert pick_model("4b", served, {"9b": 0, "4b": 0}) == "4b"
     assert pick_model(None, [], {"4b": 3}) is None
 
 
@@ -60,8 +61,11 @@ def test_the_chooser_moves_between_models_and_drops_what_the_renderer_cannot_ser
     chooser.attach(consumer)
     waiting.update({"a.vram8": 4})
     chooser.tick()
-    assert consumer.queues == ["b.vram8"]  # b's work still waits
-    waiting.update({"b.vram8": 0})
+    assert consumer.queues == ["a.vram16", "a.vram8"] and chooser.current == "a"  # heavier work came: it first
+    waiting.update({"a.vram8": 0})
+    chooser.tick()
+    assert consumer.queues == ["b.vram8"]  # a's work is done; b's still waits
+    waiting.update({"a.vram8": 3})
     chooser.tick()
     assert consumer.queues == ["a.vram16", "a.vram8"] and chooser.current == "a"
     news.append({"unserved": {"a": "its weights are corrupt"}})
