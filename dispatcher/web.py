@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response
@@ -153,8 +154,6 @@ def create_app(sessions: sessionmaker[Session], images: StoredImages, clock: Cal
             if action == "cancel":
                 return usecases.cancel(session, batch_id, clock()).batch.id
             return usecases.pause(session, batch_id, action == "pause").batch.id
-
-        from starlette.concurrency import run_in_threadpool
 
         done = await run_in_threadpool(read, act)
         return RedirectResponse(f"/batches/{quote(done, safe='')}", status_code=303)
