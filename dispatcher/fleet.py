@@ -17,7 +17,7 @@ from dispatcher.bucket import Bucket, StoredObject
 from dispatcher.lifecycle import RetryPolicy
 from schemas.capacity import job_queue, model_key, queue_model_key, queue_tier, why_unfit
 from schemas.errors import KilnError, StaleStateError
-from schemas.job import JobSpec, JobStatus, RenderResult
+from schemas.job import JobStatus, RenderResult
 from schemas.messages import Heartbeat, RenderTask, Report, unwanted_key
 from schemas.models import resolve_model
 from schemas.plan import Shape
@@ -91,8 +91,10 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
             Job.status == JobStatus.QUEUED, Job.queue == queue, Job.published_at.is_not(None),
             Job.published_at < (now - LOST_QUEUE_GRACE if lost else stale)).values(published_at=None))
         free = policy.backlog - _waiting(session, queue)
-        for job, batch_id in _next_jobs(session, queue, now, free) if free > 0 else []:
-            spec = _spec(session, job, batch_id)
+        chosen = _next_jobs(session, queue, now, free) if free > 0 else []
+        rows = _rows(session, chosen)
+        for job, batch_id in chosen:
+            spec = store.job_spec(job, *rows[(job.id, batch_id)], job.attempts + 1)
             publish(queue, RenderTask(job=spec, upload=bucket.upload_for(job.id, job.output_key),
                                       reference_url=bucket.reference_url(spec), token=token(now))
                     .model_dump(mode="json"))
@@ -130,10 +132,14 @@ def _next_jobs(session: Session, queue: str, now: datetime, limit: int) -> list[
     return [(job, batch_id) for job, batch_id in session.execute(query)]
 
 
-def _spec(session: Session, job: Job, batch_id: str) -> JobSpec:
-    link, batch = session.execute(select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
-                                  .where(BatchJob.job_id == job.id, BatchJob.batch_id == batch_id)).one()
-    return store.job_spec(job, link, batch, job.attempts + 1)
+def _rows(session: Session, chosen: list[tuple[Job, str]]) -> dict[tuple[str, str], tuple[BatchJob, Batch]]:
+    """The manifest row and batch of each chosen (job, batch id), in one query for all of them."""
+    if not chosen:
+        return {}
+    wanted = {(job.id, batch_id) for job, batch_id in chosen}
+    rows = session.execute(select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
+                           .where(BatchJob.job_id.in_([job.id for job, _ in chosen])))
+    return {(link.job_id, batch.id): (link, batch) for link, batch in rows if (link.job_id, batch.id) in wanted}
 
 
 def receive_report(sessions: sessionmaker[Session], report: Report, clock: Callable[[], datetime], policy: Policy,
