@@ -209,7 +209,8 @@ def test_only_workers_with_a_models_weights_get_its_jobs_and_a_broken_copy_charg
     fleet.wait_quiet(6, 180)
     assert fleet.check() == {"succeeded": 6, "dead": 0, "lost_or_failed_attempts": 0}  # nothing charged
     attempts = _attempts(fleet)
-    assert attempts["good"] == ["succeeded"] * 6 and set(attempts["broken"]) == {"worker"} and "none" not in attempts
+    assert attempts["good"] == ["succeeded"] * 6 and "none" not in attempts
+    assert attempts["broken"] == ["worker"]  # one failed load; what it took after that went back untouched
 
 
 def _attempts(fleet: Fleet) -> dict[str, list[str]]:

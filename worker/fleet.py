@@ -14,6 +14,7 @@ from typing import Any
 import click
 import redis
 from celery import Celery, bootsteps, signals
+from celery.exceptions import Reject
 from pydantic import ValidationError
 
 from schemas.broker import make_app
@@ -160,6 +161,11 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
             log.info("job %s attempt %d was withdrawn (its batch cancelled or paused): not rendered", job.job_id,
                      job.attempt)
             return
+        local = renderer.get("local")
+        if local is not None and (local.broken or job.model in local.unserved):
+            # Taken in the second before this worker stopped consuming the model's queues: back to the queue
+            # untouched, for a worker that can render it (no attempt is started, so none is counted).
+            raise Reject(f"this worker no longer serves {job.model}", requeue=True)
         send(REPORT_TASK, Report(kind="started", job_id=job.job_id, attempt=job.attempt, worker=name)
              .model_dump(mode="json"))
 
