@@ -311,10 +311,7 @@ def status(batch: str | None, watch: bool, database_url: str | None, as_json: bo
                       f"{_counts_text(row.counts)}" + _state_text(row.batch), highlight=False)
         return
     if as_json:
-        out.print_json(data=found.as_json() | {
-            "progress": progress.as_json(),
-            "failures": [g.as_json() for g in found.failures],
-            "unfit": [{"row_id": r, "reason": why} for r, why in found.unfit]})
+        out.print_json(data=found.detail_json(progress))
         return
     b = found.batch
     out.print(f"batch [bold]{b.id}[/] {b.name!r} from {b.manifest}, {b.created_at:%Y-%m-%d %H:%M} UTC"

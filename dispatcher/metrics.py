@@ -32,7 +32,7 @@ class KilnCollector(Collector):
             jobs.add_metric([status], n)
         yield jobs
         yield CounterMetricFamily("kiln_images", "Images rendered and recorded (rate() is images per second)",
-                                  value=counts[JobStatus.SUCCEEDED])
+                                  value=counts[JobStatus.SUCCEEDED.value])
         online = GaugeMetricFamily("kiln_worker_online", "1 while a worker's heartbeats arrive", labels=["worker"])
         age = GaugeMetricFamily("kiln_worker_heartbeat_age_seconds", "Seconds since a worker's last heartbeat",
                                 labels=["worker"])

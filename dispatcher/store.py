@@ -425,18 +425,17 @@ def recent_batches(session: Session, limit: int = 20) -> list[Batch]:
     return list(session.scalars(select(Batch).order_by(Batch.created_at.desc(), Batch.id.desc()).limit(limit)))
 
 
-def batch_failures(session: Session, batch_id: str) -> list[tuple[str, str | None, int, str]]:
-    """A batch's failed and dead jobs grouped by (status, error), largest group first: (status, error, how many,
-    the first row id)."""
+def batch_failures(session: Session, batch_id: str, limit: int = 10) -> list[tuple[str, str | None, int, str]]:
+    """A batch's failed and dead jobs grouped by (status, error), the `limit` largest groups, then in manifest
+    order: (status, error, how many, the first row id)."""
+    first = func.min(BatchJob.position)
     rows = session.execute(
-        select(Job.status, Job.error, func.count(), func.min(BatchJob.position)).join(Job, BatchJob.job_id == Job.id)
+        select(Job.status, Job.error, func.count(), first).join(Job, BatchJob.job_id == Job.id)
         .where(BatchJob.batch_id == batch_id, Job.status.in_([JobStatus.FAILED, JobStatus.DEAD]))
-        .group_by(Job.status, Job.error)).all()
-    first = {position: row_id for position, row_id in session.execute(
-        select(BatchJob.position, BatchJob.row_id).where(BatchJob.batch_id == batch_id,
-                                                          BatchJob.position.in_([r[3] for r in rows])))}
-    return sorted(((status.value, error, n, first[position]) for status, error, n, position in rows),
-                  key=lambda g: (-g[2], g[3]))
+        .group_by(Job.status, Job.error).order_by(func.count().desc(), first).limit(limit)).all()
+    row_ids = {position: row_id for position, row_id in session.execute(select(BatchJob.position, BatchJob.row_id)
+               .where(BatchJob.batch_id == batch_id, BatchJob.position.in_([r[3] for r in rows])))}
+    return [(status.value, error, n, row_ids[position]) for status, error, n, position in rows]
 
 
 def export_rows(session: Session, batch_id: str, statuses: Iterable[JobStatus] | None = None, offset: int = 0,

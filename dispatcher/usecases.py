@@ -290,8 +290,13 @@ class BatchStatus:
 
     batch: Batch
     counts: dict[str, int]
-    failures: list[FailureGroup] = field(default_factory=list)  # largest group first
+    failures: list[FailureGroup] = field(default_factory=list)  # the largest groups first (store.batch_failures)
     unfit: list[tuple[str, str]] = field(default_factory=list)  # (row id, why no live worker can take it)
+
+    def detail_json(self, progress: BatchProgress) -> dict[str, Any]:
+        """One batch in full, with its progress: `kiln status BATCH --json` and the dashboard's API."""
+        return self.as_json() | {"progress": progress.as_json(), "failures": [g.as_json() for g in self.failures],
+                                 "unfit": [{"row_id": r, "reason": why} for r, why in self.unfit]}
 
     def as_json(self) -> dict[str, Any]:
         """For --json."""
@@ -472,24 +477,23 @@ class Gallery:
     batch: Batch
     show: str
     rows: list[dict[str, Any]]  # export rows (store.export_rows)
-    shown: int  # jobs the filter shows, on every page
-    tallies: dict[str, int]  # how many jobs each filter (SHOWS) shows
+    tallies: dict[str, int]  # how many jobs each filter (SHOWS) shows, on every page
     page: int  # from 1
     pages: int
 
 
-def gallery(session: Session, batch_id: str, show: str = "all", page: int = 1, per_page: int = 48) -> Gallery:
-    """The `page`th `per_page` jobs of a batch that `show` (a SHOWS key) picks, in manifest order."""
+def gallery(session: Session, status: BatchStatus, show: str = "all", page: int = 1, per_page: int = 48) -> Gallery:
+    """The `page`th `per_page` jobs of a batch (its `batch_status`) that `show` (a SHOWS key) picks, in manifest
+    order."""
     if show not in SHOWS:
         raise ConfigError(f"show={show}: one of {', '.join(SHOWS)}")
-    found = find(session, batch_id)
-    counts = store.batch_counts(session, found.id)
-    tallies = {name: sum(n for s, n in counts.items() if statuses is None or JobStatus(s) in statuses)
+    tallies = {name: sum(n for s, n in status.counts.items() if statuses is None or JobStatus(s) in statuses)
                for name, statuses in SHOWS.items()}
     pages = max(1, -(-tallies[show] // per_page))
     page = min(max(page, 1), pages)
-    rows = list(store.export_rows(session, found.id, SHOWS[show], offset=(page - 1) * per_page, limit=per_page))
-    return Gallery(found, show, rows, tallies[show], tallies, page, pages)
+    rows = list(store.export_rows(session, status.batch.id, SHOWS[show], offset=(page - 1) * per_page,
+                                  limit=per_page))
+    return Gallery(status.batch, show, rows, tallies, page, pages)
 
 
 def output(session: Session, job_id: str) -> Output | None:

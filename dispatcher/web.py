@@ -74,8 +74,8 @@ def create_app(sessions: sessionmaker[Session], images: StoredImages, clock: Cal
         return token is not None and bool(given) and hmac.compare_digest(given.encode(), token.encode())
 
     def page(request: Request, name: str, **context: Any) -> Response:
-        return templates.TemplateResponse(request, name, context | {
-            "control": allowed(request), "read_only": token is None, "refresh": context.get("refresh")})
+        return templates.TemplateResponse(request, name, context | {"control": allowed(request),
+                                                                    "read_only": token is None})
 
     def read(fn: Callable[[Session], Any]) -> Any:
         try:
@@ -106,7 +106,7 @@ def create_app(sessions: sessionmaker[Session], images: StoredImages, clock: Cal
         def load(session: Session) -> tuple[Any, ...]:
             status = usecases.batch_status(session, request.path_params["batch_id"], clock(), worker_timeout)
             progress = usecases.batch_progress(session, status, clock(), worker_timeout)
-            return status, progress, usecases.gallery(session, status.batch.id, show, number, PER_PAGE)
+            return status, progress, usecases.gallery(session, status, show, number, PER_PAGE)
 
         status, progress, gallery = read(load)
         return page(request, "batch.html", status=status, progress=progress, gallery=gallery,
@@ -177,10 +177,7 @@ def create_app(sessions: sessionmaker[Session], images: StoredImages, clock: Cal
     def api_batch(request: Request) -> Response:
         def load(session: Session) -> dict[str, Any]:
             status = usecases.batch_status(session, request.path_params["batch_id"], clock(), worker_timeout)
-            return status.as_json() | {
-                "progress": usecases.batch_progress(session, status, clock(), worker_timeout).as_json(),
-                "failures": [g.as_json() for g in status.failures],
-                "unfit": [{"row_id": r, "reason": why} for r, why in status.unfit]}
+            return status.detail_json(usecases.batch_progress(session, status, clock(), worker_timeout))
 
         return JSONResponse(read(load))
 

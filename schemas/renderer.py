@@ -48,13 +48,9 @@ class Renderer(Protocol):
         """Have every model's weights on this machine, or raise ModelError saying how to get them."""
         ...
 
-    def render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None,
-               storage: Storage | None = None) -> list[RenderResult]:
-        """Render jobs of one shape into `storage` (else the renderer's own); failures come back as results."""
-        ...
-
     def start(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None,
               storage: Storage | None = None) -> Future[list[RenderResult]]:
-        """`render`, returning once the images are rendered: they are stored in the background meanwhile (one
-        hand-off deep), and the future holds the results."""
+        """Render jobs of one shape, returning once the images are rendered: they are stored in `storage` (else
+        the renderer's own) in the background meanwhile (one hand-off deep), and the future holds the results;
+        failures come back as results."""
         ...

@@ -162,7 +162,7 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
                      job.attempt)
             return
         local = renderer.get("local")
-        if local is not None and (local.broken or job.model in local.unserved):
+        if local is not None and local.refuses(job.model):
             # Taken in the second before this worker stopped consuming the model's queues: back to the queue
             # untouched, for a worker that can render it (no attempt is started, so none is counted).
             raise Reject(f"this worker no longer serves {job.model}", requeue=True)

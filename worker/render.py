@@ -145,6 +145,10 @@ class LocalRenderer:
         """The model for `jobs`, loaded as their plan on this card says (reused while that plan fits)."""
         return self._model(resolve_model(jobs[0].model), self.plan(jobs)[0])
 
+    def refuses(self, model: str) -> str | None:
+        """Why this renderer takes no more jobs of `model` (it could not load it, or the device was lost)."""
+        return self.broken or self.unserved.get(model)
+
     def render(self, jobs: Sequence[JobSpec], on_step: StepCallback | None = None,
                storage: Storage | None = None) -> list[RenderResult]:
         """Render jobs of one shape and store them (in `storage`, else the configured one); `start`, waited for."""
@@ -182,7 +186,7 @@ class LocalRenderer:
 
     def _attempt(self, jobs: Sequence[JobSpec], on_step: StepCallback | None,
                  storage: Storage | None) -> list[Outcome]:
-        refused = self.broken or self.unserved.get(jobs[0].model)
+        refused = self.refuses(jobs[0].model)
         if refused:
             return [self._failed(job, RenderError(refused, "worker"), 0.0, None) for job in jobs]
         try:
@@ -236,11 +240,12 @@ class LocalRenderer:
         except Exception as exc:  # weights that do not load (a broken download, a library mismatch): the same
             log.debug("loading %s failed", spec.name, exc_info=True)
             raise RenderError(f"cannot load {spec.name}: {type(exc).__name__}: {first_line(exc)}", "worker") from None
-        self.loading_seconds += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.loading_seconds += seconds
         if loaded is not None:
             self._loaded = loaded
             self.loads[spec.name] += 1
-            self.load_seconds[spec.name] = round(time.perf_counter() - started, 2)
+            self.load_seconds[spec.name] = round(seconds, 2)
             return loaded
         self._unload()  # the half-loaded model was referenced only by the failed call, gone now
         self._lower_ceiling(plan, *STAGES)
