@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,10 +72,15 @@ class PlannedJob:
 
 @dataclass
 class Expansion:
-    """The jobs of a manifest, and how many incomplete rows were skipped."""
+    """The jobs of a manifest (unless only counted), what they add up to, and how many incomplete rows were
+    skipped."""
 
     jobs: list[PlannedJob]
     skipped_rows: int = 0
+    count: int = 0  # jobs, kept or not
+    per_model: Counter[str] = field(default_factory=Counter)
+    pixels: int = 0  # width x height, summed over the jobs
+    first: list[PlannedJob] = field(default_factory=list)  # the first three jobs, for a plan's examples
     models: dict[str, ModelSpec] = field(default_factory=dict)  # by ModelSpec.name, as jobs name them
     typed: dict[str, ModelSpec] = field(default_factory=dict, repr=False)  # by what the manifest says
 
@@ -121,49 +127,83 @@ def image_job_id(model: str, prompt: str, width: int, height: int, steps: int, g
     return job_id(model, prompt, width, height, steps, guidance, seed, output_key, ref_id)
 
 
-def expand(manifest: RawManifest, options: Options) -> Expansion:
-    """Validate every row and expand it into jobs; raise one ManifestError listing every problem found."""
-    if len(manifest.records) > options.max_rows:
-        raise ManifestError([Problem(manifest.name, f"has {len(manifest.records):,} rows; the limit is "
-                                                    f"{options.max_rows:,} (--max-rows, KILN_MAX_ROWS): split it "
-                                                    "into several manifests, or raise the limit")])
+def expand(manifest: RawManifest, options: Options, keep_jobs: bool = True) -> Expansion:
+    """Validate every row and expand it into jobs; raise one ManifestError listing every problem found. With
+    `keep_jobs` False the jobs are only counted (a dry run of a million rows holds none of them)."""
     problems = _Problems()
     expansion = Expansion(jobs=[])
-    seen_ids: dict[str, str] = {}
-    seen_keys: dict[str, str] = {}
+    seen_ids: dict[str, int] = {}  # row id -> its record's line (or number), to say where it was seen first
+    seen_keys: dict[str, int] = {}
     combos = _combinations(manifest.matrix)
-    for record in manifest.records:
-        row = _validate(record, manifest, problems)
-        if row is None:
-            continue
-        row_id = row.id or str(record.number)
-        if row_id in seen_ids:
-            problems.add(record.where, f'column "id": {row_id!r} is also the id of {seen_ids[row_id]}; '
-                                       "ids must be unique")
-            continue
-        seen_ids[row_id] = record.where
-        try:
-            jobs = list(_row_jobs(record, row, row_id, combos, manifest, options, expansion))
-        except _RowProblem as exc:
-            if exc.incomplete and options.skip_incomplete:
-                expansion.skipped_rows += 1
-            else:
-                problems.add(record.where, str(exc))
-            continue
-        for job in jobs:
-            if job.output_key in seen_keys:
-                problems.add(record.where, f"output key {job.output_key!r} is also written by "
-                                           f"{seen_keys[job.output_key]}: make the output template unique "
-                                           "per image (add {id} or {variant})")
-            seen_keys.setdefault(job.output_key, record.where)
-        expansion.jobs.extend(jobs)
-        if len(expansion.jobs) > options.max_jobs:
-            problems.add(manifest.name, f"expands to more than {options.max_jobs} jobs (the --max-jobs cap): "
-                                        "split the manifest or raise --max-jobs")
-            break
+    records = iter(manifest.records)
+    try:
+        for record in records:
+            if record.number > options.max_rows:
+                rows = record.number + sum(1 for _ in records)
+                raise ManifestError([Problem(manifest.name, f"has {rows:,} rows; the limit is {options.max_rows:,} "
+                                                            "(--max-rows, KILN_MAX_ROWS): split it into several "
+                                                            "manifests, or raise the limit")])
+            if not _expand_row(record, manifest, options, expansion, problems, combos, seen_ids, seen_keys,
+                               keep_jobs):
+                break
+    except ManifestError as exc:  # the file itself is broken where reading reached: say so with the rows before
+        for problem in exc.problems:
+            problems.add(problem.where, problem.message)
     if problems:
         raise problems.error()
     return expansion
+
+
+def _where(manifest: RawManifest, mark: int) -> str:
+    """Where a record was, from the mark `_expand_row` keeps: its line (a streamed file's records have one), or for
+    a JSON document (held whole, as a list) minus its number. The record's own `where`, rebuilt only for a message,
+    so a million seen ids and keys hold no strings of their own."""
+    if mark > 0:
+        return f"{manifest.name} line {mark}"
+    assert isinstance(manifest.records, list)
+    return manifest.records[-mark - 1].where
+
+
+def _expand_row(record: Record, manifest: RawManifest, options: Options, expansion: Expansion,
+                problems: _Problems, combos: list[dict[str, str]], seen_ids: dict[str, int],
+                seen_keys: dict[str, int], keep_jobs: bool) -> bool:
+    """Validate and expand one record into `expansion`; False once the job cap is passed (stop reading)."""
+    row = _validate(record, manifest, problems)
+    if row is None:
+        return True
+    mark = record.line or -record.number
+    row_id = row.id or str(record.number)
+    if row_id in seen_ids:
+        problems.add(record.where, f'column "id": {row_id!r} is also the id of {_where(manifest, seen_ids[row_id])}; '
+                                   "ids must be unique")
+        return True
+    seen_ids[row_id] = mark
+    try:
+        jobs = list(_row_jobs(record, row, row_id, combos, manifest, options, expansion))
+    except _RowProblem as exc:
+        if exc.incomplete and options.skip_incomplete:
+            expansion.skipped_rows += 1
+        else:
+            problems.add(record.where, str(exc))
+        return True
+    for job in jobs:
+        if job.output_key in seen_keys:
+            problems.add(record.where, f"output key {job.output_key!r} is also written by "
+                                       f"{_where(manifest, seen_keys[job.output_key])}: make the output template "
+                                       "unique per image (add {id} or {variant})")
+        seen_keys.setdefault(job.output_key, mark)
+        expansion.count += 1
+        expansion.per_model[job.model] += 1
+        expansion.pixels += job.width * job.height
+        if len(expansion.first) < 3:
+            expansion.first.append(job)
+    if keep_jobs:
+        expansion.jobs.extend(jobs)
+    if expansion.count > options.max_jobs:
+        problems.add(manifest.name, f"expands to more than {options.max_jobs} jobs (the --max-jobs cap): "
+                                    "split the manifest or raise --max-jobs")
+        return False
+    return True
 
 
 class _RowProblem(Exception):
@@ -175,6 +215,8 @@ class _RowProblem(Exception):
 def unstorable(text: str) -> str | None:
     """Why a database Kiln supports cannot store `text`, or None: PostgreSQL refuses NUL characters, and no
     UTF-8 database takes a lone surrogate (a broken \\ud800 escape in JSON)."""
+    if text.isascii() and "\x00" not in text:
+        return None
     if "\x00" in text:
         return "contains a NUL character (\\x00), which PostgreSQL cannot store: remove it"
     try:
@@ -226,9 +268,7 @@ def _text(value: Any) -> str:
 
 def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str, str]],
               manifest: RawManifest, options: Options, expansion: Expansion) -> Iterator[PlannedJob]:
-    # a folder named on the command line is relative to where the user stands; in a manifest, to the manifest
-    base = Path.cwd() if options.model else options.base_dir
-    spec = _model(options.model or row.model or DEFAULT_MODEL, base, options, expansion)
+    spec = _model(options.model or row.model or DEFAULT_MODEL, options, expansion)
     width, height = row.width or DEFAULT_SIDE, row.height or DEFAULT_SIDE
     if width * height > MAX_PIXELS:
         raise _RowProblem(f'columns "width" and "height": {width}x{height} is above the {MAX_PIXELS:,} pixel cap '
@@ -270,8 +310,10 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                              record.number, record.line, row_id, variant, {**row_data, **combo})
 
 
-def _model(name: str, base: Path, options: Options, expansion: Expansion) -> ModelSpec:
+def _model(name: str, options: Options, expansion: Expansion) -> ModelSpec:
     if name not in expansion.typed:
+        # a folder named on the command line is relative to where the user stands; in a manifest, to the manifest
+        base = Path.cwd() if options.model else options.base_dir
         try:
             expansion.typed[name] = resolve_model(name, base)
         except ModelError as exc:

@@ -1,10 +1,16 @@
-"""Reading manifest files: bytes in, located records out. CSV, TSV, JSON and JSONL."""
+"""Reading manifest files: bytes in, located records out. CSV, TSV, JSON and JSONL.
+
+A CSV, TSV or JSONL file is read as a stream: its records come one at a time, so a million-row manifest is never
+held whole (a JSON document is one value and is read at once). A broken file raises its ManifestError when the
+reading reaches the break.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,24 +34,31 @@ class Record:
 
 @dataclass
 class RawManifest:
-    """A parsed manifest before validation: its records plus a JSON document's shared parts."""
+    """A parsed manifest before validation: its records (a list, or a stream read once) plus a JSON document's
+    shared parts."""
 
     name: str
     format: str
-    records: list[Record]
+    records: Iterable[Record]
     defaults: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None
     matrix: dict[str, list[Any]] = field(default_factory=dict)
 
 
 def read_manifest(path: Path, fmt: str | None = None, max_bytes: int = MAX_MANIFEST_BYTES) -> RawManifest:
-    """Read and parse a manifest file, or raise ManifestError naming the file and what to fix."""
+    """Open a manifest file, or raise ManifestError naming the file and what to fix. A CSV, TSV or JSONL file's
+    records are streamed from the file as they are iterated (once)."""
     name = path.name
     try:
         size = path.stat().st_size
         if size > max_bytes:
             raise _fail(name, f"is {size:,} bytes; the limit is {max_bytes:,} (--max-bytes, "
                               "KILN_MAX_MANIFEST_BYTES): split it into several manifests, or raise the limit")
+        fmt = fmt or FORMATS.get(path.suffix.lower())
+        if fmt in ("csv", "tsv", "jsonl") and path.is_file():
+            records = _parse_jsonl(_file_lines(path), name) if fmt == "jsonl" else _parse_table(
+                _file_lines(path), name, fmt)
+            return RawManifest(name, fmt, records)
         data = path.read_bytes()
     except FileNotFoundError:
         raise _fail(name, f"not found: {path}") from None
@@ -57,16 +70,29 @@ def read_manifest(path: Path, fmt: str | None = None, max_bytes: int = MAX_MANIF
 
 
 def parse_manifest(data: bytes, name: str, fmt: str | None = None) -> RawManifest:
-    """Parse manifest bytes; the format comes from `fmt`, else the name's extension, else the content."""
+    """Parse manifest bytes, all records at once; the format comes from `fmt`, else the name's extension, else the
+    content."""
     text = _decode(data, name)
     if not text.strip():
         raise _fail(name, "is empty: a manifest needs a header row and at least one row")
     fmt = fmt or FORMATS.get(Path(name).suffix.lower()) or _sniff(text)
+    lines = io.StringIO(text, newline="")
     if fmt in ("csv", "tsv"):
-        return _parse_table(text, name, fmt)
+        return RawManifest(name, fmt, list(_parse_table(lines, name, fmt)))
     if fmt == "jsonl":
-        return _parse_jsonl(text, name)
+        return RawManifest(name, fmt, list(_parse_jsonl(lines, name)))
     return _parse_json(text, name)
+
+
+def _file_lines(path: Path) -> Iterator[str]:
+    """A text file's lines as read, endings kept; a byte that is not UTF-8 gets the located message of `_decode`
+    (which reads the file whole, once, only then)."""
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        try:
+            yield from fh
+        except UnicodeDecodeError:
+            _decode(path.read_bytes(), path.name)
+            raise
 
 
 def _fail(name: str, message: str, where: str = "") -> ManifestError:
@@ -98,10 +124,12 @@ def _sniff(text: str) -> str:
     return "tsv" if "\t" in first and "," not in first else "csv"
 
 
-def _parse_table(text: str, name: str, fmt: str) -> RawManifest:
-    reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ",", strict=True)
+def _parse_table(lines: Iterable[str], name: str, fmt: str) -> Iterator[Record]:
+    reader = csv.reader(lines, delimiter="\t" if fmt == "tsv" else ",", strict=True)
     try:
-        header = [h.strip() for h in next(reader)]
+        header = [h.strip() for h in next(reader, [])]
+        if not any(header):
+            raise _fail(name, "is empty: a manifest needs a header row and at least one row")
         problems = [Problem(f"{name} line 1", f"column {i + 1} has no name: give every column a header")
                     for i, h in enumerate(header) if not h]
         dupes = sorted({h for h in header if h and header.count(h) > 1})
@@ -109,7 +137,7 @@ def _parse_table(text: str, name: str, fmt: str) -> RawManifest:
                      for h in dupes]
         if problems:
             raise ManifestError(problems)
-        records: list[Record] = []
+        number = 0
         start = reader.line_num + 1
         for cells in reader:
             where = f"{name} line {start}"
@@ -117,14 +145,13 @@ def _parse_table(text: str, name: str, fmt: str) -> RawManifest:
                 raise _fail(name, f"has {len(cells)} fields but the header has {len(header)}: "
                                   "quote values that contain the delimiter", where)
             if any(c.strip() for c in cells):
-                values = {h: c for h, c in zip(header, cells, strict=False)}
-                records.append(Record(where, len(records) + 1, start, values))
+                number += 1
+                yield Record(where, number, start, {h: c for h, c in zip(header, cells, strict=False)})
             start = reader.line_num + 1
     except csv.Error as exc:
         raise _fail(name, f"is not valid {fmt.upper()}: {exc}", f"{name} line {reader.line_num}") from None
-    if not records:
+    if not number:
         raise _fail(name, "has a header but no rows")
-    return RawManifest(name, fmt, records)
 
 
 def _load_json(text: str, name: str, line_offset: int = 0) -> Any:
@@ -135,19 +162,19 @@ def _load_json(text: str, name: str, line_offset: int = 0) -> Any:
                     f"{name} line {exc.lineno + line_offset}") from None
 
 
-def _parse_jsonl(text: str, name: str) -> RawManifest:
-    records: list[Record] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+def _parse_jsonl(lines: Iterable[str], name: str) -> Iterator[Record]:
+    number = 0
+    for line_number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
-        value = _load_json(line, name, number - 1)
-        where = f"{name} line {number}"
+        value = _load_json(line.rstrip("\r\n"), name, line_number - 1)
+        where = f"{name} line {line_number}"
         if not isinstance(value, dict):
             raise _fail(name, f"each line must be a JSON object, got {type(value).__name__}", where)
-        records.append(Record(where, len(records) + 1, number, value))
-    if not records:
+        number += 1
+        yield Record(where, number, line_number, value)
+    if not number:
         raise _fail(name, "has no rows")
-    return RawManifest(name, "jsonl", records)
 
 
 def _parse_json(text: str, name: str) -> RawManifest:

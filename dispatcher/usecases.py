@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -58,13 +57,14 @@ class Request:
         return self.name or self.manifest.stem
 
 
-def expansion(request: Request, settings: KilnSettings) -> Expansion:
-    """Read and validate a manifest and expand it into jobs; a ManifestError says what to fix. Writes nothing."""
+def expansion(request: Request, settings: KilnSettings, keep_jobs: bool = True) -> Expansion:
+    """Read and validate a manifest and expand it into jobs (only counted unless `keep_jobs`); a ManifestError says
+    what to fix. Writes nothing."""
     options = Options(batch=request.batch_name, base_dir=request.manifest.resolve().parent, prompt=request.prompt,
                       model=request.model, output=request.output, non_commercial=request.non_commercial,
                       skip_incomplete=request.skip_incomplete, max_jobs=settings.max_jobs,
                       max_rows=settings.max_rows)
-    return expand(read_manifest(request.manifest, max_bytes=settings.max_manifest_bytes), options)
+    return expand(read_manifest(request.manifest, max_bytes=settings.max_manifest_bytes), options, keep_jobs)
 
 
 @dataclass(frozen=True)
@@ -79,10 +79,9 @@ class Plan:
 
     @classmethod
     def of(cls, found: Expansion) -> Plan:
-        jobs = found.jobs
-        return cls(len(jobs), dict(Counter(j.model for j in jobs).most_common()), found.skipped_rows,
-                   round(sum(j.width * j.height for j in jobs) / 1e6, 2),
-                   [{"id": j.row_id, "prompt": j.prompt, "output": j.output_key, "seed": j.seed} for j in jobs[:3]])
+        return cls(found.count, dict(found.per_model.most_common()), found.skipped_rows,
+                   round(found.pixels / 1e6, 2),
+                   [{"id": j.row_id, "prompt": j.prompt, "output": j.output_key, "seed": j.seed} for j in found.first])
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,7 +118,7 @@ def submit(request: Request, settings: KilnSettings, clock: Clock, dry_run: bool
     """Validate a manifest and, unless `dry_run`, record it as a batch of queued jobs for the fleet. With S3
     storage, each reference image goes to the bucket once, by content, before the batch is recorded (one uploaded
     for a batch that then fails to record is harmless)."""
-    found = expansion(request, settings)
+    found = expansion(request, settings, keep_jobs=not dry_run)
     if dry_run:
         return Submitted(Plan.of(found), None)
     uploaded = _upload_references(found, settings)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 MAX_KEY_BYTES = 1024  # S3's own limit
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 REFERENCES = "_references"  # the folder under the storage prefix where reference images travel, by content
 
 
@@ -31,7 +34,7 @@ def key_problem(key: str) -> str | None:
         return "contains a backslash: use '/' between folders"
     if key.startswith("/"):
         return "is absolute: keys are relative to the storage prefix"
-    if any(ord(ch) < 32 or ord(ch) == 127 for ch in key):
+    if _CONTROL.search(key):
         return "contains a control character"
     parts = key.split("/")
     if any(part in ("", ".", "..") for part in parts):

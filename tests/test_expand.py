@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from dispatcher.expand import Options, derive_seed, expand
-from dispatcher.reader import parse_manifest
+from dispatcher.reader import parse_manifest, read_manifest
 from schemas.errors import ManifestError
 
 
@@ -166,10 +166,39 @@ def test_reference_paths_resolve_against_the_manifest_folder(tmp_path: Path) -> 
     assert job.reference == str((tmp_path / "ref.png").resolve())
 
 
-def test_row_count_is_capped_before_any_row_is_checked() -> None:
+def test_row_count_is_capped_with_the_whole_file_counted() -> None:
     assert "m.csv: has 4 rows; the limit is 3 (--max-rows, KILN_MAX_ROWS): split it into several manifests" in \
         rejection("prompt\na\nb\nc\nd\n", max_rows=3)
     assert len(jobs_of("prompt\na\nb\nc\n", max_rows=3).jobs) == 3
+
+
+def test_a_streamed_manifest_is_counted_without_keeping_jobs_and_says_where_duplicates_were(
+        tmp_path: Path) -> None:
+    path = tmp_path / "big.csv"
+    path.write_text("id,prompt,count\n" + "".join(f"r{i},p {i},2\n" for i in range(1000)), encoding="utf-8")
+    opts = Options(batch="b", base_dir=tmp_path, model="tiny")
+    counted = expand(read_manifest(path), opts, keep_jobs=False)
+    kept = expand(read_manifest(path), opts)
+    assert (counted.jobs, counted.count, counted.per_model) == ([], 2000, {"tiny": 2000})
+    assert len(kept.jobs) == kept.count == 2000 and counted.first == kept.jobs[:3]
+    assert counted.pixels == kept.pixels == sum(j.width * j.height for j in kept.jobs)
+    path.write_text("id,prompt\na,x\nb,y\na,z\n", encoding="utf-8")
+    with pytest.raises(ManifestError, match="big.csv line 4: column \"id\": 'a' is also the id of big.csv line 2"):
+        expand(read_manifest(path), opts, keep_jobs=False)
+    document = b'{"items": [{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}]}'
+    with pytest.raises(ManifestError, match=r"m.json items\[1\]: column \"id\": 'a' is also the id of "
+                                            r"m.json items\[0\]"):
+        expand(parse_manifest(document, "m.json"), opts)
+
+
+def test_a_file_broken_far_down_is_reported_with_the_row_problems_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"id,prompt,steps\na,x,many\n" + b"".join(b"r%d,y,4\n" % i for i in range(5000))
+                     + b"z,caf\xe9,4\n")
+    with pytest.raises(ManifestError) as info:
+        expand(read_manifest(path), Options(batch="b", base_dir=tmp_path, model="tiny"))
+    assert 'm.csv line 2: column "steps"' in str(info.value)
+    assert "m.csv line 5003: is not valid UTF-8 (byte 0xE9 at column 6)" in str(info.value)
 
 
 def test_reference_images_over_20_mib_are_refused(tmp_path: Path) -> None:

@@ -31,7 +31,7 @@ def test_line_numbers_follow_multiline_records_and_skip_blank_rows() -> None:
 def test_tsv_by_extension_and_by_content(tmp_path: Path) -> None:
     path = tmp_path / "m.tsv"
     path.write_text("id\tprompt\n1\ta, b\n", encoding="utf-8")
-    assert read_manifest(path).records[0].values == {"id": "1", "prompt": "a, b"}
+    assert next(iter(read_manifest(path).records)).values == {"id": "1", "prompt": "a, b"}
     assert parse_manifest(b"id\tprompt\n1\tx\n", "noext").format == "tsv"
 
 
@@ -82,4 +82,4 @@ def test_oversized_manifest_is_refused_before_reading(tmp_path: Path, monkeypatc
     path.write_text("id,prompt\n1,xxxxxxxx\n", encoding="utf-8")
     with pytest.raises(ManifestError, match=r"is 21 bytes; the limit is 10 \(--max-bytes, KILN_MAX_MANIFEST_BYTES\)"):
         read_manifest(path, max_bytes=10)
-    assert len(read_manifest(path, max_bytes=21).records) == 1
+    assert len(list(read_manifest(path, max_bytes=21).records)) == 1
