@@ -12,6 +12,13 @@ A cap is Kiln's `--vram`: the process is limited to the cap less the 0.5 GiB res
 same limit. Writes DIR/gpu.json (one record per model and cap) and DIR/gpu.md after every record, so a run cut
 short still leaves what it measured. Also reports, per model, the relative error of the fp8 plan's latents
 against the bf16 plan's for one fixed prompt and seed (random weights: a check of the arithmetic, not of looks).
+
+Then, on the whole card, throughput: Kiln's worker path (LocalRenderer: the plan for the full card, jobs of one
+shape handed over in batches of 1, 4 and 8, PNGs encoded and stored on the writer thread while the next batch
+renders) against the plain loop (everything on the GPU, one call per image, each PNG saved before the next call),
+in images per second, with the loop's own PNG saving in its time as a user's loop has it. Goal: Kiln >= 1.3x the
+loop; klein-4b within 2x of the physical floor in ../shared/KLEIN.md (H100 only). Written as "throughput" in
+gpu.json and as a second table in gpu.md.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import argparse
 import gc
 import json
 import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,14 +38,19 @@ from typing import Any
 import torch
 
 from benchmarks.klein import MODELS, write_folder
+from schemas.job import JobSpec
 from schemas.models import ModelSpec, resolve_model
 from schemas.plan import Card, Shape, plan_for
-from worker.device import GIB, cap_memory, free_cached
+from schemas.settings import KilnSettings
+from worker.device import GIB, cap_memory, free_cached, local_card
 from worker.pipeline import compute_dtype, load_model, quiet_libraries, weights_folder
 from worker.prompts import PromptCache
-from worker.render import first_line
+from worker.render import LocalRenderer, first_line
+from worker.storage import LocalStorage
 
 CAPS = (8, 12, 16, 24)
+BATCHES = (1, 4, 8)
+FLOOR_H100 = {"klein-4b": 0.19, "klein-9b": 0.40}  # seconds per 1024x1024 4-step image, ../shared/KLEIN.md
 JOBS_IN_HAND = 4
 PRODUCTS = ("leather weekender bag", "ceramic pour-over kettle", "walnut desk organizer", "linen throw pillow",
             "steel chef's knife", "wool beanie in rust", "glass terrarium", "canvas sneakers", "brass table lamp",
@@ -173,6 +186,90 @@ def run_baseline(pipe: Any, card: Card, meter: Meter, offload: bool, n: int, siz
     return figures
 
 
+def job(spec: ModelSpec, i: int, prompt: str, size: int, steps: int) -> JobSpec:
+    """A job as a worker gets it, one per catalog prompt."""
+    return JobSpec(job_id=f"bench-{i}", attempt=1, batch_id="bench", manifest="bench.csv", manifest_row=i + 1,
+                   row_id=str(i), model=spec.name, prompt=prompt, width=size, height=size, steps=steps,
+                   guidance=1.0, seed=i, output_key=f"bench/{i}.png")
+
+
+def run_throughput(spec: ModelSpec, work: Path, pipe: Any, device: torch.device, n: int, size: int,
+                   steps: int) -> dict[str, Any]:
+    """Images per second on the whole card: the plain loop, then Kiln's worker path in batches of 1, 4 and 8."""
+    from PIL import Image
+
+    card = local_card(device, None)
+    figures: dict[str, Any] = {"model": spec.name.split(":")[-1], "card_gib": round(card.gib, 1)}
+    plan = plan_for(spec.profile, card, Shape.of(size, size))
+    figures["strategy"] = plan.describe() if plan else None
+    n = max(n, max(BATCHES))
+    with tempfile.TemporaryDirectory() as out_name:
+        out = Path(out_name)
+        meter = Meter(device)
+        meter.reset(card)
+        try:
+            pipe.to(device)
+
+            def one(prompt: str, seed: int, path: Path) -> None:
+                image = pipe(prompt=prompt, width=size, height=size, num_inference_steps=steps, guidance_scale=1.0,
+                             generator=[torch.Generator("cpu").manual_seed(seed)]).images[0]
+                image.save(path)  # Pillow's PNG defaults, as a user's loop saves
+
+            one(prompts(1, offset=1000)[0], 0, out / "warm.png")
+            begin = meter.sync()
+            for i, prompt in enumerate(prompts(n)):
+                one(prompt, i, out / f"loop-{i}.png")
+            figures["loop_images_per_second"] = round(n / (meter.sync() - begin), 3)
+            assert Image.open(out / f"loop-{n - 1}.png").size == (size, size)
+        except torch.OutOfMemoryError:
+            figures["loop_images_per_second"] = None
+        pipe.to("cpu")
+        if plan is None:
+            return figures
+        meter.reset(card)
+        renderer = LocalRenderer(KilnSettings(cache_dir=work, device=device.type), "bench", LocalStorage(out),
+                                 card=card)
+        try:
+            renderer.render([job(spec, 10**6, prompts(1, offset=1000)[0], size, steps)])  # load and warm up
+            figures["kiln_strategy"] = renderer.loaded_plan
+            for batch in BATCHES:
+                jobs = [job(spec, 1000 * batch + i, prompt, size, steps) for i, prompt in enumerate(prompts(n))]
+                begin = meter.sync()
+                futures = [renderer.start(jobs[i:i + batch]) for i in range(0, n, batch)]
+                results = [r for future in futures for r in future.result()]
+                seconds = meter.sync() - begin
+                failed = [r.error for r in results if not r.ok]
+                figures[f"kiln_batch{batch}_images_per_second"] = None if failed else round(n / seconds, 3)
+                if failed:
+                    figures[f"kiln_batch{batch}_error"] = failed[0]
+            figures |= meter.peaks()
+        finally:
+            renderer._unload()
+    best = max((figures.get(f"kiln_batch{b}_images_per_second") or 0 for b in BATCHES), default=0)
+    loop = figures.get("loop_images_per_second")
+    figures["kiln_over_loop"] = round(best / loop, 2) if best and loop else None
+    floor = FLOOR_H100.get(figures["model"])
+    if best and floor and device.type == "cuda" and "H100" in torch.cuda.get_device_name(device):
+        figures["kiln_over_floor"] = round((1 / best) / floor, 2)
+    return figures
+
+
+def throughput_markdown(rows: list[dict[str, Any]]) -> str:
+    """The throughput records as a table: images per second, higher is better."""
+    def ips(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}"
+
+    lines = ["", "Whole card, images per second (higher is better):", "",
+             "| model | Kiln plan | plain loop | " + " | ".join(f"Kiln, batches of {b}" for b in BATCHES)
+             + " | Kiln / loop | Kiln / floor |", "|---|---|---|" + "---|" * (len(BATCHES) + 2)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r.get('kiln_strategy') or r['strategy'] or 'no plan fits'} | "
+                     f"{ips(r.get('loop_images_per_second'))} | "
+                     + " | ".join(ips(r.get(f"kiln_batch{b}_images_per_second")) for b in BATCHES)
+                     + f" | {r.get('kiln_over_loop') or '-'} | {r.get('kiln_over_floor') or '-'} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
     """The records as a README-ready table."""
     def cell(r: dict[str, Any], prefix: str) -> str:
@@ -205,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="image side [1024 full size, 512 small]")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--work", type=Path, default=Path("/tmp/kiln-gpu"), help="model folders and caches")
+    parser.add_argument("--no-throughput", action="store_true", help="only the memory caps")
     args = parser.parse_args(argv)
     images = args.images or (2 if args.small else 8)
     size = args.size or (512 if args.small else 1024)
@@ -222,6 +320,15 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python -m benchmarks.gpu" + (" --small" if args.small else "") + " --out DIR"}
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
+    speed: list[dict[str, Any]] = []
+
+    def write() -> str:
+        table = markdown(records, header) + (throughput_markdown(speed) if speed else "")
+        (args.out / "gpu.json").write_text(json.dumps({"header": header, "records": records, "throughput": speed},
+                                                      indent=2))
+        (args.out / "gpu.md").write_text(table)
+        return table
+
     for name in args.models:
         if args.small:
             spec = resolve_model(f"tiny:{name}")
@@ -255,12 +362,15 @@ def main(argv: list[str] | None = None) -> int:
                 for r in records:
                     if r["model"] == name and (r["strategy"] or "").startswith("fp8"):
                         r["fp8_latent_rel_error"] = round(error, 5)
-            (args.out / "gpu.json").write_text(json.dumps({"header": header, "records": records}, indent=2))
-            (args.out / "gpu.md").write_text(markdown(records, header))
+            write()
+        if not args.no_throughput:
+            speed.append(run_throughput(spec, args.work, baseline, device, images, size, args.steps))
+            print(json.dumps(speed[-1]), flush=True)
+            write()
         del baseline
         if not args.small:
             shutil.rmtree(folder, ignore_errors=True)  # the next model needs the disk
-    print(markdown(records, header))
+    print(write())
     return 0
 
 

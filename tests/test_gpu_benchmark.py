@@ -1,5 +1,6 @@
 """The GPU benchmark's own command line at small configs, on this machine's CPU, so it cannot rot between the
-sessions that have a GPU: every model and cap gets a record, with the plan Kiln chose and measured figures."""
+sessions that have a GPU: every model and cap gets a record, with the plan Kiln chose and measured figures, and
+every model its whole-card throughput against the plain loop."""
 
 from __future__ import annotations
 
@@ -38,3 +39,9 @@ def test_the_gpu_benchmark_runs_at_small_configs_and_writes_its_figures(tmp_path
     assert records[("klein-9b", 24)]["strategy"].startswith("bf16-staged")
     table = (tmp_path / "out" / "gpu.md").read_text()
     assert "| klein-9b | 8 GiB | no plan fits |" in table and "python -m benchmarks.gpu --small" in table
+    speed = {r["model"]: r for r in data["throughput"]}  # the whole card: Kiln's worker path against the loop
+    assert set(speed) == set(MODELS)
+    for r in speed.values():
+        assert r["loop_images_per_second"] > 0 and r["kiln_over_loop"] > 0
+        assert all(r[f"kiln_batch{b}_images_per_second"] > 0 for b in (1, 4, 8)), r
+    assert "Kiln, batches of 8" in table
