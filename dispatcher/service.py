@@ -22,6 +22,7 @@ from schemas.broker import make_app
 from schemas.errors import ConfigError, StaleStateError, StorageError
 from schemas.messages import (
     HEARTBEAT_TASK,
+    HEARTBEATS_QUEUE,
     RENDER_TASK,
     REPORT_TASK,
     REPORTS_QUEUE,
@@ -182,8 +183,9 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
             sessions, clock, timedelta(seconds=settings.worker_timeout_seconds)))
         log.info("Prometheus metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
     # Threads: a report waiting on a slow storage answer must not hold up the heartbeats behind it (a worker
-    # whose heartbeats wait looks silent, and loses its job).
-    app.worker_main(["worker", "--pool", "threads", "--concurrency", str(CONSUMERS), "-Q", REPORTS_QUEUE,
+    # whose heartbeats wait looks silent, and loses its job). Heartbeats' own queue first: taken before reports.
+    app.worker_main(["worker", "--pool", "threads", "--concurrency", str(CONSUMERS), "-Q",
+                     f"{HEARTBEATS_QUEUE},{REPORTS_QUEUE}",
                      "-n", "kiln-dispatcher@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
 
 

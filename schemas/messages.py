@@ -13,6 +13,10 @@ RENDER_TASK = "kiln.render"
 REPORT_TASK = "kiln.report"
 HEARTBEAT_TASK = "kiln.heartbeat"
 REPORTS_QUEUE = "kiln.reports"
+# Heartbeats travel apart from reports, and the dispatcher takes them first (the broker's queue order is
+# "priority"): a backlog of reports never makes a living worker look silent. Under kiln.reports*, which a
+# worker's Redis account may write.
+HEARTBEATS_QUEUE = "kiln.reports.heartbeats"
 UNWANTED_PREFIX = "kiln.render.unwanted."  # under kiln.render.*, which a worker's Redis account may read
 
 

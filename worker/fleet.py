@@ -23,6 +23,7 @@ from schemas.errors import ConfigError, RenderError
 from schemas.job import JobSpec, RenderResult
 from schemas.messages import (
     HEARTBEAT_TASK,
+    HEARTBEATS_QUEUE,
     RENDER_TASK,
     REPORT_TASK,
     REPORTS_QUEUE,
@@ -132,7 +133,8 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
             return True
 
     def send(task: str, payload: dict[str, Any], expires: float | None = None) -> None:
-        app.send_task(task, args=[payload], queue=REPORTS_QUEUE, expires=expires,
+        queue = HEARTBEATS_QUEUE if task == HEARTBEAT_TASK else REPORTS_QUEUE
+        app.send_task(task, args=[payload], queue=queue, expires=expires,
                       argsrepr=f"{payload.get('kind', 'heartbeat')} from {name}")
 
     def heartbeat_forever() -> None:
