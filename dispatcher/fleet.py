@@ -4,6 +4,7 @@ in: sessions, the bucket, and callables that publish or mark."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -77,10 +78,13 @@ def token(published_at: datetime) -> str:
 
 def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publish: Publish,
          queue_depth: Callable[[str], int]) -> int:
-    """Top every render queue up to the backlog from the database; republish what the broker lost."""
+    """Top every render queue up to the backlog for each live worker consuming it (at least one backlog), from the
+    database; republish what the broker lost."""
     published = 0
     queues = session.scalars(select(Job.queue).where(Job.status == JobStatus.QUEUED, Job.queue.is_not(None))
                              .distinct()).all()
+    consumers = Counter(q for served in session.scalars(select(Worker.queues).where(
+        Worker.last_seen >= now - policy.worker_timeout)) for q in served or [])
     for queue in sorted(q for q in queues if q):
         waiting = _waiting(session, queue)
         stale = now - policy.message_ttl
@@ -90,7 +94,9 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
         session.execute(update(Job).where(
             Job.status == JobStatus.QUEUED, Job.queue == queue, Job.published_at.is_not(None),
             Job.published_at < (now - LOST_QUEUE_GRACE if lost else stale)).values(published_at=None))
-        free = policy.backlog - _waiting(session, queue)
+        # One backlog per consumer: fifty workers on one queue drain a fixed few messages faster than reports
+        # arrive to top it up. Bounded all the same: Redis holds a few messages per worker, not the batch.
+        free = policy.backlog * max(1, consumers[queue]) - _waiting(session, queue)
         chosen = _next_jobs(session, queue, now, free) if free > 0 else []
         rows = _rows(session, chosen)
         for job, batch_id in chosen:

@@ -44,7 +44,7 @@ class KilnSettings(BaseSettings):
     webhook_secret: str | None = Field(None, description="the HMAC-SHA256 key of X-Kiln-Signature")
     serve_token: str | None = Field(None, description="the secret that unlocks batch control in `kiln serve` "
                                                       "(unset or empty: read-only)")
-    backlog: int = Field(4, ge=1, le=1000, description="messages waiting per render queue")
+    backlog: int = Field(4, ge=1, le=1000, description="messages waiting per render queue and live worker on it")
     heartbeat_seconds: float = Field(5.0, gt=0, description="how often a worker reports in")
     worker_timeout_seconds: float = Field(60.0, gt=0, description="silence after which a worker's jobs go back")
     message_ttl_seconds: float = Field(900.0, gt=0, description="a render message unclaimed this long is "

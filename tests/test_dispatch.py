@@ -122,6 +122,18 @@ def test_queues_are_fed_up_to_the_backlog_by_fit(database_url: str, bucket: Buck
     assert feed(sessions, bucket, broker) == 1
 
 
+def test_a_queue_holds_a_backlog_for_each_live_worker_on_it(database_url: str, bucket: Bucket) -> None:
+    # Fifty workers on one queue drain a fixed backlog faster than reports come to top it up: they would idle.
+    sessions = setup(database_url, "id,prompt,model\n" + "".join(f"s{i},x,klein-4b\n" for i in range(10)))
+    queue = "kiln.render.klein-4b.vram8"
+    with sessions.begin() as s:
+        for name, seen in (("w1", T0), ("w2", T0), ("w3", T0), ("gone", T0 - timedelta(minutes=5))):
+            fleet.record_heartbeat(s, Heartbeat(worker=name, device="cuda", vram_gb=8, queues=[queue]), seen)
+    broker = Broker()
+    assert feed(sessions, bucket, broker) == 3 * POLICY.backlog  # the silent worker counts for nothing
+    assert broker.depth == {queue: 6}
+
+
 def test_a_job_succeeds_once_with_its_verified_object_and_late_reports_change_nothing(
         database_url: str, bucket: Bucket) -> None:
     sessions = setup(database_url, "id,prompt\na,x\n")
