@@ -1,0 +1,181 @@
+"""Benchmark: the dispatcher under a big fleet's load. A simulation of the workers, named as one: N simulated
+workers (threads of this process) take real render messages from the real Redis queue, upload a small PNG
+through each job's signed URL to the S3 test server, and send the real started/finished reports and heartbeats a
+`kiln worker` sends; what is measured is real: `kiln dispatcher` (its own process) recording them in PostgreSQL,
+checking each upload in the bucket, and feeding the queue, with a 100,000-job batch recorded.
+
+Prints, over the measured window: reports recorded per second (two per job: started, finished), Redis memory
+(the peak of used_memory), and how stale the workers' last_seen got (heartbeats every --heartbeat seconds: a
+staleness well past that means heartbeats waited behind reports).
+
+    .venv/bin/python -m benchmarks.dispatcher_load --workers 50 --jobs 100000 --seconds 60
+    # goals: 200 reports/s on PostgreSQL, Redis under 50 MB, heartbeats never delayed by report work
+
+Needs PostgreSQL (KILN_TEST_POSTGRES_URL, as the tests) and redis-server; starts moto's S3 server itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import tempfile
+import threading
+import time
+import uuid
+from base64 import b64decode
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy
+from redis import Redis
+from sqlalchemy import func, select
+
+from schemas.broker import make_app
+from schemas.job import JobStatus, RenderResult
+from schemas.messages import (
+    HEARTBEAT_TASK,
+    HEARTBEATS_QUEUE,
+    REPORT_TASK,
+    REPORTS_QUEUE,
+    Heartbeat,
+    RenderTask,
+    Report,
+)
+from schemas.tables import Job, Worker
+from tests.conftest import POSTGRES_URL
+from tests.fleet_harness import running_fleet
+from worker.upload import SignedUpload
+
+PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
+                    "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")
+
+
+class SimulatedWorker(threading.Thread):
+    """One simulated worker: pops a render message, reports it started, 'renders' for `render_seconds`, uploads
+    a PNG through the job's signed URL, reports it finished; a heartbeat every `heartbeat` seconds."""
+
+    def __init__(self, name: str, queue: str, broker_url: str, app: Any, render_seconds: float, heartbeat: float,
+                 stop: threading.Event, beats_to: str = HEARTBEATS_QUEUE) -> None:
+        super().__init__(name=name, daemon=True)
+        self.beats_to = beats_to
+        self.queue, self.app, self.stop = queue, app, stop
+        self.render_seconds, self.heartbeat = render_seconds, heartbeat
+        self.redis = Redis.from_url(broker_url)
+        self.done = 0
+        self.current: str | None = None
+        self.beat_at = 0.0
+
+    def send(self, task: str, payload: dict[str, Any], queue: str) -> None:
+        self.app.send_task(task, args=[payload], queue=queue)
+
+    def beat(self) -> None:
+        self.send(HEARTBEAT_TASK, Heartbeat(worker=self.name, device="simulated", vram_gb=24.0, queues=[self.queue],
+                                            models=["tiny"], current_job=self.current).model_dump(mode="json"),
+                  self.beats_to)
+        self.beat_at = time.monotonic()
+
+    def run(self) -> None:
+        self.beat()
+        while not self.stop.is_set():
+            if time.monotonic() - self.beat_at >= self.heartbeat:
+                self.beat()
+            popped = self.redis.brpop([self.queue], timeout=1)
+            if popped is None:
+                continue
+            envelope = json.loads(popped[1])
+            args, _, _ = json.loads(b64decode(envelope["body"]))  # Celery's message protocol 2: (args, kwargs, embed)
+            message = RenderTask.model_validate(args[0])
+            job = message.job
+            self.current = job.job_id
+            self.send(REPORT_TASK, Report(kind="started", job_id=job.job_id, attempt=job.attempt,
+                                          worker=self.name).model_dump(mode="json"), REPORTS_QUEUE)
+            time.sleep(self.render_seconds)
+            uri = SignedUpload(message.upload, 10, 30).put(job.output_key, PNG, job.job_id)
+            result = RenderResult(job_id=job.job_id, attempt=job.attempt, ok=True, worker=self.name,
+                                  seconds=self.render_seconds, uri=uri, sha256=hashlib.sha256(PNG).hexdigest(),
+                                  md5=hashlib.md5(PNG).hexdigest(), bytes=len(PNG), plan="simulated")
+            self.current = None
+            self.send(REPORT_TASK, Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=self.name,
+                                          result=result).model_dump(mode="json"), REPORTS_QUEUE)
+            self.done += 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", type=int, default=50)
+    parser.add_argument("--jobs", type=int, default=100_000, help="the batch recorded before the workers start")
+    parser.add_argument("--seconds", type=float, default=60, help="the measured window")
+    parser.add_argument("--render-seconds", type=float, default=0.2, help="each simulated render")
+    parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between a worker's heartbeats")
+    parser.add_argument("--heartbeats-with-reports", action="store_true",
+                        help="send heartbeats into the reports queue, as workers before 2026-11-28 did: to compare")
+    args = parser.parse_args()
+    schema = f"kiln_load_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(POSTGRES_URL)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    db_url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    try:
+        with tempfile.TemporaryDirectory() as tmp_name:
+            tmp = Path(tmp_name)
+            with running_fleet(tmp, db_url, tmp / "cache") as fleet:
+                measure(fleet, tmp, args)
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+
+
+def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
+    manifest = tmp / "load.csv"
+    manifest.write_text("id,prompt\n" + "".join(f"p{i},product {i}\n" for i in range(args.jobs)), encoding="utf-8")
+    started = time.perf_counter()
+    fleet.kiln("submit", str(manifest), "--model", "tiny", "--max-rows", str(args.jobs), "--max-jobs",
+               str(args.jobs), "--max-bytes", str(64 * args.jobs + 2**20))
+    print(f"recorded {args.jobs:,} jobs in {time.perf_counter() - started:.1f} s", flush=True)
+    with fleet.engine.connect() as conn:
+        queues = conn.scalars(select(Job.queue).distinct()).all()
+    assert len(queues) == 1 and queues[0], queues
+    fleet.dispatcher(KILN_WORKER_TIMEOUT_SECONDS=str(max(8.0, 4 * args.heartbeat)))
+    app = make_app(fleet.env["KILN_BROKER_URL"])
+    stop = threading.Event()
+    beats_to = REPORTS_QUEUE if args.heartbeats_with_reports else HEARTBEATS_QUEUE
+    workers = [SimulatedWorker(f"sim-{i:02d}", queues[0], fleet.env["KILN_BROKER_URL"], app, args.render_seconds,
+                               args.heartbeat, stop, beats_to) for i in range(args.workers)]
+    for w in workers:
+        w.start()
+    redis = Redis.from_url(fleet.env["KILN_BROKER_URL"])
+
+    def succeeded() -> int:
+        with fleet.engine.connect() as conn:
+            return conn.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.SUCCEEDED)) or 0
+
+    time.sleep(10)  # warm-up: workers registered, the queue fed
+    first, begin = succeeded(), time.monotonic()
+    memory, stale, backlog = [], [], []
+    while time.monotonic() - begin < args.seconds:
+        time.sleep(0.5)
+        memory.append(int(redis.info("memory")["used_memory"]))
+        backlog.append(int(redis.llen(REPORTS_QUEUE)))
+        now = datetime.now(UTC).replace(tzinfo=None)
+        with fleet.engine.connect() as conn:
+            seen = conn.execute(select(Worker.name, Worker.last_seen).where(Worker.name.like("sim-%"))).all()
+        stale += [(now - last).total_seconds() for _, last in seen if last is not None]
+    recorded = succeeded() - first
+    window = time.monotonic() - begin
+    stop.set()
+    sent = sum(w.done for w in workers)
+    stale.sort()
+    print(f"{args.workers} simulated workers, {args.render_seconds} s per simulated render, heartbeats every "
+          f"{args.heartbeat} s, {window:.0f} s measured, PostgreSQL, Redis and moto on loopback:")
+    print(f"  reports recorded: {2 * recorded / window:.0f} per second ({recorded / window:.0f} jobs/s; the workers "
+          f"finished {sent} jobs in all) (goal: 200)")
+    print(f"  reports waiting in Redis: median {sorted(backlog)[len(backlog) // 2]}, max {max(backlog)}")
+    print(f"  Redis used_memory: peak {max(memory) / 2**20:.1f} MB (goal: under 50 MB)")
+    print(f"  worker last_seen staleness: median {stale[len(stale) // 2]:.1f} s, "
+          f"p99 {stale[int(len(stale) * 0.99)]:.1f} s, max {stale[-1]:.1f} s (heartbeats every {args.heartbeat} s)")
+
+
+if __name__ == "__main__":
+    main()
