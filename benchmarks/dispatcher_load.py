@@ -22,16 +22,15 @@ import json
 import tempfile
 import threading
 import time
-import uuid
 from base64 import b64decode
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlalchemy
 from redis import Redis
 from sqlalchemy import func, select
 
+from benchmarks.scale import postgres_schema
 from schemas.broker import make_app
 from schemas.job import JobStatus, RenderResult
 from schemas.messages import (
@@ -44,7 +43,6 @@ from schemas.messages import (
     Report,
 )
 from schemas.tables import Job, Worker
-from tests.conftest import POSTGRES_URL
 from tests.fleet_harness import running_fleet
 from worker.upload import SignedUpload
 
@@ -112,19 +110,10 @@ def main() -> None:
     parser.add_argument("--heartbeats-with-reports", action="store_true",
                         help="send heartbeats into the reports queue, as workers before 2026-11-28 did: to compare")
     args = parser.parse_args()
-    schema = f"kiln_load_{uuid.uuid4().hex[:8]}"
-    admin = sqlalchemy.create_engine(POSTGRES_URL)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    db_url = f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
-    try:
-        with tempfile.TemporaryDirectory() as tmp_name:
-            tmp = Path(tmp_name)
-            with running_fleet(tmp, db_url, tmp / "cache") as fleet:
-                measure(fleet, tmp, args)
-    finally:
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        with running_fleet(tmp, postgres_schema(), tmp / "cache") as fleet:
+            measure(fleet, tmp, args)
 
 
 def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:

@@ -140,9 +140,9 @@ def expand(manifest: RawManifest, options: Options, keep_jobs: bool = True) -> E
         for record in records:
             if record.number > options.max_rows:
                 rows = record.number + sum(1 for _ in records)
-                raise ManifestError([Problem(manifest.name, f"has {rows:,} rows; the limit is {options.max_rows:,} "
-                                                            "(--max-rows, KILN_MAX_ROWS): split it into several "
-                                                            "manifests, or raise the limit")])
+                problems.add(manifest.name, f"has {rows:,} rows; the limit is {options.max_rows:,} (--max-rows, "
+                                            "KILN_MAX_ROWS): split it into several manifests, or raise the limit")
+                break
             if not _expand_row(record, manifest, options, expansion, problems, combos, seen_ids, seen_keys,
                                keep_jobs):
                 break
@@ -215,10 +215,10 @@ class _RowProblem(Exception):
 def unstorable(text: str) -> str | None:
     """Why a database Kiln supports cannot store `text`, or None: PostgreSQL refuses NUL characters, and no
     UTF-8 database takes a lone surrogate (a broken \\ud800 escape in JSON)."""
-    if text.isascii() and "\x00" not in text:
-        return None
     if "\x00" in text:
         return "contains a NUL character (\\x00), which PostgreSQL cannot store: remove it"
+    if text.isascii():  # most text: no surrogate to look for
+        return None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
