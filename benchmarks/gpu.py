@@ -188,7 +188,7 @@ def run_baseline(pipe: Any, card: Card, meter: Meter, offload: bool, n: int, siz
 
 def job(spec: ModelSpec, i: int, prompt: str, size: int, steps: int) -> JobSpec:
     """A job as a worker gets it, one per catalog prompt."""
-    return JobSpec(job_id=f"bench-{i}", attempt=1, batch_id="bench", manifest="bench.csv", manifest_row=i + 1,
+    return JobSpec.of(job_id=f"bench-{i}", attempt=1, batch_id="bench", manifest="bench.csv", manifest_row=i + 1,
                    row_id=str(i), model=spec.name, prompt=prompt, width=size, height=size, steps=steps,
                    guidance=1.0, seed=i, output_key=f"bench/{i}.png")
 

@@ -17,7 +17,7 @@ from worker.render import LocalRenderer
 
 
 def jobs(size: int, n: int, round_: int) -> list[JobSpec]:
-    return [JobSpec(job_id=f"{size}-{round_}-{i}", attempt=1, batch_id="bench", manifest="bench", manifest_row=i,
+    return [JobSpec.of(job_id=f"{size}-{round_}-{i}", attempt=1, batch_id="bench", manifest="bench", manifest_row=i,
                     row_id=str(i), model="tiny", prompt=f"studio photo of product {i}", width=size, height=size,
                     steps=4, guidance=1.0, seed=i, output_key=f"bench/{size}-{round_}-{i}.png") for i in range(n)]
 

@@ -22,6 +22,7 @@ from schemas.errors import ConfigError, StorageError
 from schemas.job import JobSpec
 from schemas.keys import key_problem, reference_key
 from schemas.messages import Upload
+from schemas.params import content_type
 from schemas.settings import KilnSettings
 from schemas.storage import KeyTakenError
 
@@ -101,11 +102,12 @@ class Bucket:
 
     def upload_for(self, job_id: str, output_key: str) -> Upload:
         """A signed create-once PUT for one job's output."""
-        headers = {"If-None-Match": "*", f"x-amz-meta-{JOB_META}": job_id, "Content-Type": "image/png"}
+        kind = content_type(output_key)
+        headers = {"If-None-Match": "*", f"x-amz-meta-{JOB_META}": job_id, "Content-Type": kind}
         url = self.client.generate_presigned_url(
             "put_object", ExpiresIn=UPLOAD_SECONDS,
             Params={"Bucket": self.name, "Key": self.key(output_key), "IfNoneMatch": "*",
-                    "Metadata": {JOB_META: job_id}, "ContentType": "image/png"})
+                    "Metadata": {JOB_META: job_id}, "ContentType": kind})
         return Upload(url=url, headers=headers, uri=self.uri(output_key))
 
     def stat(self, output_key: str) -> StoredObject | None:
@@ -137,10 +139,10 @@ class Bucket:
         """The bucket KILN_STORAGE_URL names, through KILN_S3_ENDPOINT_URL."""
         return cls(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds)
 
-    def put(self, key: str, data: bytes, job_id: str, content_type: str = "image/png") -> str:
+    def put(self, key: str, data: bytes, job_id: str, kind: str | None = None) -> str:
         """Write with the dispatcher's own credentials (the embedded `kiln render` to S3), MD5-verified and once:
         created only where nothing is; over this job's own earlier image, replaced; another job's is refused."""
-        body = {"Bucket": self.name, "Key": self.key(key), "Body": data, "ContentType": content_type,
+        body = {"Bucket": self.name, "Key": self.key(key), "Body": data, "ContentType": kind or content_type(key),
                 "ContentMD5": base64.b64encode(hashlib.md5(data).digest()).decode(), "Metadata": {JOB_META: job_id}}
         try:
             try:
@@ -169,9 +171,10 @@ class Bucket:
 
     def reference_url(self, job: JobSpec) -> str | None:
         """A signed GET of a job's reference image (uploaded at submit), or None for a job without one."""
-        if not job.reference or not job.reference_sha256:
+        reference, sha256 = job.params.reference, job.params.reference_sha256
+        if not reference or not sha256:
             return None
-        return self.download_url(reference_key(job.reference_sha256, Path(job.reference).suffix), UPLOAD_SECONDS)
+        return self.download_url(reference_key(sha256, Path(reference).suffix), UPLOAD_SECONDS)
 
     def download_url(self, output_key: str, seconds: int) -> str:
         """A signed GET link, for exports that ask for one."""

@@ -117,6 +117,12 @@ def manifest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--prompt", help='Prompt template for every row, e.g. "Studio photo of {Title} by {Vendor}".'),
         click.option("--output", "output_template",
                      help="Output key template for every row, e.g. '{Vendor}/{id}.png'."),
+        click.option("--format", "image_format",
+                     type=click.Choice(["png", "webp", "jpeg", "jpg"], case_sensitive=False),
+                     help="Image format for every row (overrides the manifest) [default: png, or the output key's "
+                          "extension]."),
+        click.option("--quality", type=click.IntRange(1, 100),
+                     help="WebP and JPEG quality for every row (overrides the manifest) [default: 90]."),
         click.option("--name", help="Batch name, used in default output keys [default: the manifest's file name]."),
         click.option("--non-commercial", is_flag=True,
                      help="Declare this batch non-commercial (needed for 9B models)."),
@@ -139,6 +145,7 @@ def manifest_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def _request(manifest: Path, params: dict[str, Any]) -> usecases.Request:
     return usecases.Request(manifest, model=params.get("model"), prompt=params.get("prompt"),
                             output=params.get("output_template"), name=params.get("name"),
+                            image_format=params.get("image_format"), quality=params.get("quality"),
                             non_commercial=params["non_commercial"], skip_incomplete=params["skip_incomplete"],
                             priority=params.get("priority") or 0)
 
@@ -266,7 +273,8 @@ def _render_command(manifest: Path, params: dict[str, Any]) -> str:
     """The `kiln render` line that expands `manifest` as `kiln submit` just did."""
     words = ["kiln", "render", str(manifest)]
     for option, key in (("--model", "model"), ("--prompt", "prompt"), ("--output", "output_template"),
-                        ("--name", "name"), ("--max-jobs", "max_jobs"), ("--max-rows", "max_rows"),
+                        ("--format", "image_format"), ("--quality", "quality"), ("--name", "name"),
+                        ("--max-jobs", "max_jobs"), ("--max-rows", "max_rows"),
                         ("--max-bytes", "max_manifest_bytes"), ("--database-url", "database_url")):
         if params.get(key) is not None:
             words += [option, str(params[key])]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import itertools
-import json
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -26,6 +25,7 @@ from schemas.errors import ManifestError, ModelError, Problem
 from schemas.keys import output_key_problem
 from schemas.manifest import DEFAULT_SIDE, FIELDS, MAX_PIXELS, MAX_PROMPT_CHARS, MAX_ROWS, RowFields, describe
 from schemas.models import DEFAULT_MODEL, ModelSpec, resolve_model
+from schemas.params import DEFAULT_QUALITY, EXTENSIONS, FORMAT_OF_SUFFIX, ImageFormat, RenderParams
 
 REFERENCE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_REFERENCE_BYTES = 20 * 2**20
@@ -42,6 +42,8 @@ class Options:
     prompt: str | None = None  # --prompt: overrides every row's prompt
     model: str | None = None  # --model: overrides every row's model
     output: str | None = None  # --output: overrides every row's output template
+    format: ImageFormat | None = None  # --format: overrides every row's format
+    quality: int | None = None  # --quality: overrides every row's quality
     non_commercial: bool = False
     skip_incomplete: bool = False
     max_jobs: int = 100_000
@@ -53,16 +55,8 @@ class PlannedJob:
     """One job as the manifest asks for it, before it is recorded."""
 
     job_id: str
-    model: str
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    seed: int
+    params: RenderParams
     output_key: str
-    reference: str | None
-    reference_sha256: str | None
     manifest_row: int
     manifest_line: int
     row_id: str
@@ -111,20 +105,6 @@ def derive_seed(row_id: str, index: int) -> int:
     """A seed from a row id and an image index: stable everywhere, different for every row and index."""
     digest = hashlib.sha256(f"kiln-seed\0{row_id}\0{index}".encode()).digest()
     return int.from_bytes(digest[:4], "big")
-
-
-def job_id(*parts: Any) -> str:
-    """A job id: a hash of everything that decides the image and where it goes."""
-    blob = json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def image_job_id(model: str, prompt: str, width: int, height: int, steps: int, guidance: float, seed: int,
-                 output_key: str, reference: str | None, reference_sha256: str | None) -> str:
-    """The id of the job that makes this image: its reference counts by path and content, so an image edited in
-    place is a new job."""
-    ref_id = f"{reference}#{reference_sha256}" if reference else None
-    return job_id(model, prompt, width, height, steps, guidance, seed, output_key, ref_id)
 
 
 def expand(manifest: RawManifest, options: Options, keep_jobs: bool = True) -> Expansion:
@@ -193,8 +173,8 @@ def _expand_row(record: Record, manifest: RawManifest, options: Options, expansi
                                        "unique per image (add {id} or {variant})")
         seen_keys.setdefault(job.output_key, mark)
         expansion.count += 1
-        expansion.per_model[job.model] += 1
-        expansion.pixels += job.width * job.height
+        expansion.per_model[job.params.model] += 1
+        expansion.pixels += job.params.width * job.params.height
         if len(expansion.first) < 3:
             expansion.first.append(job)
     if keep_jobs:
@@ -280,7 +260,8 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
     if not prompt_template:
         raise _RowProblem('no prompt: add a "prompt" column or pass --prompt "TEMPLATE with {Column}"')
     output_template = options.output or row.output or (
-        "{batch}/{id}.png" if len(combos) * count == 1 else "{batch}/{id}-{variant}.png")
+        "{batch}/{id}" if len(combos) * count == 1 else "{batch}/{id}-{variant}")
+    image_format = options.format or row.format
     row_data = {**manifest.defaults, **record.values}
     # Every column is a variable, the fields included: `--prompt "{prompt}, studio light"` extends a row's prompt.
     variables = {k: _text(v) for k, v in row_data.items()}
@@ -298,16 +279,34 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                 raise _RowProblem(f"the prompt is {len(prompt)} characters after filling in the template; "
                                   f"the limit is {MAX_PROMPT_CHARS}")
             key = _fill("output", output_template, values)
-            key = key if key.lower().endswith(".png") else key + ".png"
+            key, fmt = _keyed(key, image_format)
             problem = output_key_problem(key)
             if problem:
                 raise _RowProblem(f'column "output": the output key {key!r} {problem}')
+            quality = options.quality or row.quality
+            if fmt == "png" and quality is not None:
+                raise _RowProblem('column "quality": applies to webp and jpeg; PNG is lossless (leave it empty, or '
+                                  'set "format" to webp or jpeg)')
             reference, digest = (_reference(_fill("reference", row.reference, values), options) if row.reference
                                  else (None, None))
-            yield PlannedJob(image_job_id(spec.name, prompt, width, height, steps, guidance, seed, key, reference,
-                                          digest),
-                             spec.name, prompt, width, height, steps, guidance, seed, key, reference, digest,
-                             record.number, record.line, row_id, variant, {**row_data, **combo})
+            params = RenderParams(model=spec.name, prompt=prompt, width=width, height=height, steps=steps,
+                                  guidance=guidance, seed=seed, reference=reference, reference_sha256=digest,
+                                  format=fmt, quality=None if fmt == "png" else quality or DEFAULT_QUALITY)
+            yield PlannedJob(params.job_id(key), params, key, record.number, record.line, row_id, variant,
+                             {**row_data, **combo})
+
+
+def _keyed(key: str, image_format: ImageFormat | None) -> tuple[str, ImageFormat]:
+    """An output key and its format. A format given decides the key's extension (an image extension of another
+    format is replaced); with none given, the key's extension decides, and a key without one is PNG."""
+    stem, dot, suffix = key.rpartition(".")
+    named = FORMAT_OF_SUFFIX.get(f".{suffix.lower()}") if dot and "/" not in suffix else None
+    if named is not None:
+        if image_format is None or image_format == named:
+            return key, named  # type: ignore[return-value]
+        key = stem
+    chosen: ImageFormat = image_format or "png"
+    return key + EXTENSIONS[chosen], chosen
 
 
 def _model(name: str, options: Options, expansion: Expansion) -> ModelSpec:

@@ -117,7 +117,7 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
             summary.rendered += status is JobStatus.SUCCEEDED
             summary.failed += status in (JobStatus.FAILED, JobStatus.DEAD)
             if lifecycle.fault_of(result.error_kind) is Fault.WORKER:
-                summary.unserved.setdefault(job.model, result.error or "cannot load it")
+                summary.unserved.setdefault(job.params.model, result.error or "cannot load it")
             elif status is JobStatus.QUEUED:
                 summary.retried += 1
             if on_result:

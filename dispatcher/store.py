@@ -26,6 +26,7 @@ from dispatcher.lifecycle import Fault, RetryPolicy
 from schemas.capacity import job_queue, queue_tier
 from schemas.errors import ConfigError, KilnError, StaleStateError
 from schemas.job import ACTIVE, REQUEUEABLE, JobSpec, JobStatus, RenderResult, check_transition
+from schemas.params import RenderParams
 from schemas.tables import Attempt, Batch, BatchJob, Event, Job, Output, Worker
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "schemas" / "migrations"
@@ -146,16 +147,14 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
     for position, planned in enumerate(expansion.jobs):
         job = existing.get(planned.job_id)
         if job is None:
-            shape = (planned.model, planned.width, planned.height, 1 if planned.reference else 0)
+            params = planned.params
+            shape = (params.model, params.width, params.height, params.references)
             if shape not in queues:
-                queues[shape] = job_queue(planned.model, expansion.models[planned.model].profile, planned.width,
-                                          planned.height, references=shape[3])
+                queues[shape] = job_queue(params.model, expansion.models[params.model].profile, params.width,
+                                          params.height, references=params.references)
             jobs.append(dict(id=planned.job_id, queue=queues[shape], min_vram_gb=0, budget_from=0,
-                             model=planned.model, prompt=planned.prompt, width=planned.width,
-                             height=planned.height, steps=planned.steps, guidance=planned.guidance, seed=planned.seed,
-                             output_key=planned.output_key, reference=planned.reference,
-                             reference_sha256=planned.reference_sha256, status=JobStatus.QUEUED,
-                             attempts=0, created_at=now, updated_at=now))
+                             output_key=planned.output_key, status=JobStatus.QUEUED, attempts=0, created_at=now,
+                             updated_at=now, **params.columns()))
             new += 1
         elif job.status in REQUEUEABLE:
             requeue(session, job, now)
@@ -223,7 +222,7 @@ def in_unpaused_batch() -> Any:
 
 def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, batch_id: str | None = None,
           limit: int = 1, prefer_model: str | None = None, skip_models: Iterable[str] = ()) -> list[JobSpec]:
-    """Take up to `limit` queued jobs of one shape (same model, size, steps, guidance and reference) for
+    """Take up to `limit` queued jobs of one shape (RenderParams.shape: all but prompt and seed alike) for
     `worker`, marking them running with a lease: jobs of batches not paused whose retry backoff is over, of
     models not in `skip_models`. Concurrent claimers skip each other's rows."""
     query = (select(Job, BatchJob, Batch).join(BatchJob, BatchJob.job_id == Job.id)
@@ -242,9 +241,7 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
     lead: Job = first[0]
     rows = [first]
     if limit > 1:
-        same = query.where(Job.id != lead.id, Job.model == lead.model, Job.width == lead.width,
-                           Job.height == lead.height, Job.steps == lead.steps, Job.guidance == lead.guidance,
-                           Job.reference.is_(None) if lead.reference is None else Job.reference == lead.reference)
+        same = query.where(Job.id != lead.id, Job.shape == lead.shape)
         rows += session.execute(same.order_by(*order).limit(limit - 1).with_for_update(skip_locked=True, of=Job))
     specs = []
     seen: set[str] = set()
@@ -263,9 +260,8 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
 def job_spec(job: Job, link: BatchJob, batch: Batch, attempt: int) -> JobSpec:
     """What a worker is handed for one attempt at `job`, as a row of `batch` (`link`)."""
     return JobSpec(job_id=job.id, attempt=attempt, batch_id=batch.id, manifest=batch.manifest,
-                   manifest_row=link.manifest_row, row_id=link.row_id, model=job.model, prompt=job.prompt,
-                   width=job.width, height=job.height, steps=job.steps, guidance=job.guidance, seed=job.seed,
-                   output_key=job.output_key, reference=job.reference, reference_sha256=job.reference_sha256)
+                   manifest_row=link.manifest_row, row_id=link.row_id, output_key=job.output_key,
+                   params=RenderParams.of_row(job))
 
 
 def start_attempt(session: Session, job_id: str, number: int, worker: str, now: datetime) -> None:
@@ -451,8 +447,7 @@ def export_rows(session: Session, batch_id: str, statuses: Iterable[JobStatus] |
         yield {**link.row_data, "kiln_job_id": job.id, "kiln_row": link.manifest_row, "kiln_variant": link.variant,
                "kiln_status": job.status.value, "kiln_output_uri": output.uri if output else None,
                "kiln_output_key": job.output_key, "kiln_sha256": output.sha256 if output else None,
-               "kiln_seed": job.seed, "kiln_model": job.model, "kiln_steps": job.steps, "kiln_guidance": job.guidance,
-               "kiln_width": job.width, "kiln_height": job.height, "kiln_prompt": job.prompt,
+               **{f"kiln_{name}": value for name, value in RenderParams.of_row(job)},
                "kiln_worker": job.worker, "kiln_plan": output.plan if output else None,
                "kiln_seconds": round(output.seconds, 3) if output and output.seconds is not None else None,
                "kiln_attempts": job.attempts, "kiln_error": job.error}

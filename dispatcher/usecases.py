@@ -20,13 +20,14 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import fleet, runner, store
-from dispatcher.expand import Expansion, Options, expand, image_job_id
+from dispatcher.expand import Expansion, Options, expand
 from dispatcher.reader import read_manifest
 from schemas.capacity import job_queue, model_key, queue_model_key
 from schemas.errors import ConfigError, KilnError, ModelError
 from schemas.job import REQUEUEABLE, JobSpec, JobStatus, RenderResult
 from schemas.manifest import RowFields, describe
 from schemas.models import resolve_model
+from schemas.params import RenderParams, format_name
 from schemas.renderer import StepCallback
 from schemas.settings import KilnSettings
 from schemas.storage import open_storage, scheme
@@ -47,6 +48,8 @@ class Request:
     model: str | None = None  # for every row, over the manifest's
     prompt: str | None = None  # a template for every row
     output: str | None = None  # an output key template for every row
+    image_format: str | None = None  # png, webp, jpeg (or jpg) for every row
+    quality: int | None = None  # webp and jpeg quality for every row
     name: str | None = None  # the batch's name [the manifest's file name]
     non_commercial: bool = False
     skip_incomplete: bool = False
@@ -61,7 +64,8 @@ def expansion(request: Request, settings: KilnSettings, keep_jobs: bool = True) 
     """Read and validate a manifest and expand it into jobs (only counted unless `keep_jobs`); a ManifestError says
     what to fix. Writes nothing."""
     options = Options(batch=request.batch_name, base_dir=request.manifest.resolve().parent, prompt=request.prompt,
-                      model=request.model, output=request.output, non_commercial=request.non_commercial,
+                      model=request.model, output=request.output, format=format_name(request.image_format),
+                      quality=request.quality, non_commercial=request.non_commercial,
                       skip_incomplete=request.skip_incomplete, max_jobs=settings.max_jobs,
                       max_rows=settings.max_rows)
     return expand(read_manifest(request.manifest, max_bytes=settings.max_manifest_bytes), options, keep_jobs)
@@ -81,7 +85,8 @@ class Plan:
     def of(cls, found: Expansion) -> Plan:
         return cls(found.count, dict(found.per_model.most_common()), found.skipped_rows,
                    round(found.pixels / 1e6, 2),
-                   [{"id": j.row_id, "prompt": j.prompt, "output": j.output_key, "seed": j.seed} for j in found.first])
+                   [{"id": j.row_id, "prompt": j.params.prompt, "output": j.output_key, "seed": j.params.seed}
+                    for j in found.first])
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,7 +132,8 @@ def submit(request: Request, settings: KilnSettings, clock: Clock, dry_run: bool
 
 
 def _upload_references(found: Expansion, settings: KilnSettings) -> int:
-    references = {j.reference_sha256: j.reference for j in found.jobs if j.reference and j.reference_sha256}
+    references = {j.params.reference_sha256: j.params.reference for j in found.jobs
+                  if j.params.reference and j.params.reference_sha256}
     if not references or scheme(settings.storage_url) != "s3":
         return 0
     from dispatcher.bucket import Bucket
@@ -185,7 +191,7 @@ def render_here(request: Request, settings: KilnSettings, clock: Clock, *,
     storage.check()
     renderer = runner.load_renderer(settings, runner.local_worker_name())
     renderer.prepare(list(found.models.values()))  # missing weights fail before anything is written
-    shapes = {(j.model, j.width, j.height, 1 if j.reference else 0) for j in found.jobs}
+    shapes = {(j.params.model, j.params.width, j.params.height, j.params.references) for j in found.jobs}
     unfit = sorted({reason for shape in shapes if (reason := renderer.why_unfit(*shape))})
     if unfit:  # before anything is written: this machine cannot render these rows at all
         raise ModelError("; ".join(unfit) + ". Render them on a fleet worker with a bigger card (`kiln submit`), "
@@ -395,21 +401,21 @@ def retry(session: Session, batch_id: str, statuses: list[JobStatus], changes: d
             store.requeue(session, job, now)
             requeued += 1
             continue
-        made = {c: getattr(job, c) for c in ("model", "prompt", "width", "height", "steps", "guidance", "seed",
-                                             "output_key", "reference", "reference_sha256")} | values
-        new_id = image_job_id(**made)
+        made = RenderParams.of_row(job).model_copy(update=values)
+        new_id = made.job_id(job.output_key)
         if new_id == job.id:
             store.requeue(session, job, now)
             requeued += 1
             continue
         twin = session.get(Job, new_id)
         if twin is None:
-            queue = job_queue(job.model, resolve_model(job.model).profile, made["width"], made["height"],
-                              references=1 if job.reference else 0)
+            queue = job_queue(made.model, resolve_model(made.model).profile, made.width, made.height,
+                              references=made.references)
             if queue is None:
-                raise ConfigError(f"--set: {job.model} at {made['width']}x{made['height']} fits no card Kiln knows")
+                raise ConfigError(f"--set: {made.model} at {made.width}x{made.height} fits no card Kiln knows")
             session.add(Job(id=new_id, queue=queue, min_vram_gb=0, status=JobStatus.QUEUED, attempts=0,
-                            created_at=now, updated_at=now, retry_of=job.id, **made))
+                            created_at=now, updated_at=now, retry_of=job.id, output_key=job.output_key,
+                            **made.columns()))
             session.flush()
         elif twin.status in REQUEUEABLE:
             store.requeue(session, twin, now)

@@ -28,6 +28,7 @@ from dispatcher import usecases
 from dispatcher.images import StoredImages, jpeg, thumbnail
 from schemas.errors import KilnError
 from schemas.job import JobStatus
+from schemas.params import content_type
 
 COOKIE = "kiln_token"
 REFRESH_SECONDS = 5  # how often a page that is still changing reloads itself
@@ -138,7 +139,7 @@ def create_app(sessions: sessionmaker[Session], images: StoredImages, clock: Cal
         path = images.path(found.uri)
         if path is None or not path.is_file():
             raise HTTPException(404, f"the image of job {found.job_id} is gone from {found.uri}")
-        return FileResponse(path, media_type="image/png")
+        return FileResponse(path, media_type=content_type(path.name))
 
     async def control(request: Request) -> Response:
         if not allowed(request):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from schemas.errors import StaleStateError
+from schemas.params import RenderParams
 
 
 class JobStatus(enum.StrEnum):
@@ -55,21 +57,19 @@ class JobSpec(BaseModel):
     manifest: str
     manifest_row: int
     row_id: str
-    model: str
-    prompt: str
-    width: int
-    height: int
-    steps: int
-    guidance: float
-    seed: int
     output_key: str
-    reference: str | None = None  # a path on the machine that renders
-    reference_sha256: str | None = None  # its content, checked when it was fetched from the bucket
+    params: RenderParams
 
     @property
-    def shape(self) -> tuple[str, int, int, int, float, str | None]:
+    def shape(self) -> str:
         """Jobs with equal shapes can share one pipeline call."""
-        return (self.model, self.width, self.height, self.steps, self.guidance, self.reference)
+        return self.params.shape
+
+    @classmethod
+    def of(cls, **fields: Any) -> JobSpec:
+        """A spec from flat fields, the render parameters among the job's own (benchmarks and tests build them)."""
+        params = {k: fields.pop(k) for k in list(fields) if k in RenderParams.model_fields}
+        return cls(**fields, params=RenderParams(**params))
 
 
 class RenderResult(BaseModel):

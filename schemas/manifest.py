@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
+
+from schemas.params import DEFAULT_QUALITY, ImageFormat, format_name
 
 # FLUX.2 [klein] pads prompts to 512 tokens; 2,000 characters of prose stays inside that window.
 MAX_PROMPT_CHARS = 2000
@@ -29,7 +31,8 @@ DEFAULT_SIDE = 1024
 Scalar = str | int | float | bool | None
 
 # Row fields, in the order `kiln export` writes them. Every other column is a template variable.
-FIELDS = ("id", "prompt", "model", "width", "height", "steps", "guidance", "seed", "count", "output", "reference")
+FIELDS = ("id", "prompt", "model", "width", "height", "steps", "guidance", "seed", "count", "output", "reference",
+          "format", "quality")
 
 
 class RowFields(BaseModel):
@@ -62,6 +65,11 @@ class RowFields(BaseModel):
     output: Annotated[str | None, Field(description="output key template, relative to the storage prefix, "
                                                     "e.g. '{Vendor}/{id}.png'")] = None
     reference: Annotated[str | None, Field(description="reference image path, relative to the manifest")] = None
+    format: Annotated[ImageFormat | None, BeforeValidator(format_name),
+                      Field(description="png, webp or jpeg (jpg): the output's format; the output key's extension "
+                                        "follows it")] = None
+    quality: Annotated[int | None, Field(ge=1, le=100, description=f"a whole number from 1 to 100: webp and jpeg "
+                                                                    f"quality [{DEFAULT_QUALITY}]")] = None
 
 
 class ManifestDocument(BaseModel):

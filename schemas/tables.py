@@ -73,6 +73,9 @@ class Job(Base):
     output_key: Mapped[str] = mapped_column(String(1024))
     reference: Mapped[str | None] = mapped_column(Text)  # the file where it was submitted
     reference_sha256: Mapped[str | None] = mapped_column(String(64))  # its content: how it travels to workers
+    # schemas.params.RenderParams: the parameters added after the first release, where not at their default
+    params: Mapped[dict[str, object] | None] = mapped_column(JSON)
+    shape: Mapped[str] = mapped_column(String(32))  # RenderParams.shape: jobs that can share a pipeline call
     status: Mapped[JobStatus] = mapped_column(
         Enum(JobStatus, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e],
              name="job_status", create_constraint=True))

@@ -305,7 +305,7 @@ def test_a_workers_fault_sends_the_job_to_another_worker_uncharged_and_status_sa
     feed(sessions, bucket, broker)
     with sessions.begin() as s:
         assert fleet.waiting(s, T0) == {"kiln.render.klein-4b.vram8": 1, "kiln.render.klein-9b.vram16": 1}
-    task = next(t for t in (broker.take(), broker.take()) if t.job.model == "klein-4b")
+    task = next(t for t in (broker.take(), broker.take()) if t.job.params.model == "klein-4b")
     assert report(sessions, bucket, failed(task, "w1", "worker")) == \
         "the worker's fault: queued again for another worker, nothing charged"
     with sessions.begin() as s:  # w1 has no klein-4b now; w2 has only klein-9b

@@ -27,9 +27,10 @@ def rejection(data: str, name: str = "m.csv", **options: object) -> str:
 def test_same_manifest_gives_same_ids_seeds_and_keys() -> None:
     data = "id,prompt,count\nshoe,red shoe,2\nbag,blue bag,1\n"
     first, second = jobs_of(data).jobs, jobs_of(data).jobs
-    assert [(j.job_id, j.seed, j.output_key) for j in first] == [(j.job_id, j.seed, j.output_key) for j in second]
+    assert [(j.job_id, j.params.seed, j.output_key) for j in first] == [
+        (j.job_id, j.params.seed, j.output_key) for j in second]
     assert [j.output_key for j in first] == ["cat/shoe-0.png", "cat/shoe-1.png", "cat/bag.png"]
-    assert first[0].seed == derive_seed("shoe", 0) != first[1].seed
+    assert first[0].params.seed == derive_seed("shoe", 0) != first[1].params.seed
     assert len({j.job_id for j in first}) == 3
 
 
@@ -42,42 +43,64 @@ def test_changing_what_decides_an_image_changes_its_job_id() -> None:
 
 def test_distilled_and_base_models_get_their_own_defaults() -> None:
     distilled, base = jobs_of("prompt,model\nx,klein-4b\ny,klein-base-4b\n").jobs
-    assert (distilled.steps, distilled.guidance, distilled.width, distilled.height) == (4, 1.0, 1024, 1024)
-    assert (base.steps, base.guidance) == (50, 4.0)
+    d = distilled.params
+    assert (d.steps, d.guidance, d.width, d.height) == (4, 1.0, 1024, 1024)
+    assert (base.params.steps, base.params.guidance) == (50, 4.0)
     explicit = jobs_of("prompt,steps,guidance\nx,8,2.5\n").jobs[0]
-    assert (explicit.steps, explicit.guidance) == (8, 2.5)
+    assert (explicit.params.steps, explicit.params.guidance) == (8, 2.5)
 
 
 def test_explicit_seed_counts_up_per_image() -> None:
-    assert [j.seed for j in jobs_of("prompt,seed,count\nx,41,3\n").jobs] == [41, 42, 43]
+    assert [j.params.seed for j in jobs_of("prompt,seed,count\nx,41,3\n").jobs] == [41, 42, 43]
 
 
 def test_rows_without_id_are_numbered_and_prompt_templates_use_columns_with_spaces() -> None:
     jobs = jobs_of("Product Title,Vendor\nRunner,Northpeak\n", prompt="Photo of {Product Title} by {Vendor}").jobs
-    assert (jobs[0].prompt, jobs[0].row_id, jobs[0].output_key) == ("Photo of Runner by Northpeak", "1", "cat/1.png")
+    assert (jobs[0].params.prompt, jobs[0].row_id, jobs[0].output_key) == (
+        "Photo of Runner by Northpeak", "1", "cat/1.png")
 
 
 def test_cli_prompt_overrides_row_prompt_which_stays_a_variable() -> None:
     job = jobs_of("id,prompt\na,red shoe\n", prompt="{prompt}, studio light").jobs[0]
-    assert job.prompt == "red shoe, studio light"
+    assert job.params.prompt == "red shoe, studio light"
 
 
 def test_json_document_multiplies_items_by_the_matrix_with_defaults() -> None:
     doc = ('{"defaults": {"width": 512, "height": 768, "count": 2}, "prompt": "{name} on {bg}",'
            ' "matrix": {"bg": ["white", "oak"]}, "items": [{"id": "mug", "name": "a mug"}]}')
     jobs = jobs_of(doc, "m.json").jobs
-    assert [(j.prompt, j.variant, j.output_key) for j in jobs] == [
+    assert [(j.params.prompt, j.variant, j.output_key) for j in jobs] == [
         ("a mug on white", 0, "cat/mug-0.png"), ("a mug on white", 1, "cat/mug-1.png"),
         ("a mug on oak", 2, "cat/mug-2.png"), ("a mug on oak", 3, "cat/mug-3.png")]
-    assert {(j.width, j.height) for j in jobs} == {(512, 768)}
+    assert {(j.params.width, j.params.height) for j in jobs} == {(512, 768)}
     # the same image index gets the same seed across the matrix, so variants compare like with like
-    assert jobs[0].seed == jobs[2].seed != jobs[1].seed
+    assert jobs[0].params.seed == jobs[2].params.seed != jobs[1].params.seed
     assert jobs[2].row_data["bg"] == "oak"
 
 
 def test_output_templates_and_png_suffix() -> None:
     job = jobs_of("id,Vendor,prompt\nx1,North Peak,p\n", output="{Vendor}/{id}-{seed}").jobs[0]
-    assert job.output_key == f"North Peak/x1-{job.seed}.png"
+    assert job.output_key == f"North Peak/x1-{job.params.seed}.png"
+
+
+def test_the_format_decides_the_key_extension_and_the_extension_decides_a_format_not_given() -> None:
+    jobs = jobs_of("id,prompt,format,output,quality\n"
+                   "a,p,webp,,\n"  # the default key, with the format's extension
+                   "b,p,JPG,shop/{id}.png,75\n"  # a format given replaces another format's extension
+                   "c,p,,shop/{id}.jpeg,\n"  # none given: the key's extension says
+                   "d,p,,shop/{id}.v2,\n").jobs  # no image extension, no format: PNG, as always
+    assert [(j.output_key, j.params.format, j.params.quality) for j in jobs] == [
+        ("cat/a.webp", "webp", 90), ("shop/b.jpg", "jpeg", 75), ("shop/c.jpeg", "jpeg", 90),
+        ("shop/d.v2.png", "png", None)]
+    assert jobs_of("id,prompt\na,p\n", format="webp", quality=60).jobs[0].output_key == "cat/a.webp"
+    png, webp = jobs_of("id,prompt\na,p\n").jobs[0], jobs_of("id,prompt,format\na,p,webp\n").jobs[0]
+    assert png.job_id != webp.job_id and png.params.shape != webp.params.shape
+
+
+def test_a_format_kiln_does_not_write_or_a_quality_for_png_is_refused() -> None:
+    assert 'column "format": must be png, webp or jpeg' in rejection("prompt,format\nx,gif\n")
+    assert 'column "quality": applies to webp and jpeg' in rejection("prompt,quality\nx,80\n")
+    assert 'column "quality": must be a whole number from 1 to 100' in rejection("prompt,format,quality\nx,webp,0\n")
 
 
 def test_skip_incomplete_skips_and_counts_rows_with_empty_placeholders() -> None:
@@ -91,7 +114,7 @@ def test_skip_incomplete_skips_and_counts_rows_with_empty_placeholders() -> None
 def test_nine_b_models_need_a_declared_non_commercial_batch() -> None:
     message = rejection("prompt,model\nx,klein-9b\n")
     assert "FLUX Non-Commercial" in message and "klein-4b" in message and "--non-commercial" in message
-    assert jobs_of("prompt,model\nx,klein-9b\n", non_commercial=True).jobs[0].model == "klein-9b"
+    assert jobs_of("prompt,model\nx,klein-9b\n", non_commercial=True).jobs[0].params.model == "klein-9b"
     assert "--non-commercial" in rejection("prompt,model\nx,tiny:klein-base-9b\n")
 
 
@@ -163,7 +186,7 @@ def test_reference_paths_resolve_against_the_manifest_folder(tmp_path: Path) -> 
     (tmp_path / "ref.png").write_bytes(png_header(640, 480))
     opts = Options(batch="b", base_dir=tmp_path)
     job = expand(parse_manifest(b"prompt,reference\nx,ref.png\n", "m.csv"), opts).jobs[0]
-    assert job.reference == str((tmp_path / "ref.png").resolve())
+    assert job.params.reference == str((tmp_path / "ref.png").resolve())
 
 
 def test_row_count_is_capped_with_the_whole_file_counted() -> None:
@@ -181,7 +204,7 @@ def test_a_streamed_manifest_is_counted_without_keeping_jobs_and_says_where_dupl
     kept = expand(read_manifest(path), opts)
     assert (counted.jobs, counted.count, counted.per_model) == ([], 2000, {"tiny": 2000})
     assert len(kept.jobs) == kept.count == 2000 and counted.first == kept.jobs[:3]
-    assert counted.pixels == kept.pixels == sum(j.width * j.height for j in kept.jobs)
+    assert counted.pixels == kept.pixels == sum(j.params.width * j.params.height for j in kept.jobs)
     path.write_text("id,prompt\na,x\nb,y\na,z\n", encoding="utf-8")
     with pytest.raises(ManifestError, match="big.csv line 4: column \"id\": 'a' is also the id of big.csv line 2"):
         expand(read_manifest(path), opts, keep_jobs=False)
@@ -242,7 +265,7 @@ def test_a_model_folder_is_resolved_at_submit_and_two_manifests_folders_are_two_
         job = expand(parse_manifest(b"prompt,model\nx,./model\n", "m.csv"),
                      Options(batch="b", base_dir=tmp_path / shop)).jobs[0]
         ids.append(job.job_id)
-        models.append(job.model)
+        models.append(job.params.model)
     assert models == [str((tmp_path / s / "model").resolve()) for s in ("north", "south")]  # any worker, any cwd
     assert ids[0] != ids[1]
 

@@ -4,6 +4,7 @@ through Celery on a private Redis, into a real S3 HTTP endpoint, recorded in Pos
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from schemas.tables import Attempt, Job, Output
 from tests.fleet_harness import AWS, AWS_SECRET, BUCKET, DB_PASSWORD, KILN, REDIS_PASSWORD, Fleet, running_fleet
 from tests.services import s3_server
 from tests.test_webhooks import SECRET, Receiver
+from worker.encode import read_parameters
 
 WORKERS = {"w8": 8, "w16": 16, "w24": 24}
 
@@ -135,13 +137,22 @@ def test_reference_images_travel_with_their_jobs_through_the_bucket(fleet: Fleet
     packshots.mkdir()
     Image.fromarray(np.full((300, 200, 3), 180, dtype=np.uint8)).save(packshots / "mug.png")
     sha = hashlib.sha256((packshots / "mug.png").read_bytes()).hexdigest()
-    fleet.submit("id,prompt,reference,width,height\nmug,a mug,packshots/mug.png,256,256\n", "--model", "tiny")
+    fleet.submit("id,prompt,reference,width,height,format\nmug,a mug,packshots/mug.png,256,256,webp\n",
+                 "--model", "tiny")
     (packshots / "mug.png").rename(fleet.tmp / "moved.png")  # gone from where it was submitted: only the bucket has it
     fleet.worker("w1", 16)
     fleet.wait_quiet(1, 120)
     assert fleet.check() == {"succeeded": 1, "dead": 0, "lost_or_failed_attempts": 0}
     listed = fleet.s3.list_objects_v2(Bucket=BUCKET, Prefix="renders/_references/")["Contents"]
     assert [o["Key"] for o in listed] == [f"renders/_references/{sha}.png"]  # stored once, by content
+    # the output in the format the row asked for, named and typed for it, its parameters where image readers look
+    [output] = [o["Key"] for o in fleet.s3.list_objects_v2(Bucket=BUCKET, Prefix="renders/")["Contents"]
+                if "/_references/" not in o["Key"]]
+    assert output.endswith("/mug.webp")
+    assert fleet.s3.head_object(Bucket=BUCKET, Key=output)["ContentType"] == "image/webp"
+    data = fleet.s3.get_object(Bucket=BUCKET, Key=output)["Body"].read()
+    assert Image.open(io.BytesIO(data)).format == "WEBP"
+    assert json.loads(read_parameters(data)["kiln"])["params"]["reference_sha256"] == sha
 
 
 def test_a_reference_that_never_reached_the_bucket_is_bad_input(fleet: Fleet, tmp_path: Path,

@@ -29,8 +29,8 @@ def batch_or_manifest_error(data: bytes, name: str) -> None:
     assert len({j.output_key for j in jobs}) == len(jobs)
     for job in jobs:
         assert key_problem(job.output_key) is None
-        assert job.width * job.height <= MAX_PIXELS and len(job.prompt) <= MAX_PROMPT_CHARS
-        assert 0 <= job.seed < 2**32 and 1 <= job.steps <= 100
+        assert job.params.width * job.params.height <= MAX_PIXELS and len(job.params.prompt) <= MAX_PROMPT_CHARS
+        assert 0 <= job.params.seed < 2**32 and 1 <= job.params.steps <= 100
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))

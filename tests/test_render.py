@@ -14,6 +14,7 @@ from PIL import Image
 
 from schemas.job import JobSpec
 from schemas.settings import load_settings
+from worker.encode import parameters_text, read_parameters
 from worker.pipeline import TEXT_ENCODER_LAYERS, load_text_encoder
 from worker.render import LocalRenderer
 from worker.tiny import build_tiny_pipeline
@@ -23,7 +24,7 @@ def spec(**changes: object) -> JobSpec:
     base = dict(job_id="j1", attempt=1, batch_id="b1", manifest="catalog.csv", manifest_row=3, row_id="shoe",
                 model="tiny", prompt="a red shoe, studio light", width=512, height=384, steps=4, guidance=1.0,
                 seed=1234, output_key="cat/shoe.png")
-    return JobSpec(**{**base, **changes})  # type: ignore[arg-type]
+    return JobSpec.of(**{**base, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,11 @@ def test_renders_a_png_of_the_asked_size_with_readable_parameters(renderer: Loca
                                         "CFG scale: 1, Seed: 1234, Size: 512x384, Model: tiny, Version: kiln")
     assert json.loads(image.info["kiln"]) == {"job_id": "j1", "batch_id": "b1", "manifest": "catalog.csv",
                                               "manifest_row": 3, "row_id": "shoe", "attempt": 1,
-                                              "plan": "bf16-resident"}
+                                              "plan": "bf16-resident", "params": {
+                                                  "model": "tiny", "prompt": "a red shoe, studio light",
+                                                  "width": 512, "height": 384, "steps": 4, "guidance": 1.0,
+                                                  "seed": 1234, "reference_sha256": None, "format": "png",
+                                                  "quality": None}}
     assert result.plan == "bf16-resident"  # a CPU renders from system memory: everything resident
     assert np.asarray(image).std() > 1  # an image, not a flat fill
 
@@ -55,6 +60,22 @@ def test_renders_a_png_of_the_asked_size_with_readable_parameters(renderer: Loca
 def test_unicode_prompts_are_kept_in_the_png(renderer: LocalRenderer) -> None:
     [result] = renderer.render([spec(prompt="Чайник — 茶壶 ☕", output_key="cat/teapot.png")])
     assert Image.open(result.uri.removeprefix("file://")).info["parameters"].startswith("Чайник — 茶壶 ☕\n")  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("image_format", ["webp", "jpeg"])
+def test_webp_and_jpeg_carry_the_parameters_where_image_readers_look(renderer: LocalRenderer,
+                                                                     image_format: str) -> None:
+    job = spec(prompt="Чайник, studio light", format=image_format, quality=85, output_key=f"cat/t.{image_format}")
+    [result] = renderer.render([job])
+    assert result.ok, result.error
+    data = Path(result.uri.removeprefix("file://")).read_bytes()  # type: ignore[union-attr]
+    with Image.open(io.BytesIO(data)) as image:
+        assert (image.format, image.size) == (image_format.upper(), (512, 384))
+        assert np.asarray(image).std() > 1
+    found = read_parameters(data)  # EXIF UserComment, and Kiln's record in XMP
+    assert found["parameters"] == parameters_text(job) and found["parameters"].startswith("Чайник, studio light\n")
+    assert json.loads(found["kiln"])["params"]["format"] == image_format
+    assert json.loads(found["kiln"])["params"]["quality"] == 85
 
 
 def test_the_seed_alone_decides_the_image_batched_or_not(renderer: LocalRenderer) -> None:

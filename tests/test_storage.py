@@ -15,16 +15,16 @@ from schemas.job import JobSpec
 from schemas.settings import KilnSettings, load_settings
 from schemas.storage import KeyTakenError, Storage, open_storage
 from tests.services import s3_server
-from worker.png import encode_png
+from worker.encode import encode
 
 AWS = {"AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def image(job_id: str, shade: int) -> bytes:
     """A Kiln PNG of job `job_id`, as the renderer writes it."""
-    job = JobSpec(job_id=job_id, attempt=1, batch_id="b", manifest="m.csv", manifest_row=1, row_id="r", model="tiny",
+    job = JobSpec.of(job_id=job_id, attempt=1, batch_id="b", manifest="m.csv", manifest_row=1, row_id="r", model="tiny",
                   prompt="p", width=16, height=16, steps=4, guidance=1.0, seed=1, output_key="k.png")
-    return encode_png(np.full((16, 16, 3), shade / 255), job, "bf16-resident")
+    return encode(np.full((16, 16, 3), shade / 255), job, "bf16-resident")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from dispatcher.lifecycle import RetryPolicy
 from dispatcher.reader import parse_manifest
 from schemas.errors import StaleStateError
 from schemas.job import JobStatus, RenderResult
+from schemas.params import RenderParams
 from schemas.tables import Attempt, Base, Batch, Job, Output
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
@@ -173,7 +174,7 @@ def test_export_rows_mirror_the_manifest_row_and_say_how_each_image_was_made(dat
     assert row["id"] == "a" and row["Vendor"] == "North"
     assert (row["kiln_status"], row["kiln_output_uri"], row["kiln_worker"], row["kiln_attempts"]) == (
         "succeeded", "file:///out/b/a.png", "w1", 1)
-    assert row["kiln_seed"] == spec.seed and row["kiln_model"] == "tiny"
+    assert row["kiln_seed"] == spec.params.seed and row["kiln_model"] == "tiny"
 
 
 def test_find_batch_by_prefix_and_newest(database_url: str) -> None:
@@ -260,6 +261,9 @@ def test_migration_0004_moves_an_older_databases_jobs_to_their_models_queue(data
     migrate(command.upgrade, "head")
     with engine.begin() as conn:
         assert conn.scalar(text("SELECT queue FROM jobs")) == "kiln.render.tiny-klein-9b.vram16"
+        # 0008: the job's shape, as RenderParams derives it, so it batches with jobs recorded since
+        assert conn.scalar(text("SELECT shape FROM jobs")) == RenderParams(
+            model="tiny:klein-9b", prompt="p", width=512, height=512, steps=4, guidance=1.0, seed=1).shape
     migrate(command.downgrade, "0003")
     with engine.begin() as conn:
         assert conn.scalar(text("SELECT queue FROM jobs")) == "kiln.render.vram16"

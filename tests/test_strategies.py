@@ -32,7 +32,7 @@ def job(n: int = 0, **changes: Any) -> JobSpec:
     base = dict(job_id=f"j{n}", attempt=1, batch_id="b", manifest="m.csv", manifest_row=n, row_id=str(n),
                 model="tiny:klein-4b", prompt=f"product {n} on white", width=256, height=256, steps=4, guidance=1.0,
                 seed=100 + n, output_key=f"s/{n}.png")
-    return JobSpec(**{**base, **changes})  # type: ignore[arg-type]
+    return JobSpec.of(**{**base, **changes})
 
 
 def renderer(cache_dir: Path, tmp_path: Path, card: Card | None = None) -> LocalRenderer:
@@ -78,11 +78,12 @@ def forwards() -> Iterator[Any]:
 def test_kilns_path_renders_what_the_plain_pipeline_renders(cache_dir: Path, tmp_path: Path) -> None:
     r = renderer(cache_dir, tmp_path)
     spec = job(model="tiny")
-    kiln = r.load([spec]).generate([spec.prompt], width=256, height=256, steps=4, guidance=1.0, seeds=[spec.seed])
+    kiln = r.load([spec]).generate([spec.params.prompt], width=256, height=256, steps=4, guidance=1.0,
+                                   seeds=[spec.params.seed])
     plain = Flux2KleinPipeline.from_pretrained(tiny_path(cache_dir), dtype=torch.float32)
     plain.set_progress_bar_config(disable=True)
-    want = plain(prompt=spec.prompt, width=256, height=256, num_inference_steps=4, guidance_scale=1.0,
-                 generator=[torch.Generator("cpu").manual_seed(spec.seed)],
+    want = plain(prompt=spec.params.prompt, width=256, height=256, num_inference_steps=4, guidance_scale=1.0,
+                 generator=[torch.Generator("cpu").manual_seed(spec.params.seed)],
                  text_encoder_out_layers=TEXT_ENCODER_OUT_LAYERS, output_type="np").images
     np.testing.assert_allclose(kiln, want, atol=1e-5)
 
@@ -123,8 +124,8 @@ def test_an_fp8_plan_stores_the_transformer_in_float8_close_to_full_precision(ca
     # diffusers keeps the output projection and norms in compute precision
     assert fp8_weights(transformer) >= len(linears) and transformer.proj_out.weight.dtype == torch.float32
     kwargs: dict[str, Any] = dict(width=256, height=256, steps=4, guidance=1.0, seeds=[7], output_type="latent")
-    a = full.generate([spec.prompt], **kwargs)
-    b = fp8.generate([spec.prompt], **kwargs)
+    a = full.generate([spec.params.prompt], **kwargs)
+    b = fp8.generate([spec.params.prompt], **kwargs)
     error = float((a - b).norm() / a.norm())
     assert 0 < error < 0.05, error
 
@@ -147,7 +148,7 @@ def test_repeated_prompts_skip_the_encoder_and_keep_the_transformer(cache_dir: P
     seen = forwards(r)
     r.render([job(0)])
     transformer = r._loaded.transformer.module  # type: ignore[union-attr]
-    r.render([job(1, prompt=job(0).prompt, seed=5)])  # another seed of the same product
+    r.render([job(1, prompt=job(0).params.prompt, seed=5)])  # another seed of the same product
     assert seen.count("encoder") == 1 and r.prompts.hits >= 1
     assert r._loaded.transformer.module is transformer  # type: ignore[union-attr]  # no stage change, no reload
 
@@ -159,7 +160,7 @@ def test_out_of_memory_in_the_transformer_frees_the_call_and_lowers_the_ceiling(
     big = job(0, width=512, height=512)
     plan, _ = r.plan([big])
     model = r.load([big])
-    model.encode([big.prompt])  # cached: the render below goes straight to this transformer
+    model.encode([big.params.prompt])  # cached: the render below goes straight to this transformer
     inputs: list[weakref.ref[torch.Tensor]] = []
 
     def no_room(_module: Any, _args: Any, kwargs: dict[str, Any]) -> None:

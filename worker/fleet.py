@@ -164,16 +164,16 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
                      job.attempt)
             return
         local = renderer.get("local")
-        if local is not None and local.refuses(job.model):
+        if local is not None and local.refuses(job.params.model):
             # Taken in the second before this worker stopped consuming the model's queues: back to the queue
             # untouched, for a worker that can render it (no attempt is started, so none is counted).
-            raise Reject(f"this worker no longer serves {job.model}", requeue=True)
+            raise Reject(f"this worker no longer serves {job.params.model}", requeue=True)
         send(REPORT_TASK, Report(kind="started", job_id=job.job_id, attempt=job.attempt, worker=name)
              .model_dump(mode="json"))
 
         def finished(result: RenderResult) -> None:  # once its image is stored: on the writer thread
             if result.error_kind == "worker":  # this worker cannot serve the model (or anything): stop taking it
-                _stop_taking(job.model, result, state, renderer["local"], news_out)
+                _stop_taking(job.params.model, result, state, renderer["local"], news_out)
             send(REPORT_TASK, Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=name,
                                      result=result).model_dump(mode="json"))
 
@@ -235,13 +235,15 @@ def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str
     if "local" not in renderer:
         renderer["local"] = LocalRenderer(settings, name, card=state.card)
     local: LocalRenderer = renderer["local"]
-    state.update(current_job=job.job_id, step=0, steps=job.steps)
+    state.update(current_job=job.job_id, step=0, steps=job.params.steps)
     started = time.perf_counter()
-    if message.reference_url and job.reference and job.reference_sha256:  # the submitter's file, from the bucket
+    reference, sha256 = job.params.reference, job.params.reference_sha256
+    if message.reference_url and reference and sha256:  # the submitter's file, from the bucket
         try:
-            job = job.model_copy(update={"reference": str(fetch_reference(
-                message.reference_url, job.reference_sha256, Path(job.reference).suffix,
-                settings.cache_dir / "references", settings.storage_timeout_seconds, settings.upload_retry_seconds))})
+            here = fetch_reference(message.reference_url, sha256, Path(reference).suffix,
+                                   settings.cache_dir / "references", settings.storage_timeout_seconds,
+                                   settings.upload_retry_seconds)
+            job = job.model_copy(update={"params": job.params.model_copy(update={"reference": str(here)})})
         except RenderError as exc:
             state.update(current_job=None, step=None, steps=None)
             finished(RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,

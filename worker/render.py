@@ -25,8 +25,8 @@ from schemas.renderer import StepCallback, Storage
 from schemas.settings import KilnSettings
 from schemas.storage import open_storage
 from worker.device import cap_memory, device_name, free_cached, local_card, pick_device
+from worker.encode import encode
 from worker.pipeline import LoadedModel, load_model, quiet_libraries, weights_folder
-from worker.png import encode_png
 from worker.prompts import PromptCache
 from worker.writer import Writer
 
@@ -116,9 +116,9 @@ class LocalRenderer:
         """The plan for rendering `jobs` (one shape) here, and how many go in one pipeline call: all of them when
         they fit at once, else as many as fit without a slower strategy than one alone would get. Raises
         RenderError (kind "oom") when not even one fits this card, or one ran out of memory here before."""
-        lead = jobs[0]
+        lead = jobs[0].params
         spec = resolve_model(lead.model)
-        references = 1 if lead.reference else 0
+        references = lead.references
         keep = self._loaded.plan.strategy.name if self._loaded and self._loaded.spec.name == spec.name else None
         single = plan_for(spec.profile, self.card, Shape.of(lead.width, lead.height, 1, references), keep=keep)
         if single is None:
@@ -143,7 +143,7 @@ class LocalRenderer:
 
     def load(self, jobs: Sequence[JobSpec]) -> LoadedModel:
         """The model for `jobs`, loaded as their plan on this card says (reused while that plan fits)."""
-        return self._model(resolve_model(jobs[0].model), self.plan(jobs)[0])
+        return self._model(resolve_model(jobs[0].params.model), self.plan(jobs)[0])
 
     def refuses(self, model: str) -> str | None:
         """Why this renderer takes no more jobs of `model` (it could not load it, or the device was lost)."""
@@ -186,7 +186,7 @@ class LocalRenderer:
 
     def _attempt(self, jobs: Sequence[JobSpec], on_step: StepCallback | None,
                  storage: Storage | None) -> list[Outcome]:
-        refused = self.refuses(jobs[0].model)
+        refused = self.refuses(jobs[0].params.model)
         if refused:
             return [self._failed(job, RenderError(refused, "worker"), 0.0, None) for job in jobs]
         try:
@@ -212,7 +212,7 @@ class LocalRenderer:
             # A fresh error: the caught one's traceback holds the failed call's frames, and with them its tensors.
             error = RenderError(str(exc), getattr(exc, "kind", "error"))
             if error.kind == "worker":
-                self.unserved[jobs[0].model] = str(error)
+                self.unserved[jobs[0].params.model] = str(error)
         else:
             seconds = (time.perf_counter() - started) / len(jobs)  # rendering only: storing is the writer's
             target, done = storage or self.storage, plan
@@ -253,7 +253,7 @@ class LocalRenderer:
 
     def _generate(self, jobs: Sequence[JobSpec], plan: Plan, per_call: int,
                   on_step: StepCallback | None) -> list[np.ndarray]:
-        lead = jobs[0]
+        lead = jobs[0].params
         model = self._model(resolve_model(lead.model), plan)
         image = _reference(lead.reference) if lead.reference else None
 
@@ -262,12 +262,12 @@ class LocalRenderer:
             for i in range(0, len(jobs), per_call):
                 chunk = jobs[i:i + per_call]
                 images.extend(model.generate(
-                    [j.prompt for j in chunk], width=lead.width, height=lead.height, steps=lead.steps,
-                    guidance=lead.guidance, seeds=[j.seed for j in chunk], image=image, on_step=on_step,
+                    [j.params.prompt for j in chunk], width=lead.width, height=lead.height, steps=lead.steps,
+                    guidance=lead.guidance, seeds=[j.params.seed for j in chunk], image=image, on_step=on_step,
                     embeddings=embeddings))
             return images
 
-        embeddings, oom = _unless_out_of_memory(lambda: model.encode([j.prompt for j in jobs]))
+        embeddings, oom = _unless_out_of_memory(lambda: model.encode([j.params.prompt for j in jobs]))
         stage: Stage = "encode"
         if not oom:
             images, oom = _unless_out_of_memory(denoise)
@@ -291,7 +291,7 @@ class LocalRenderer:
         if not np.isfinite(pixels).all():
             return self._failed(job, RenderError("the model produced NaN or infinite pixels", "nan"), seconds, plan)
         try:
-            data = encode_png(pixels, job, plan.describe())
+            data = encode(pixels, job, plan.describe())
             uri = storage.put(job.output_key, data, job.job_id)
         except KilnError as exc:  # a kind for the scheduler: another job's image at the key is bad input, say
             return self._failed(job, RenderError(str(exc), getattr(exc, "kind", "error")), seconds, plan)
