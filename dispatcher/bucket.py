@@ -169,12 +169,10 @@ class Bucket:
             self.put(key, data, sha256, mimetypes.guess_type(path.name)[0] or "application/octet-stream")
         return self.uri(key)
 
-    def reference_url(self, job: JobSpec) -> str | None:
-        """A signed GET of a job's reference image (uploaded at submit), or None for a job without one."""
-        reference, sha256 = job.params.reference, job.params.reference_sha256
-        if not reference or not sha256:
-            return None
-        return self.download_url(reference_key(sha256, Path(reference).suffix), UPLOAD_SECONDS)
+    def reference_urls(self, job: JobSpec) -> list[str]:
+        """A signed GET of each of a job's reference images (uploaded at submit), in order."""
+        return [self.download_url(reference_key(f.sha256, Path(f.path).suffix), UPLOAD_SECONDS)
+                for f in job.params.reference_files]
 
     def download_url(self, output_key: str, seconds: int) -> str:
         """A signed GET link, for exports that ask for one."""

@@ -25,7 +25,15 @@ from schemas.errors import ManifestError, ModelError, Problem
 from schemas.keys import output_key_problem
 from schemas.manifest import DEFAULT_SIDE, FIELDS, MAX_PIXELS, MAX_PROMPT_CHARS, MAX_ROWS, RowFields, describe
 from schemas.models import DEFAULT_MODEL, ModelSpec, resolve_model
-from schemas.params import DEFAULT_QUALITY, EXTENSIONS, FORMAT_OF_SUFFIX, ImageFormat, RenderParams
+from schemas.params import (
+    DEFAULT_QUALITY,
+    EXTENSIONS,
+    FORMAT_OF_SUFFIX,
+    MAX_REFERENCES,
+    ImageFormat,
+    Reference,
+    RenderParams,
+)
 
 REFERENCE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_REFERENCE_BYTES = 20 * 2**20
@@ -287,10 +295,11 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
             if fmt == "png" and quality is not None:
                 raise _RowProblem('column "quality": applies to webp and jpeg; PNG is lossless (leave it empty, or '
                                   'set "format" to webp or jpeg)')
-            reference, digest = (_reference(_fill("reference", row.reference, values), options) if row.reference
-                                 else (None, None))
+            files = _references(_fill("reference", row.reference, values), options) if row.reference else []
+            first = files[0] if files else None
             params = RenderParams(model=spec.name, prompt=prompt, width=width, height=height, steps=steps,
-                                  guidance=guidance, seed=seed, reference=reference, reference_sha256=digest,
+                                  guidance=guidance, seed=seed, reference=first.path if first else None,
+                                  reference_sha256=first.sha256 if first else None, more_references=tuple(files[1:]),
                                   format=fmt, quality=None if fmt == "png" else quality or DEFAULT_QUALITY)
             yield PlannedJob(params.job_id(key), params, key, record.number, record.line, row_id, variant,
                              {**row_data, **combo})
@@ -340,8 +349,17 @@ def _fill(column: str, template: str, values: dict[str, str]) -> str:
         raise _RowProblem(f'column "{column}": the template {exc}') from None
 
 
-def _reference(path_text: str, options: Options) -> tuple[str, str]:
-    """A row's reference image, checked: its absolute path and its content's SHA-256."""
+def _references(text: str, options: Options) -> list[Reference]:
+    """A row's reference images (`|` between several), each checked."""
+    paths = [p.strip() for p in text.split("|") if p.strip()]
+    if len(paths) > MAX_REFERENCES:
+        raise _RowProblem(f'column "reference": {len(paths)} images; klein takes at most {MAX_REFERENCES} in Kiln '
+                          "(each adds up to 4,096 tokens to every step): keep the views that show the product best")
+    return [_reference(path, options) for path in paths]
+
+
+def _reference(path_text: str, options: Options) -> Reference:
+    """One reference image, checked: its absolute path and its content's SHA-256."""
     path = Path(path_text).expanduser()
     path = path if path.is_absolute() else options.base_dir / path
     if path.suffix.lower() not in REFERENCE_TYPES:
@@ -354,7 +372,7 @@ def _reference(path_text: str, options: Options) -> tuple[str, str]:
     problem = _image_problem(path, version)
     if problem:
         raise _RowProblem(f'column "reference": {path_text!r} {problem}')
-    return str(path), _digest(path, version)
+    return Reference(path=str(path), sha256=_digest(path, version))
 
 
 def _version(path: Path) -> tuple[int, int]:

@@ -21,6 +21,7 @@ from schemas.errors import KilnError, StaleStateError
 from schemas.job import JobStatus, RenderResult
 from schemas.messages import Heartbeat, RenderTask, Report, unwanted_key
 from schemas.models import resolve_model
+from schemas.params import RenderParams
 from schemas.plan import Shape
 from schemas.settings import KilnSettings
 from schemas.storage import KeyTakenError
@@ -102,7 +103,7 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
         for job, batch_id in chosen:
             spec = store.job_spec(job, *rows[(job.id, batch_id)], job.attempts + 1)
             publish(queue, RenderTask(job=spec, upload=bucket.upload_for(job.id, job.output_key),
-                                      reference_url=bucket.reference_url(spec), token=token(now))
+                                      reference_urls=bucket.reference_urls(spec), token=token(now))
                     .model_dump(mode="json"))
             job.published_at = now
             published += 1
@@ -231,7 +232,7 @@ def _fail(session: Session, job: Job, result: RenderResult, now: datetime, polic
         mine = [queue_tier(q) for q in served if queue_model_key(q) == model_key(job.model)]
         above = max(mine, default=queue_tier(job.queue) if job.queue else 0)
         return job_queue(job.model, resolve_model(job.model).profile, job.width, job.height,
-                         references=1 if job.reference else 0, above=above)
+                         references=RenderParams.of_row(job).references, above=above)
 
     return store.record_failure(session, job.id, job.attempts, result, now, policy.retry, bigger_card)[1]
 
@@ -315,7 +316,7 @@ def unfit_jobs(session: Session, batch_id: str, live_since: datetime | None = No
             out.append((row_id, f"no worker has {job.model}: start one with `kiln worker --models {job.model}`"
                                 + (f" ({why})" if why else "")))
             continue
-        shape = Shape.of(job.width, job.height, 1, 1 if job.reference else 0)
+        shape = Shape.of(job.width, job.height, 1, RenderParams.of_row(job).references)
         out.append((row_id, why_unfit(profile, shape, max(tiers) if tiers else largest)))
     return out
 

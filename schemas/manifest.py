@@ -64,7 +64,8 @@ class RowFields(BaseModel):
                                        description=f"a whole number from 1 to {MAX_COUNT}")] = None
     output: Annotated[str | None, Field(description="output key template, relative to the storage prefix, "
                                                     "e.g. '{Vendor}/{id}.png'")] = None
-    reference: Annotated[str | None, Field(description="reference image path, relative to the manifest")] = None
+    reference: Annotated[str | None, Field(description="reference image path, relative to the manifest; several "
+                                                       "separated by |")] = None
     format: Annotated[ImageFormat | None, BeforeValidator(format_name),
                       Field(description="png, webp or jpeg (jpg): the output's format; the output key's extension "
                                         "follows it")] = None

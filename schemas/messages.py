@@ -47,7 +47,7 @@ class RenderTask(BaseModel):
 
     job: JobSpec
     upload: Upload
-    reference_url: str | None = None  # a signed GET of the job's reference image, uploaded at submit
+    reference_urls: list[str] = []  # a signed GET of each of the job's reference images, uploaded at submit
     token: str = ""  # which publication of the job this message is (see unwanted_key)
 
 

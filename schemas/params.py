@@ -18,6 +18,7 @@ ImageFormat = Literal["png", "webp", "jpeg"]
 EXTENSIONS: dict[str, str] = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}  # what a format's keys end in
 FORMAT_OF_SUFFIX: dict[str, str] = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+MAX_REFERENCES = 4  # Kiln's cap: each reference adds up to 4,096 image tokens to every step of every image
 DEFAULT_QUALITY = 90  # webp and jpeg when the manifest names none: a studio shot without visible artefacts
 
 
@@ -36,6 +37,15 @@ def content_type(key: str) -> str:
     return CONTENT_TYPES[FORMAT_OF_SUFFIX.get(suffix, "png")]
 
 
+class Reference(BaseModel):
+    """One reference image: where it is on the machine that renders, and its content."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str
+    sha256: str
+
+
 class RenderParams(BaseModel):
     """What decides one image. Fields with a default are optional to the renderer; a field at its default adds
     nothing to the job id or the shape, so a parameter added later leaves every earlier job's id as it was."""
@@ -51,6 +61,7 @@ class RenderParams(BaseModel):
     seed: int
     reference: str | None = None  # a path on the machine that renders
     reference_sha256: str | None = None  # its content: the id counts it, and workers fetch it by it
+    more_references: tuple[Reference, ...] = ()  # the second and later reference images, in order
     format: ImageFormat = "png"
     quality: int | None = None  # webp and jpeg: 1-100
 
@@ -62,9 +73,10 @@ class RenderParams(BaseModel):
                                           "reference", "reference_sha256")
 
     def later(self) -> dict[str, Any]:
-        """The parameters added after the first release that are not at their default, by name."""
-        return {name: getattr(self, name) for name, info in type(self).model_fields.items()
-                if name not in self.COLUMNS and getattr(self, name) != info.default}
+        """The parameters added after the first release that are not at their default, by name, as JSON values."""
+        names = {name for name, info in type(self).model_fields.items()
+                 if name not in self.COLUMNS and getattr(self, name) != info.default}
+        return self.model_dump(mode="json", include=names) if names else {}
 
     def job_id(self, output_key: str) -> str:
         """The id of the job that makes this image at `output_key`. The reference counts by path and content, so
@@ -84,9 +96,22 @@ class RenderParams(BaseModel):
         return _hash(parts + [later] if later else parts)
 
     @property
+    def reference_files(self) -> list[Reference]:
+        """Every reference image, the first included, in the order the manifest gave them."""
+        first = [Reference(path=self.reference, sha256=self.reference_sha256 or "")] if self.reference else []
+        return first + list(self.more_references)
+
+    @property
     def references(self) -> int:
         """How many reference images the call conditions on (what the memory plan counts)."""
-        return 1 if self.reference else 0
+        return len(self.reference_files)
+
+    def with_files(self, paths: list[str]) -> RenderParams:
+        """The same parameters with the reference images found at `paths` (on this machine), in order."""
+        files = self.reference_files
+        assert len(paths) == len(files), "one path per reference"
+        return self.model_copy(update={"reference": paths[0] if paths else None, "more_references": tuple(
+            Reference(path=p, sha256=f.sha256) for p, f in zip(paths[1:], files[1:], strict=True))})
 
     def columns(self) -> dict[str, Any]:
         """The jobs table's values for these parameters (schemas.tables.Job)."""

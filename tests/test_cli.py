@@ -183,6 +183,14 @@ def test_dry_run_summarizes_and_writes_nothing(tmp_path: Path, kiln_env: dict[st
     assert "18 jobs" in text and "klein-4b: 18 jobs" in text and "nothing was written" in text
 
 
+def test_the_reference_example_in_the_readme_expands_with_its_packshots(tmp_path: Path,
+                                                                       kiln_env: dict[str, str]) -> None:
+    done = kiln("submit", str(ROOT / "examples" / "restyle.csv"), "--dry-run", "--json", cwd=tmp_path, env=kiln_env)
+    summary = json.loads(done.stdout)
+    assert summary["jobs"] == 3 and [e["output"] for e in summary["examples"]] == [
+        "restyle/mug-oak.webp", "restyle/mug-marble.webp", "restyle/mug-gift.jpg"]
+
+
 def test_the_manifest_caps_are_settings_that_say_how_to_raise_them(tmp_path: Path, kiln_env: dict[str, str]) -> None:
     manifest = write(tmp_path / "m.csv", "prompt\na\nb\nc\n")
     rows = kiln("submit", str(manifest), "--dry-run", "--max-rows", "2", cwd=tmp_path, env=kiln_env, check=2).stderr

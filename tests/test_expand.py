@@ -189,6 +189,22 @@ def test_reference_paths_resolve_against_the_manifest_folder(tmp_path: Path) -> 
     assert job.params.reference == str((tmp_path / "ref.png").resolve())
 
 
+def test_several_references_are_kept_in_order_and_each_counts_toward_the_id_and_the_memory(tmp_path: Path) -> None:
+    for name in ("front.png", "side.png", "back.png"):
+        (tmp_path / name).write_bytes(png_header(640, 480) + name.encode())  # the same header, other content
+    opts = Options(batch="b", base_dir=tmp_path)
+    one, two, swapped = (expand(parse_manifest(f"id,prompt,reference\nx,p,{refs}\n".encode(), "m.csv"), opts).jobs[0]
+                         for refs in ("front.png", "front.png | side.png", "side.png|front.png"))
+    assert [Path(f.path).name for f in two.params.reference_files] == ["front.png", "side.png"]
+    assert two.params.references == 2 and one.params.references == 1
+    assert len({one.job_id, two.job_id, swapped.job_id}) == 3 and one.params.shape != two.params.shape
+    many = "|".join(["front.png", "side.png", "back.png"] * 2)
+    with pytest.raises(ManifestError, match='column "reference": 6 images; klein takes at most 4'):
+        expand(parse_manifest(f"prompt,reference\nx,{many}\n".encode(), "m.csv"), opts)
+    with pytest.raises(ManifestError, match="'gone.png' does not exist"):
+        expand(parse_manifest(b"prompt,reference\nx,front.png|gone.png\n", "m.csv"), opts)
+
+
 def test_row_count_is_capped_with_the_whole_file_counted() -> None:
     assert "m.csv: has 4 rows; the limit is 3 (--max-rows, KILN_MAX_ROWS): split it into several manifests" in \
         rejection("prompt\na\nb\nc\nd\n", max_rows=3)

@@ -132,19 +132,22 @@ def test_embedded_render_writes_to_s3_with_verified_objects(tmp_path: Path, kiln
         assert "may list s3://no-such-bucket/x/ (s3:ListBucket on the prefix)" in missing.stderr
 
 
-def test_reference_images_travel_with_their_jobs_through_the_bucket(fleet: Fleet) -> None:
+def test_several_reference_images_travel_with_their_jobs_and_the_output_is_webp(fleet: Fleet) -> None:
     packshots = fleet.tmp / "packshots"
     packshots.mkdir()
     Image.fromarray(np.full((300, 200, 3), 180, dtype=np.uint8)).save(packshots / "mug.png")
+    Image.fromarray(np.full((200, 300, 3), 90, dtype=np.uint8)).save(packshots / "mug-side.jpg")
     sha = hashlib.sha256((packshots / "mug.png").read_bytes()).hexdigest()
-    fleet.submit("id,prompt,reference,width,height,format\nmug,a mug,packshots/mug.png,256,256,webp\n",
-                 "--model", "tiny")
-    (packshots / "mug.png").rename(fleet.tmp / "moved.png")  # gone from where it was submitted: only the bucket has it
+    side = hashlib.sha256((packshots / "mug-side.jpg").read_bytes()).hexdigest()
+    fleet.submit("id,prompt,reference,width,height,format\n"
+                 "mug,a mug,packshots/mug.png|packshots/mug-side.jpg,256,256,webp\n", "--model", "tiny")
+    shutil.rmtree(packshots)  # gone from where they were submitted: only the bucket has them
     fleet.worker("w1", 16)
     fleet.wait_quiet(1, 120)
     assert fleet.check() == {"succeeded": 1, "dead": 0, "lost_or_failed_attempts": 0}
     listed = fleet.s3.list_objects_v2(Bucket=BUCKET, Prefix="renders/_references/")["Contents"]
-    assert [o["Key"] for o in listed] == [f"renders/_references/{sha}.png"]  # stored once, by content
+    assert sorted(o["Key"] for o in listed) == sorted(  # stored once each, by content
+        [f"renders/_references/{sha}.png", f"renders/_references/{side}.jpg"])
     # the output in the format the row asked for, named and typed for it, its parameters where image readers look
     [output] = [o["Key"] for o in fleet.s3.list_objects_v2(Bucket=BUCKET, Prefix="renders/")["Contents"]
                 if "/_references/" not in o["Key"]]
@@ -152,7 +155,8 @@ def test_reference_images_travel_with_their_jobs_through_the_bucket(fleet: Fleet
     assert fleet.s3.head_object(Bucket=BUCKET, Key=output)["ContentType"] == "image/webp"
     data = fleet.s3.get_object(Bucket=BUCKET, Key=output)["Body"].read()
     assert Image.open(io.BytesIO(data)).format == "WEBP"
-    assert json.loads(read_parameters(data)["kiln"])["params"]["reference_sha256"] == sha
+    params = json.loads(read_parameters(data)["kiln"])["params"]
+    assert (params["reference_sha256"], [r["sha256"] for r in params["more_references"]]) == (sha, [side])
 
 
 def test_a_reference_that_never_reached_the_bucket_is_bad_input(fleet: Fleet, tmp_path: Path,

@@ -14,14 +14,15 @@ from sqlalchemy import select
 
 from dispatcher import store
 from schemas.job import JobSpec, JobStatus
-from schemas.params import RenderParams, content_type
+from schemas.params import Reference, RenderParams, content_type
 from schemas.tables import Job
 
 BASE = RenderParams(model="tiny", prompt="a red shoe", width=512, height=512, steps=4, guidance=1.0, seed=7)
 # For each field, a value other than BASE's (as the manifest could ask for it).
 OTHER: dict[str, Any] = {"model": "tiny:klein-9b", "prompt": "a blue shoe", "width": 768, "height": 640,
                          "steps": 8, "guidance": 2.5, "seed": 8, "reference": "/refs/shoe.png",
-                         "reference_sha256": "ab" * 32, "format": "webp", "quality": 80}
+                         "reference_sha256": "ab" * 32, "format": "webp", "quality": 80,
+                         "more_references": (Reference(path="/refs/side.png", sha256="cd" * 32),)}
 
 
 def test_every_field_has_another_value_to_try() -> None:

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from schemas.job import JobSpec
+from schemas.params import Reference
 from schemas.settings import load_settings
 from worker.encode import parameters_text, read_parameters
 from worker.pipeline import TEXT_ENCODER_LAYERS, load_text_encoder
@@ -51,7 +52,8 @@ def test_renders_a_png_of_the_asked_size_with_readable_parameters(renderer: Loca
                                               "plan": "bf16-resident", "params": {
                                                   "model": "tiny", "prompt": "a red shoe, studio light",
                                                   "width": 512, "height": 384, "steps": 4, "guidance": 1.0,
-                                                  "seed": 1234, "reference_sha256": None, "format": "png",
+                                                  "seed": 1234, "reference_sha256": None, "more_references": [],
+                                                  "format": "png",
                                                   "quality": None}}
     assert result.plan == "bf16-resident"  # a CPU renders from system memory: everything resident
     assert np.asarray(image).std() > 1  # an image, not a flat fill
@@ -108,11 +110,19 @@ def test_a_bad_reference_image_fails_its_job_with_the_reason(renderer: LocalRend
     assert "broken.png cannot be read" in (result.error or "")
 
 
-def test_a_reference_image_conditions_the_render(renderer: LocalRenderer, tmp_path: Path) -> None:
-    ref = tmp_path / "ref.png"
-    Image.fromarray(np.full((256, 256, 3), 200, dtype=np.uint8)).save(ref)
-    [result] = renderer.render([spec(reference=str(ref), output_key="cat/with-ref.png")])
-    assert result.ok, result.error
+def test_each_reference_image_conditions_the_render(renderer: LocalRenderer, tmp_path: Path) -> None:
+    front, side = tmp_path / "front.png", tmp_path / "side.jpg"
+    Image.fromarray(np.full((256, 256, 3), 200, dtype=np.uint8)).save(front)
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (320, 240, 3), dtype=np.uint8)).save(side)
+    second = Reference(path=str(side), sha256="0" * 64)
+    results = renderer.render([spec(job_id="none", output_key="cat/no-ref.png")]) + renderer.render(
+        [spec(job_id="one", reference=str(front), output_key="cat/one-ref.png")]) + renderer.render(
+        [spec(job_id="two", reference=str(front), more_references=(second,), output_key="cat/two-refs.png")])
+    assert all(r.ok for r in results), [r.error for r in results]
+    none, one, two = (pixels(r.uri).astype(int) for r in results)  # type: ignore[arg-type]
+    # the same seed and prompt: the references alone make the difference, the second one too (small with the tiny
+    # model's random weights, where reference tokens weigh little in attention; never nothing)
+    assert np.abs(one - none).max() > 0 and np.abs(two - one).max() > 0
 
 
 def test_the_text_encoder_loads_27_layers_without_head_and_keeps_the_hidden_states_the_pipeline_reads(

@@ -237,13 +237,13 @@ def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str
     local: LocalRenderer = renderer["local"]
     state.update(current_job=job.job_id, step=0, steps=job.params.steps)
     started = time.perf_counter()
-    reference, sha256 = job.params.reference, job.params.reference_sha256
-    if message.reference_url and reference and sha256:  # the submitter's file, from the bucket
+    files = job.params.reference_files
+    if message.reference_urls and files:  # the submitter's files, from the bucket
         try:
-            here = fetch_reference(message.reference_url, sha256, Path(reference).suffix,
-                                   settings.cache_dir / "references", settings.storage_timeout_seconds,
-                                   settings.upload_retry_seconds)
-            job = job.model_copy(update={"params": job.params.model_copy(update={"reference": str(here)})})
+            here = [str(fetch_reference(url, f.sha256, Path(f.path).suffix, settings.cache_dir / "references",
+                                        settings.storage_timeout_seconds, settings.upload_retry_seconds))
+                    for url, f in zip(message.reference_urls, files, strict=True)]
+            job = job.model_copy(update={"params": job.params.with_files(here)})
         except RenderError as exc:
             state.update(current_job=None, step=None, steps=None)
             finished(RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,

@@ -255,7 +255,7 @@ class LocalRenderer:
                   on_step: StepCallback | None) -> list[np.ndarray]:
         lead = jobs[0].params
         model = self._model(resolve_model(lead.model), plan)
-        image = _reference(lead.reference) if lead.reference else None
+        image = [_reference(f.path) for f in lead.reference_files] or None
 
         def denoise() -> list[np.ndarray]:
             images: list[np.ndarray] = []
