@@ -293,8 +293,9 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                 raise _RowProblem(f'column "output": the output key {key!r} {problem}')
             quality = options.quality or row.quality
             if fmt == "png" and quality is not None:
-                raise _RowProblem('column "quality": applies to webp and jpeg; PNG is lossless (leave it empty, or '
-                                  'set "format" to webp or jpeg)')
+                where = "--quality" if options.quality else 'column "quality"'
+                raise _RowProblem(f'{where}: applies to webp and jpeg; PNG is lossless (leave it out, or set "format" '
+                                  "or --format to webp or jpeg)")
             files = _references(_fill("reference", row.reference, values), options) if row.reference else []
             first = files[0] if files else None
             params = RenderParams(model=spec.name, prompt=prompt, width=width, height=height, steps=steps,

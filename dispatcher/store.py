@@ -447,7 +447,7 @@ def export_rows(session: Session, batch_id: str, statuses: Iterable[JobStatus] |
         yield {**link.row_data, "kiln_job_id": job.id, "kiln_row": link.manifest_row, "kiln_variant": link.variant,
                "kiln_status": job.status.value, "kiln_output_uri": output.uri if output else None,
                "kiln_output_key": job.output_key, "kiln_sha256": output.sha256 if output else None,
-               **{f"kiln_{name}": value for name, value in RenderParams.of_row(job)},
+               **{f"kiln_{name}": value for name, value in RenderParams.of_row(job).flat().items()},
                "kiln_worker": job.worker, "kiln_plan": output.plan if output else None,
                "kiln_seconds": round(output.seconds, 3) if output and output.seconds is not None else None,
                "kiln_attempts": job.attempts, "kiln_error": job.error}

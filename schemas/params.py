@@ -113,6 +113,14 @@ class RenderParams(BaseModel):
         return self.model_copy(update={"reference": paths[0] if paths else None, "more_references": tuple(
             Reference(path=p, sha256=f.sha256) for p, f in zip(paths[1:], files[1:], strict=True))})
 
+    def flat(self) -> dict[str, Any]:
+        """One plain value per parameter, as a manifest writes them (for exports): the references as one
+        `|`-separated column of paths and one of their SHA-256s."""
+        files = self.reference_files
+        return {**self.model_dump(exclude={"reference", "reference_sha256", "more_references"}),
+                "reference": "|".join(f.path for f in files) or None,
+                "reference_sha256": "|".join(f.sha256 for f in files) or None}
+
     def columns(self) -> dict[str, Any]:
         """The jobs table's values for these parameters (schemas.tables.Job)."""
         return {**{name: getattr(self, name) for name in self.COLUMNS}, "params": self.later() or None,

@@ -73,6 +73,14 @@ def test_every_field_survives_the_jobs_table_and_the_wire(database_url: str) -> 
     assert JobSpec.model_validate_json(spec.model_dump_json()) == spec
 
 
+def test_exports_get_one_plain_value_per_parameter() -> None:
+    flat = RenderParams(**OTHER).flat()
+    assert (flat["reference"], flat["reference_sha256"]) == (
+        "/refs/shoe.png|/refs/side.png", "ab" * 32 + "|" + "cd" * 32)
+    assert all(v is None or isinstance(v, str | int | float) for v in flat.values())
+    assert set(flat) == set(RenderParams.model_fields) - {"more_references"}
+
+
 def test_content_types_follow_the_key() -> None:
     assert [content_type(k) for k in ("a/b.png", "a/b.webp", "a/b.JPG", "a/b.jpeg", "a.b/c")] == [
         "image/png", "image/webp", "image/jpeg", "image/jpeg", "image/png"]
