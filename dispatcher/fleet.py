@@ -19,7 +19,7 @@ from dispatcher.lifecycle import RetryPolicy
 from schemas.capacity import job_queue, model_key, queue_model_key, queue_tier, why_unfit
 from schemas.errors import KilnError, StaleStateError
 from schemas.job import JobStatus, RenderResult
-from schemas.messages import Heartbeat, RenderTask, Report, unwanted_key
+from schemas.messages import Heartbeat, RenderTask, Report, protocol_problem, unwanted_key
 from schemas.models import resolve_model
 from schemas.params import RenderParams
 from schemas.plan import Shape
@@ -241,7 +241,8 @@ def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
     """Register a worker or refresh what it is doing."""
     store.see_worker(session, beat.worker, beat.device, int(beat.vram_gb * 1024), now)
     session.execute(update(Worker).where(Worker.name == beat.worker).values(
-        queues=beat.queues, models=beat.models, unserved=beat.unserved, problem=beat.problem,
+        queues=beat.queues, models=beat.models, unserved=beat.unserved,
+        problem=protocol_problem(beat.protocol, "this worker") or beat.problem,
         model_loads=beat.model_loads, load_seconds=beat.load_seconds, loaded_model=beat.loaded_model, plan=beat.plan,
         current_job=beat.current_job,
         finishing=beat.finishing, step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,

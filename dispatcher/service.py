@@ -28,6 +28,7 @@ from schemas.messages import (
     REPORTS_QUEUE,
     Heartbeat,
     Report,
+    on_the_wire,
     waiting_key,
 )
 from schemas.settings import KilnSettings
@@ -83,7 +84,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     @app.task(name=HEARTBEAT_TASK)
     def heartbeat(payload: dict[str, Any]) -> None:
         try:
-            beat = Heartbeat.model_validate(payload)
+            beat = Heartbeat.model_validate({**payload, "protocol": on_the_wire(payload)})
         except ValidationError:
             log.error("dropped a malformed heartbeat")
             return

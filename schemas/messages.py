@@ -3,7 +3,7 @@ job and a signed upload, and everything a worker learns goes back to the dispatc
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -42,9 +42,31 @@ class Upload(BaseModel):
     uri: str  # s3://bucket/key, for the record
 
 
+# Raised whenever a message's shape changes, so that a dispatcher and workers of different Kiln versions say so
+# instead of dropping each other's messages: 2 = the render parameters nested in the job (schemas.params).
+# A message or heartbeat without the field comes from a Kiln before protocol numbers: protocol 1 (`on_the_wire`).
+PROTOCOL = 2
+UNNUMBERED = 1
+
+
+def on_the_wire(payload: dict[str, Any]) -> int:
+    """The protocol a received message or heartbeat was written in."""
+    value = payload.get("protocol", UNNUMBERED)
+    return value if isinstance(value, int) else UNNUMBERED  # junk is refused later, as malformed
+
+
+def protocol_problem(theirs: int, who: str) -> str | None:
+    """Why a peer speaking `theirs` cannot work with this process, or None when both speak the same protocol."""
+    if theirs == PROTOCOL:
+        return None
+    return (f"{who} speaks Kiln message protocol {theirs} and this process protocol {PROTOCOL}: install the same "
+            "Kiln version on the dispatcher and every worker")
+
+
 class RenderTask(BaseModel):
     """One job for one worker."""
 
+    protocol: int = PROTOCOL
     job: JobSpec
     upload: Upload
     reference_urls: list[str] = []  # a signed GET of each of the job's reference images, uploaded at submit
@@ -64,6 +86,7 @@ class Report(BaseModel):
 class Heartbeat(BaseModel):
     """A worker saying it lives, what it can take, and what it is doing."""
 
+    protocol: int = PROTOCOL
     worker: str
     device: str
     vram_gb: float

@@ -18,8 +18,8 @@ from dispatcher.bucket import Bucket
 from dispatcher.expand import Options, expand
 from dispatcher.reader import parse_manifest
 from schemas.job import JobStatus, RenderResult
-from schemas.messages import Heartbeat, RenderTask, Report, unwanted_key
-from schemas.tables import Attempt, Batch, Job, Output
+from schemas.messages import PROTOCOL, Heartbeat, RenderTask, Report, on_the_wire, unwanted_key
+from schemas.tables import Attempt, Batch, Job, Output, Worker
 from tests.services import s3_server
 from worker.upload import SignedUpload
 
@@ -222,6 +222,19 @@ def test_out_of_memory_moves_the_job_to_a_bigger_card(database_url: str, bucket:
     with sessions.begin() as s:
         assert [a.status for a in s.scalars(select(Attempt).order_by(Attempt.number))] == [
             "oom", "failed", "failed", "failed"]
+
+
+def test_a_worker_of_another_kiln_version_is_named_with_what_to_do(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    older = {"worker": "w-old", "device": "cuda", "vram_gb": 8, "queues": []}  # no protocol: before numbers
+    with sessions.begin() as s:
+        fleet.record_heartbeat(s, Heartbeat.model_validate({**older, "protocol": on_the_wire(older)}), T0)
+        fleet.record_heartbeat(s, Heartbeat(worker="w-new", device="cuda", vram_gb=8, queues=[]), T0)
+    with sessions.begin() as s:
+        problems = {w.name: w.problem for w in s.scalars(select(Worker))}
+    assert problems == {"w-new": None, "w-old": "this worker speaks Kiln message protocol 1 and this process "
+                                                f"protocol {PROTOCOL}: install the same Kiln version on the "
+                                                "dispatcher and every worker"}
 
 
 def test_jobs_of_silent_workers_go_back_to_the_queue(database_url: str, bucket: Bucket) -> None:

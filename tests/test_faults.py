@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
+from schemas.messages import PROTOCOL
 from schemas.tables import Attempt, Job
 from tests.faultproxy import CommitCutter
 from tests.fleet_harness import Fleet, running_fleet
@@ -138,13 +139,19 @@ def test_pickled_and_malformed_messages_are_refused_never_executed(fleet: Fleet,
     attacker = Celery(broker=fleet.broker_url)
     attacker.conf.update(task_serializer="pickle", accept_content=["pickle", "json"])
     attacker.send_task("kiln.render", args=[Exploit()], queue="kiln.render.tiny.vram16", serializer="pickle")
-    attacker.send_task("kiln.render", args=[{"job": "not a job"}], queue="kiln.render.tiny.vram16", serializer="json")
+    attacker.send_task("kiln.render", args=[{"protocol": PROTOCOL, "job": "not a job"}],
+                       queue="kiln.render.tiny.vram16", serializer="json")
+    # an older dispatcher's message (no protocol number): refused, saying what to do
+    attacker.send_task("kiln.render", args=[{"job": {"job_id": "x", "model": "tiny"}}], queue="kiln.render.tiny.vram16",
+                       serializer="json")
     fleet.submit(ROWS, "--model", "tiny")  # real work still flows past the junk
     fleet.wait_quiet(10)
     assert fleet.check()["succeeded"] == 10
     log = (fleet.tmp / "w1.log").read_text(errors="replace")
     assert "Refusing to deserialize untrusted content of type pickle" in log
     assert "refused a malformed render message" in log
+    assert ("refused a render message: the dispatcher speaks Kiln message protocol 1 and this process protocol "
+            f"{PROTOCOL}: install the same Kiln version on the dispatcher and every worker") in log
     assert not marker.exists()
 
 

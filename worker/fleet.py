@@ -30,6 +30,8 @@ from schemas.messages import (
     Heartbeat,
     RenderTask,
     Report,
+    on_the_wire,
+    protocol_problem,
     unwanted_key,
     waiting_key,
 )
@@ -153,6 +155,10 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
 
     @app.task(name=RENDER_TASK, bind=True, acks_late=True, max_retries=2)
     def render(task: Any, payload: dict[str, Any]) -> None:
+        mismatch = protocol_problem(on_the_wire(payload), "the dispatcher") if isinstance(payload, dict) else None
+        if mismatch:  # dropped: the dispatcher publishes it again later, for a worker that reads it
+            log.error("refused a render message: %s", mismatch)
+            return
         try:
             message = RenderTask.model_validate(payload)  # anything else is dropped, never executed
         except ValidationError as exc:
