@@ -159,7 +159,8 @@ class Bucket:
         return self.uri(key)
 
     def put_reference(self, path: Path, sha256: str) -> str:
-        """Upload a reference image once, named by its content, so that workers on other PCs can fetch it."""
+        """Upload a file jobs refer to (a reference image, a LoRA) once, named by its content, so that workers on
+        other PCs can fetch it."""
         key = reference_key(sha256, path.suffix)
         if self.stat(key) is None:
             try:
@@ -171,8 +172,14 @@ class Bucket:
 
     def reference_urls(self, job: JobSpec) -> list[str]:
         """A signed GET of each of a job's reference images (uploaded at submit), in order."""
-        return [self.download_url(reference_key(f.sha256, Path(f.path).suffix), UPLOAD_SECONDS)
-                for f in job.params.reference_files]
+        return [self._file_url(f.sha256, f.path) for f in job.params.reference_files]
+
+    def lora_urls(self, job: JobSpec) -> list[str]:
+        """A signed GET of each of a job's LoRAs (uploaded at submit), in order."""
+        return [self._file_url(lora.sha256, lora.path) for lora in job.params.loras]
+
+    def _file_url(self, sha256: str, path: str) -> str:
+        return self.download_url(reference_key(sha256, Path(path).suffix), UPLOAD_SECONDS)
 
     def download_url(self, output_key: str, seconds: int) -> str:
         """A signed GET link, for exports that ask for one."""

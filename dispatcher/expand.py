@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 from pydantic import ValidationError
+from safetensors import safe_open
 
 from dispatcher.reader import RawManifest, Record
 from dispatcher.template import TemplateError, placeholders, render
@@ -29,8 +30,10 @@ from schemas.params import (
     DEFAULT_QUALITY,
     EXTENSIONS,
     FORMAT_OF_SUFFIX,
+    MAX_LORAS,
     MAX_REFERENCES,
     ImageFormat,
+    Lora,
     Reference,
     RenderParams,
 )
@@ -38,6 +41,7 @@ from schemas.params import (
 REFERENCE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
 MAX_REFERENCE_BYTES = 20 * 2**20
 MAX_MODEL_CHARS = 300  # the jobs table's model column
+MAX_LORA_BYTES = 2 * 2**30  # a rank-128 LoRA of the 9B transformer is well under 1 GiB
 MAX_REFERENCE_PIXELS = 64 * 10**6  # a 50 MP packshot opens; a file that declares gigapixels is refused
 
 
@@ -298,10 +302,12 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                                   "or --format to webp or jpeg)")
             files = _references(_fill("reference", row.reference, values), options) if row.reference else []
             first = files[0] if files else None
+            loras = _loras(_fill("lora", row.lora, values), row.lora_scale, options) if row.lora else ()
             params = RenderParams(model=spec.name, prompt=prompt, width=width, height=height, steps=steps,
                                   guidance=guidance, seed=seed, reference=first.path if first else None,
                                   reference_sha256=first.sha256 if first else None, more_references=tuple(files[1:]),
-                                  format=fmt, quality=None if fmt == "png" else quality or DEFAULT_QUALITY)
+                                  format=fmt, quality=None if fmt == "png" else quality or DEFAULT_QUALITY,
+                                  loras=loras)
             yield PlannedJob(params.job_id(key), params, key, record.number, record.line, row_id, variant,
                              {**row_data, **combo})
 
@@ -357,6 +363,46 @@ def _references(text: str, options: Options) -> list[Reference]:
         raise _RowProblem(f'column "reference": {len(paths)} images; klein takes at most {MAX_REFERENCES} in Kiln '
                           "(each adds up to 4,096 tokens to every step): keep the views that show the product best")
     return [_reference(path, options) for path in paths]
+
+
+def _loras(text: str, scale: float | None, options: Options) -> tuple[Lora, ...]:
+    """A row's LoRAs (`|` between several), each checked to be a LoRA in a safetensors file."""
+    paths = [p.strip() for p in text.split("|") if p.strip()]
+    if len(paths) > MAX_LORAS:
+        raise _RowProblem(f'column "lora": {len(paths)} LoRAs; Kiln applies at most {MAX_LORAS} to one job')
+    loras = []
+    for path_text in paths:
+        path = Path(path_text).expanduser()
+        path = path if path.is_absolute() else options.base_dir / path
+        if path.suffix.lower() != ".safetensors":
+            raise _RowProblem(f'column "lora": {path_text!r} is not a .safetensors file (Kiln never loads pickled '
+                              ".bin, .pt or .ckpt files: convert it, or take the .safetensors download)")
+        if not path.is_file():
+            raise _RowProblem(f'column "lora": {path_text!r} does not exist (paths are relative to the manifest)')
+        if path.stat().st_size > MAX_LORA_BYTES:
+            raise _RowProblem(f'column "lora": {path_text!r} is over {MAX_LORA_BYTES // 2**30} GiB: that is a whole '
+                              "model, not a LoRA")
+        path, version = path.resolve(), _version(path)
+        problem = _lora_problem(path, version)
+        if problem:
+            raise _RowProblem(f'column "lora": {path_text!r} {problem}')
+        loras.append(Lora(path=str(path), sha256=_digest(path, version), scale=1.0 if scale is None else scale))
+    return tuple(loras)
+
+
+@functools.lru_cache(maxsize=256)
+def _lora_problem(path: Path, _version: tuple[int, int]) -> str | None:
+    """What is wrong with a LoRA file, read from its safetensors header only (whether it fits the row's model is
+    known when a worker loads it: the job then fails, saying so)."""
+    try:
+        with safe_open(str(path), framework="numpy") as tensors:
+            keys = list(tensors.keys())
+    except Exception as exc:  # safetensors raises its own error types for a broken header
+        return f"is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]})"
+    if not any("lora" in key or "lokr" in key for key in keys):
+        return ("holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up tensors): is it a whole model "
+                "checkpoint? Name a LoRA trained for klein")
+    return None
 
 
 def _reference(path_text: str, options: Options) -> Reference:

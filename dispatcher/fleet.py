@@ -103,7 +103,8 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
         for job, batch_id in chosen:
             spec = store.job_spec(job, *rows[(job.id, batch_id)], job.attempts + 1)
             publish(queue, RenderTask(job=spec, upload=bucket.upload_for(job.id, job.output_key),
-                                      reference_urls=bucket.reference_urls(spec), token=token(now))
+                                      reference_urls=bucket.reference_urls(spec), lora_urls=bucket.lora_urls(spec),
+                                      token=token(now))
                     .model_dump(mode="json"))
             job.published_at = now
             published += 1

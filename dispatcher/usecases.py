@@ -132,7 +132,7 @@ def submit(request: Request, settings: KilnSettings, clock: Clock, dry_run: bool
 
 
 def _upload_references(found: Expansion, settings: KilnSettings) -> int:
-    references = {f.sha256: f.path for j in found.jobs for f in j.params.reference_files}
+    references = {f.sha256: f.path for j in found.jobs for f in (*j.params.reference_files, *j.params.loras)}
     if not references or scheme(settings.storage_url) != "s3":
         return 0
     from dispatcher.bucket import Bucket

@@ -32,7 +32,7 @@ Scalar = str | int | float | bool | None
 
 # Row fields, in the order `kiln export` writes them. Every other column is a template variable.
 FIELDS = ("id", "prompt", "model", "width", "height", "steps", "guidance", "seed", "count", "output", "reference",
-          "format", "quality")
+          "format", "lora", "lora_scale", "quality")
 
 
 class RowFields(BaseModel):
@@ -69,6 +69,11 @@ class RowFields(BaseModel):
     format: Annotated[ImageFormat | None, BeforeValidator(format_name),
                       Field(description="png, webp or jpeg (jpg): the output's format; the output key's extension "
                                         "follows it")] = None
+    lora: Annotated[str | None, Field(description="a LoRA .safetensors file, relative to the manifest; several "
+                                                  "separated by |")] = None
+    lora_scale: Annotated[float | None, Field(ge=-4.0, le=4.0, allow_inf_nan=False,
+                                              description="a number from -4 to 4: how strongly every LoRA of the "
+                                                          "row applies [1]")] = None
     quality: Annotated[int | None, Field(ge=1, le=100, description=f"a whole number from 1 to 100: webp and jpeg "
                                                                     f"quality [{DEFAULT_QUALITY}]")] = None
 

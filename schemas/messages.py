@@ -43,7 +43,8 @@ class Upload(BaseModel):
 
 
 # Raised whenever a message's shape changes, so that a dispatcher and workers of different Kiln versions say so
-# instead of dropping each other's messages: 2 = the render parameters nested in the job (schemas.params).
+# instead of dropping each other's messages: 2 = the render parameters nested in the job (schemas.params), reference
+# images and LoRAs fetched by content through signed links.
 # A message or heartbeat without the field comes from a Kiln before protocol numbers: protocol 1 (`on_the_wire`).
 PROTOCOL = 2
 UNNUMBERED = 1
@@ -70,6 +71,7 @@ class RenderTask(BaseModel):
     job: JobSpec
     upload: Upload
     reference_urls: list[str] = []  # a signed GET of each of the job's reference images, uploaded at submit
+    lora_urls: list[str] = []  # and of each of its LoRAs
     token: str = ""  # which publication of the job this message is (see unwanted_key)
 
 

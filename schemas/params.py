@@ -18,6 +18,7 @@ ImageFormat = Literal["png", "webp", "jpeg"]
 EXTENSIONS: dict[str, str] = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}  # what a format's keys end in
 FORMAT_OF_SUFFIX: dict[str, str] = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+MAX_LORAS = 4  # Kiln's cap on LoRAs per job
 MAX_REFERENCES = 4  # Kiln's cap: each reference adds up to 4,096 image tokens to every step of every image
 DEFAULT_QUALITY = 90  # webp and jpeg when the manifest names none: a studio shot without visible artefacts
 
@@ -38,12 +39,19 @@ def content_type(key: str) -> str:
 
 
 class Reference(BaseModel):
-    """One reference image: where it is on the machine that renders, and its content."""
+    """A file a job refers to (a reference image; a LoRA is one too): where it is on the machine that renders,
+    and its content."""
 
     model_config = ConfigDict(frozen=True)
 
     path: str
     sha256: str
+
+
+class Lora(Reference):
+    """One LoRA: its safetensors file on the machine that renders, its content, and how strongly it applies."""
+
+    scale: float = 1.0
 
 
 class RenderParams(BaseModel):
@@ -64,6 +72,7 @@ class RenderParams(BaseModel):
     more_references: tuple[Reference, ...] = ()  # the second and later reference images, in order
     format: ImageFormat = "png"
     quality: int | None = None  # webp and jpeg: 1-100
+    loras: tuple[Lora, ...] = ()  # applied to the transformer, in order
 
     # The parameters that differ image by image within one pipeline call; every other field is the shape.
     PER_IMAGE: ClassVar[frozenset[str]] = frozenset({"prompt", "seed"})
@@ -106,20 +115,25 @@ class RenderParams(BaseModel):
         """How many reference images the call conditions on (what the memory plan counts)."""
         return len(self.reference_files)
 
-    def with_files(self, paths: list[str]) -> RenderParams:
-        """The same parameters with the reference images found at `paths` (on this machine), in order."""
+    def with_files(self, references: list[str], loras: list[str]) -> RenderParams:
+        """The same parameters with the reference images and LoRAs found at these paths (on this machine)."""
         files = self.reference_files
-        assert len(paths) == len(files), "one path per reference"
-        return self.model_copy(update={"reference": paths[0] if paths else None, "more_references": tuple(
-            Reference(path=p, sha256=f.sha256) for p, f in zip(paths[1:], files[1:], strict=True))})
+        assert len(references) == len(files) and len(loras) == len(self.loras), "one path per file"
+        return self.model_copy(update={
+            "reference": references[0] if references else None,
+            "more_references": tuple(Reference(path=p, sha256=f.sha256)
+                                     for p, f in zip(references[1:], files[1:], strict=True)),
+            "loras": tuple(lora.model_copy(update={"path": p}) for p, lora in zip(loras, self.loras, strict=True))})
 
     def flat(self) -> dict[str, Any]:
         """One plain value per parameter, as a manifest writes them (for exports): the references as one
         `|`-separated column of paths and one of their SHA-256s."""
         files = self.reference_files
-        return {**self.model_dump(exclude={"reference", "reference_sha256", "more_references"}),
+        return {**self.model_dump(exclude={"reference", "reference_sha256", "more_references", "loras"}),
                 "reference": "|".join(f.path for f in files) or None,
-                "reference_sha256": "|".join(f.sha256 for f in files) or None}
+                "reference_sha256": "|".join(f.sha256 for f in files) or None,
+                "lora": "|".join(lora.path for lora in self.loras) or None,
+                "lora_scale": "|".join(f"{lora.scale:g}" for lora in self.loras) or None}
 
     def columns(self) -> dict[str, Any]:
         """The jobs table's values for these parameters (schemas.tables.Job)."""

@@ -23,6 +23,7 @@ from schemas.models import tiny_path
 from schemas.tables import Attempt, Job, Output
 from tests.fleet_harness import AWS, AWS_SECRET, BUCKET, DB_PASSWORD, KILN, REDIS_PASSWORD, Fleet, running_fleet
 from tests.services import s3_server
+from tests.test_lora import make_lora
 from tests.test_webhooks import SECRET, Receiver
 from worker.encode import read_parameters
 
@@ -132,22 +133,27 @@ def test_embedded_render_writes_to_s3_with_verified_objects(tmp_path: Path, kiln
         assert "may list s3://no-such-bucket/x/ (s3:ListBucket on the prefix)" in missing.stderr
 
 
-def test_several_reference_images_travel_with_their_jobs_and_the_output_is_webp(fleet: Fleet) -> None:
+def test_reference_images_and_a_lora_travel_with_their_jobs_and_the_output_is_webp(fleet: Fleet) -> None:
     packshots = fleet.tmp / "packshots"
     packshots.mkdir()
     Image.fromarray(np.full((300, 200, 3), 180, dtype=np.uint8)).save(packshots / "mug.png")
     Image.fromarray(np.full((200, 300, 3), 90, dtype=np.uint8)).save(packshots / "mug-side.jpg")
     sha = hashlib.sha256((packshots / "mug.png").read_bytes()).hexdigest()
     side = hashlib.sha256((packshots / "mug-side.jpg").read_bytes()).hexdigest()
-    fleet.submit("id,prompt,reference,width,height,format\n"
-                 "mug,a mug,packshots/mug.png|packshots/mug-side.jpg,256,256,webp\n", "--model", "tiny")
+    lora = make_lora(fleet.tmp / "house-style")
+    house = hashlib.sha256(lora.read_bytes()).hexdigest()
+    fleet.submit("id,prompt,reference,lora,lora_scale,width,height,format\n"
+                 "mug,a mug,packshots/mug.png|packshots/mug-side.jpg,house-style/pytorch_lora_weights.safetensors,"
+                 "0.8,256,256,webp\n", "--model", "tiny")
     shutil.rmtree(packshots)  # gone from where they were submitted: only the bucket has them
+    shutil.rmtree(fleet.tmp / "house-style")
     fleet.worker("w1", 16)
     fleet.wait_quiet(1, 120)
     assert fleet.check() == {"succeeded": 1, "dead": 0, "lost_or_failed_attempts": 0}
     listed = fleet.s3.list_objects_v2(Bucket=BUCKET, Prefix="renders/_references/")["Contents"]
     assert sorted(o["Key"] for o in listed) == sorted(  # stored once each, by content
-        [f"renders/_references/{sha}.png", f"renders/_references/{side}.jpg"])
+        [f"renders/_references/{sha}.png", f"renders/_references/{side}.jpg",
+         f"renders/_references/{house}.safetensors"])
     # the output in the format the row asked for, named and typed for it, its parameters where image readers look
     [output] = [o["Key"] for o in fleet.s3.list_objects_v2(Bucket=BUCKET, Prefix="renders/")["Contents"]
                 if "/_references/" not in o["Key"]]
@@ -157,6 +163,7 @@ def test_several_reference_images_travel_with_their_jobs_and_the_output_is_webp(
     assert Image.open(io.BytesIO(data)).format == "WEBP"
     params = json.loads(read_parameters(data)["kiln"])["params"]
     assert (params["reference_sha256"], [r["sha256"] for r in params["more_references"]]) == (sha, [side])
+    assert [(lo["sha256"], lo["scale"]) for lo in params["loras"]] == [(house, 0.8)]
 
 
 def test_a_reference_that_never_reached_the_bucket_is_bad_input(fleet: Fleet, tmp_path: Path,

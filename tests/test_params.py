@@ -14,7 +14,7 @@ from sqlalchemy import select
 
 from dispatcher import store
 from schemas.job import JobSpec, JobStatus
-from schemas.params import Reference, RenderParams, content_type
+from schemas.params import Lora, Reference, RenderParams, content_type
 from schemas.tables import Job
 
 BASE = RenderParams(model="tiny", prompt="a red shoe", width=512, height=512, steps=4, guidance=1.0, seed=7)
@@ -22,7 +22,8 @@ BASE = RenderParams(model="tiny", prompt="a red shoe", width=512, height=512, st
 OTHER: dict[str, Any] = {"model": "tiny:klein-9b", "prompt": "a blue shoe", "width": 768, "height": 640,
                          "steps": 8, "guidance": 2.5, "seed": 8, "reference": "/refs/shoe.png",
                          "reference_sha256": "ab" * 32, "format": "webp", "quality": 80,
-                         "more_references": (Reference(path="/refs/side.png", sha256="cd" * 32),)}
+                         "more_references": (Reference(path="/refs/side.png", sha256="cd" * 32),),
+                         "loras": (Lora(path="/loras/house.safetensors", sha256="ef" * 32, scale=0.8),)}
 
 
 def test_every_field_has_another_value_to_try() -> None:
@@ -78,7 +79,8 @@ def test_exports_get_one_plain_value_per_parameter() -> None:
     assert (flat["reference"], flat["reference_sha256"]) == (
         "/refs/shoe.png|/refs/side.png", "ab" * 32 + "|" + "cd" * 32)
     assert all(v is None or isinstance(v, str | int | float) for v in flat.values())
-    assert set(flat) == set(RenderParams.model_fields) - {"more_references"}
+    assert set(flat) == set(RenderParams.model_fields) - {"more_references", "loras"} | {"lora", "lora_scale"}
+    assert (flat["lora"], flat["lora_scale"]) == ("/loras/house.safetensors", "0.8")
 
 
 def test_content_types_follow_the_key() -> None:

@@ -53,8 +53,7 @@ def test_renders_a_png_of_the_asked_size_with_readable_parameters(renderer: Loca
                                                   "model": "tiny", "prompt": "a red shoe, studio light",
                                                   "width": 512, "height": 384, "steps": 4, "guidance": 1.0,
                                                   "seed": 1234, "reference_sha256": None, "more_references": [],
-                                                  "format": "png",
-                                                  "quality": None}}
+                                                  "format": "png", "quality": None, "loras": []}}
     assert result.plan == "bf16-resident"  # a CPU renders from system memory: everything resident
     assert np.asarray(image).std() > 1  # an image, not a flat fill
 

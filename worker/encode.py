@@ -34,8 +34,8 @@ def parameters_text(job: JobSpec) -> str:
 def kiln_text(job: JobSpec, plan: str) -> str:
     """Kiln's record, as JSON: where the image came from, every render parameter, and how the model was loaded.
     References by content only: their paths are where some machine kept them."""
-    params = job.params.model_dump(mode="json", exclude={"reference": True,
-                                                         "more_references": {"__all__": {"path"}}})
+    params = job.params.model_dump(mode="json", exclude={"reference": True, "more_references": {"__all__": {"path"}},
+                                                         "loras": {"__all__": {"path"}}})
     return json.dumps({"job_id": job.job_id, "batch_id": job.batch_id, "manifest": job.manifest,
                        "manifest_row": job.manifest_row, "row_id": job.row_id, "attempt": job.attempt,
                        "plan": plan, "params": params}, ensure_ascii=False)

@@ -243,13 +243,14 @@ def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str
     local: LocalRenderer = renderer["local"]
     state.update(current_job=job.job_id, step=0, steps=job.params.steps)
     started = time.perf_counter()
-    files = job.params.reference_files
-    if message.reference_urls and files:  # the submitter's files, from the bucket
+    files, loras = job.params.reference_files, job.params.loras
+    if message.reference_urls and files or message.lora_urls and loras:  # the submitter's files, from the bucket
         try:
             here = [str(fetch_reference(url, f.sha256, Path(f.path).suffix, settings.cache_dir / "references",
                                         settings.storage_timeout_seconds, settings.upload_retry_seconds))
-                    for url, f in zip(message.reference_urls, files, strict=True)]
-            job = job.model_copy(update={"params": job.params.with_files(here)})
+                    for url, f in [*zip(message.reference_urls, files, strict=True),
+                                   *zip(message.lora_urls, loras, strict=True)]]
+            job = job.model_copy(update={"params": job.params.with_files(here[:len(files)], here[len(files):])})
         except RenderError as exc:
             state.update(current_job=None, step=None, steps=None)
             finished(RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,

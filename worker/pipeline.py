@@ -25,8 +25,9 @@ from huggingface_hub import snapshot_download  # noqa: E402
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError  # noqa: E402
 from transformers import AutoConfig, Qwen3Model  # noqa: E402
 
-from schemas.errors import ModelError  # noqa: E402
+from schemas.errors import ModelError, RenderError  # noqa: E402
 from schemas.models import ModelSpec, weights_location  # noqa: E402
+from schemas.params import Lora  # noqa: E402
 from schemas.plan import ENCODE_CHUNK, Plan  # noqa: E402
 from worker.placement import slot, to_fp8  # noqa: E402
 from worker.prompts import PromptCache  # noqa: E402
@@ -149,6 +150,40 @@ class LoadedModel:
             self.encoder.park()
         return found  # type: ignore[return-value]
 
+    def use_loras(self, transformer: Any, loras: Sequence[Lora]) -> None:
+        """Apply exactly `loras` to the transformer: kept when they are the ones it has, else the ones it has are
+        unloaded (which puts back the very modules and weights they wrapped: nothing was fused) and these loaded.
+        A LoRA that is not for this model fails the job as bad input, and leaves the transformer bare."""
+        wanted = tuple((lora.sha256, lora.scale) for lora in loras)
+        if getattr(transformer, "_kiln_loras", ()) == wanted:
+            return
+        if getattr(transformer, "peft_config", None):
+            transformer.unload_lora()
+        transformer._kiln_loras = ()
+        names = []
+        for i, lora in enumerate(loras):
+            name = Path(lora.path).name
+            try:
+                state = Flux2KleinPipeline.lora_state_dict(lora.path)
+                transformer.load_lora_adapter(state, adapter_name=f"kiln{i}", prefix="transformer")
+                if f"kiln{i}" not in (getattr(transformer, "peft_config", None) or {}):
+                    raise ValueError("it holds no weights for the klein transformer")
+            except (ValueError, RuntimeError, KeyError) as exc:
+                if getattr(transformer, "peft_config", None):
+                    transformer.unload_lora()
+                raise RenderError(f"the LoRA {name} does not fit {self.spec.name} (one trained for another model, "
+                                  f"e.g. a 9B LoRA on 4B?): {type(exc).__name__}: {str(exc).strip()[:300]}",
+                                  "bad_input") from None
+            names.append(f"kiln{i}")
+        if names:
+            transformer.set_adapters(names, weights=[lora.scale for lora in loras])
+            # peft gives a LoRA its base layer's dtype: on an fp8 plan that is float8, which nothing computes in.
+            # The LoRA's own weights are small: they stay in the compute dtype.
+            for name, param in transformer.named_parameters():
+                if ".lora_" in name and param.dtype != self.dtype:
+                    param.data = param.data.to(self.dtype)
+        transformer._kiln_loras = wanted
+
     @property
     def needs_negative(self) -> bool:
         """Base models run real CFG, with the empty prompt as the negative (distilled ones ignore guidance)."""
@@ -156,9 +191,11 @@ class LoadedModel:
 
     def generate(self, prompts: Sequence[str], *, width: int, height: int, steps: int, guidance: float,
                  seeds: Sequence[int], image: Any = None, on_step: StepCallback | None = None,
-                 embeddings: dict[str, torch.Tensor] | None = None, output_type: str = "np") -> Any:
-        """Denoise and decode one image per prompt, each from its own seed, in one pipeline call. `embeddings`
-        (from `encode`) saves the encoder stage; prompts missing from it are encoded first."""
+                 embeddings: dict[str, torch.Tensor] | None = None, output_type: str = "np",
+                 loras: Sequence[Lora] = ()) -> Any:
+        """Denoise and decode one image per prompt, each from its own seed, in one pipeline call, with `loras`
+        applied to the transformer. `embeddings` (from `encode`) saves the encoder stage; prompts missing from it
+        are encoded first."""
         if embeddings is None or any(p not in embeddings for p in prompts):
             embeddings = self.encode(prompts)
         embeds = torch.stack([embeddings[p] for p in prompts]).to(self.device)
@@ -172,7 +209,9 @@ class LoadedModel:
             return tensors
 
         # The pipeline holds the transformer only during the call, so parking it (or releasing it) frees it.
-        self.pipe.register_modules(transformer=self.transformer.acquire())
+        transformer = self.transformer.acquire()
+        self.use_loras(transformer, loras)
+        self.pipe.register_modules(transformer=transformer)
         try:
             result = self.pipe(
                 prompt_embeds=embeds, negative_prompt_embeds=negative, image=image, width=width, height=height,

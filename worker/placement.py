@@ -58,8 +58,13 @@ class Parked:
         return self.module
 
     def park(self) -> None:
-        """Point the weights back at the host copies; the device copies are freed with their last reference."""
-        for name, tensor in _tensors(self.module):
+        """Point the weights back at the host copies; the device copies are freed with their last reference.
+        Tensors that came while it was on the device (a LoRA's) get host copies now; those of modules gone since
+        (an unloaded LoRA's) are dropped."""
+        tensors = dict(_tensors(self.module))
+        self._host = {name: self._host[name] if name in self._host else _pin(tensor.detach().to("cpu"))
+                      for name, tensor in tensors.items()}
+        for name, tensor in tensors.items():
             tensor.data = self._host[name]
         self.on_device = False
 
