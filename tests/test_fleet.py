@@ -179,6 +179,9 @@ def test_a_reference_that_never_reached_the_bucket_is_bad_input(fleet: Fleet, tm
     with pytest.raises(RenderError, match="the reference image is not in the bucket: submit the batch again") as caught:
         fetch_reference(url, "0" * 64, ".png", tmp_path, timeout=3, budget=5)
     assert caught.value.kind == "bad_input"
+    with pytest.raises(RenderError, match="the LoRA house.safetensors is not in the bucket") as caught:
+        fetch_reference(url, "0" * 64, ".png", tmp_path, timeout=3, budget=5, what="the LoRA house.safetensors")
+    assert caught.value.kind == "bad_input"
 
 
 def test_cancel_mid_batch_reaches_published_messages_and_leaves_no_image_without_its_row(fleet: Fleet) -> None:

@@ -246,10 +246,12 @@ def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str
     files, loras = job.params.reference_files, job.params.loras
     if message.reference_urls and files or message.lora_urls and loras:  # the submitter's files, from the bucket
         try:
+            needed = [(url, f, "the reference image") for url, f in zip(message.reference_urls, files, strict=True)]
+            needed += [(url, lora, f"the LoRA {Path(lora.path).name}")
+                       for url, lora in zip(message.lora_urls, loras, strict=True)]
             here = [str(fetch_reference(url, f.sha256, Path(f.path).suffix, settings.cache_dir / "references",
-                                        settings.storage_timeout_seconds, settings.upload_retry_seconds))
-                    for url, f in [*zip(message.reference_urls, files, strict=True),
-                                   *zip(message.lora_urls, loras, strict=True)]]
+                                        settings.storage_timeout_seconds, settings.upload_retry_seconds, what=what))
+                    for url, f, what in needed]
             job = job.model_copy(update={"params": job.params.with_files(here[:len(files)], here[len(files):])})
         except RenderError as exc:
             state.update(current_job=None, step=None, steps=None)

@@ -75,23 +75,25 @@ class SignedUpload:
 
 
 def fetch_reference(url: str, sha256: str, suffix: str, cache: Path, timeout: float = 30.0, budget: float = 300.0,
-                    sleep: Sleep = time.sleep, clock: Clock = time.monotonic) -> Path:
-    """The job's reference image on this machine: fetched once through its signed GET into `cache`, named and
-    checked by its content. A reference missing from the bucket is the submission's fault (RenderError
-    "bad_input"); one that arrives other than it was submitted, or not at all, is worth another try ("error")."""
+                    sleep: Sleep = time.sleep, clock: Clock = time.monotonic,
+                    what: str = "the reference image") -> Path:
+    """A file the job refers to (`what`: a reference image, a LoRA) on this machine: fetched once through its signed
+    GET into `cache`, named and checked by its content. A file missing from the bucket is the submission's fault
+    (RenderError "bad_input"); one that arrives other than it was submitted, or not at all, is worth another try
+    ("error")."""
     path = cache / f"{sha256}{suffix.lower()}"
     if path.is_file():
         return path
     try:
-        data = _send(urllib.request.Request(url), "fetch the reference image", timeout, budget, sleep, clock)
+        data = _send(urllib.request.Request(url), f"fetch {what}", timeout, budget, sleep, clock)
     except StorageError as exc:
         if exc.status in (403, 404):
-            raise RenderError("the reference image is not in the bucket: submit the batch again with "
+            raise RenderError(f"{what} is not in the bucket: submit the batch again with "
                               "KILN_STORAGE_URL=s3://... set, so that its references are uploaded", "bad_input") \
                 from None
         raise RenderError(str(exc), "error") from None
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise RenderError("the reference image fetched from the bucket is not the one submitted (its SHA-256 "
+        raise RenderError(f"{what} fetched from the bucket is not the one submitted (its SHA-256 "
                           "differs)", "error")
     cache.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".part-", dir=cache)
