@@ -38,10 +38,12 @@ def upgrade() -> None:
     jobs = sa.table('jobs', *(sa.column(c) for c in ('id', 'model', 'width', 'height', 'steps', 'guidance',
                                                      'reference', 'reference_sha256', 'shape')))
     bind = op.get_bind()
-    while True:
-        rows = bind.execute(sa.select(jobs).where(jobs.c.shape.is_(None)).limit(CHUNK)).all()
+    last = ''
+    while True:  # by id, a chunk at a time: one pass over the table, however big
+        rows = bind.execute(sa.select(jobs).where(jobs.c.id > last).order_by(jobs.c.id).limit(CHUNK)).all()
         if not rows:
             break
+        last = rows[-1].id
         bind.execute(sa.update(jobs).where(jobs.c.id == sa.bindparam('job')).values(shape=sa.bindparam('value')),
                      [{'job': r.id, 'value': _shape(r.model, r.width, r.height, r.steps, r.guidance, r.reference,
                                                     r.reference_sha256)} for r in rows])
