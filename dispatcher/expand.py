@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,13 @@ from schemas.models import DEFAULT_MODEL, ModelSpec, resolve_model
 from schemas.params import (
     DEFAULT_QUALITY,
     EXTENSIONS,
-    FORMAT_OF_SUFFIX,
     MAX_LORAS,
     MAX_REFERENCES,
     ImageFormat,
     Lora,
     Reference,
     RenderParams,
+    named_format,
 )
 
 REFERENCE_TYPES = (".png", ".jpg", ".jpeg", ".webp")
@@ -300,9 +300,11 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                 where = "--quality" if options.quality else 'column "quality"'
                 raise _RowProblem(f'{where}: applies to webp and jpeg; PNG is lossless (leave it out, or set "format" '
                                   "or --format to webp or jpeg)")
-            files = _references(_fill("reference", row.reference, values), options) if row.reference else []
+            files = _files(_fill("reference", row.reference, values), options, REFERENCE_FILES) if row.reference else []
             first = files[0] if files else None
-            loras = _loras(_fill("lora", row.lora, values), row.lora_scale, options) if row.lora else ()
+            scale = 1.0 if row.lora_scale is None else row.lora_scale
+            loras = tuple(Lora(path=f.path, sha256=f.sha256, scale=scale)
+                          for f in _files(_fill("lora", row.lora, values), options, LORA_FILES)) if row.lora else ()
             params = RenderParams(model=spec.name, prompt=prompt, width=width, height=height, steps=steps,
                                   guidance=guidance, seed=seed, reference=first.path if first else None,
                                   reference_sha256=first.sha256 if first else None, more_references=tuple(files[1:]),
@@ -315,12 +317,11 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
 def _keyed(key: str, image_format: ImageFormat | None) -> tuple[str, ImageFormat]:
     """An output key and its format. A format given decides the key's extension (an image extension of another
     format is replaced); with none given, the key's extension decides, and a key without one is PNG."""
-    stem, dot, suffix = key.rpartition(".")
-    named = FORMAT_OF_SUFFIX.get(f".{suffix.lower()}") if dot and "/" not in suffix else None
+    named = named_format(key)
     if named is not None:
         if image_format is None or image_format == named:
-            return key, named  # type: ignore[return-value]
-        key = stem
+            return key, named
+        key = key.rpartition(".")[0]
     chosen: ImageFormat = image_format or "png"
     return key + EXTENSIONS[chosen], chosen
 
@@ -356,38 +357,45 @@ def _fill(column: str, template: str, values: dict[str, str]) -> str:
         raise _RowProblem(f'column "{column}": the template {exc}') from None
 
 
-def _references(text: str, options: Options) -> list[Reference]:
-    """A row's reference images (`|` between several), each checked."""
-    paths = [p.strip() for p in text.split("|") if p.strip()]
-    if len(paths) > MAX_REFERENCES:
-        raise _RowProblem(f'column "reference": {len(paths)} images; klein takes at most {MAX_REFERENCES} in Kiln '
-                          "(each adds up to 4,096 tokens to every step): keep the views that show the product best")
-    return [_reference(path, options) for path in paths]
+@dataclass(frozen=True)
+class _FileKind:
+    """A kind of file a row names (reference images, LoRAs): its column, how many one row may name, and what a
+    file of the kind must be."""
+
+    column: str
+    limit: int
+    too_many: str  # after "N", when a row names more than `limit`
+    suffixes: tuple[str, ...]
+    not_suffix: str  # after the path, when its suffix is not one of `suffixes`
+    max_bytes: int
+    too_big: str  # after the path, when it is over `max_bytes`
+    problem: Callable[[Path, tuple[int, int]], str | None]  # what is wrong with its content (cached by version)
 
 
-def _loras(text: str, scale: float | None, options: Options) -> tuple[Lora, ...]:
-    """A row's LoRAs (`|` between several), each checked to be a LoRA in a safetensors file."""
+def _files(text: str, options: Options, kind: _FileKind) -> list[Reference]:
+    """The files a row names in `kind.column` (`|` between several), each checked: its absolute path and its
+    content's SHA-256."""
     paths = [p.strip() for p in text.split("|") if p.strip()]
-    if len(paths) > MAX_LORAS:
-        raise _RowProblem(f'column "lora": {len(paths)} LoRAs; Kiln applies at most {MAX_LORAS} to one job')
-    loras = []
-    for path_text in paths:
-        path = Path(path_text).expanduser()
-        path = path if path.is_absolute() else options.base_dir / path
-        if path.suffix.lower() != ".safetensors":
-            raise _RowProblem(f'column "lora": {path_text!r} is not a .safetensors file (Kiln never loads pickled '
-                              ".bin, .pt or .ckpt files: convert it, or take the .safetensors download)")
-        if not path.is_file():
-            raise _RowProblem(f'column "lora": {path_text!r} does not exist (paths are relative to the manifest)')
-        if path.stat().st_size > MAX_LORA_BYTES:
-            raise _RowProblem(f'column "lora": {path_text!r} is over {MAX_LORA_BYTES // 2**30} GiB: that is a whole '
-                              "model, not a LoRA")
-        path, version = path.resolve(), _version(path)
-        problem = _lora_problem(path, version)
-        if problem:
-            raise _RowProblem(f'column "lora": {path_text!r} {problem}')
-        loras.append(Lora(path=str(path), sha256=_digest(path, version), scale=1.0 if scale is None else scale))
-    return tuple(loras)
+    if len(paths) > kind.limit:
+        raise _RowProblem(f'column "{kind.column}": {len(paths)} {kind.too_many}')
+    return [_file(path_text, options, kind) for path_text in paths]
+
+
+def _file(path_text: str, options: Options, kind: _FileKind) -> Reference:
+    path = Path(path_text).expanduser()
+    path = path if path.is_absolute() else options.base_dir / path
+    where = f'column "{kind.column}": {path_text!r}'
+    if path.suffix.lower() not in kind.suffixes:
+        raise _RowProblem(f"{where} {kind.not_suffix}")
+    if not path.is_file():
+        raise _RowProblem(f"{where} does not exist (paths are relative to the manifest)")
+    if path.stat().st_size > kind.max_bytes:
+        raise _RowProblem(f"{where} {kind.too_big}")
+    path, version = path.resolve(), _version(path)
+    problem = kind.problem(path, version)
+    if problem:
+        raise _RowProblem(f"{where} {problem}")
+    return Reference(path=str(path), sha256=_digest(path, version))
 
 
 @functools.lru_cache(maxsize=256)
@@ -403,23 +411,6 @@ def _lora_problem(path: Path, _version: tuple[int, int]) -> str | None:
         return ("holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up tensors): is it a whole model "
                 "checkpoint? Name a LoRA trained for klein")
     return None
-
-
-def _reference(path_text: str, options: Options) -> Reference:
-    """One reference image, checked: its absolute path and its content's SHA-256."""
-    path = Path(path_text).expanduser()
-    path = path if path.is_absolute() else options.base_dir / path
-    if path.suffix.lower() not in REFERENCE_TYPES:
-        raise _RowProblem(f'column "reference": {path_text!r} is not a {", ".join(REFERENCE_TYPES)} image')
-    if not path.is_file():
-        raise _RowProblem(f'column "reference": {path_text!r} does not exist (paths are relative to the manifest)')
-    if path.stat().st_size > MAX_REFERENCE_BYTES:
-        raise _RowProblem(f'column "reference": {path_text!r} is over {MAX_REFERENCE_BYTES // 2**20} MiB')
-    path, version = path.resolve(), _version(path)
-    problem = _image_problem(path, version)
-    if problem:
-        raise _RowProblem(f'column "reference": {path_text!r} {problem}')
-    return Reference(path=str(path), sha256=_digest(path, version))
 
 
 def _version(path: Path) -> tuple[int, int]:
@@ -453,3 +444,15 @@ def _image_problem(path: Path, _version: tuple[int, int]) -> str | None:
         return (f"declares {size}, over the {MAX_REFERENCE_PIXELS // 10**6} MP Kiln opens: klein uses at most 1 MP "
                 "of a reference, so save a smaller copy")
     return None
+
+
+REFERENCE_FILES = _FileKind(
+    "reference", MAX_REFERENCES, f"images; klein takes at most {MAX_REFERENCES} in Kiln (each adds up to 4,096 "
+    "tokens to every step): keep the views that show the product best", REFERENCE_TYPES,
+    f"is not a {', '.join(REFERENCE_TYPES)} image", MAX_REFERENCE_BYTES,
+    f"is over {MAX_REFERENCE_BYTES // 2**20} MiB", _image_problem)
+LORA_FILES = _FileKind(
+    "lora", MAX_LORAS, f"LoRAs; Kiln applies at most {MAX_LORAS} to one job", (".safetensors",),
+    "is not a .safetensors file (Kiln never loads pickled .bin, .pt or .ckpt files: convert it, or take the "
+    ".safetensors download)", MAX_LORA_BYTES, f"is over {MAX_LORA_BYTES // 2**30} GiB: that is a whole model, "
+    "not a LoRA", _lora_problem)

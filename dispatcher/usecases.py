@@ -110,7 +110,7 @@ class Submitted:
 
     plan: Plan
     recorded: store.Recorded | None  # None: a dry run, nothing written
-    references_uploaded: int = 0  # reference images put in the bucket for workers on other PCs
+    references_uploaded: int = 0  # reference images and LoRAs put in the bucket for workers on other PCs
 
     def as_json(self) -> dict[str, Any]:
         r = self.recorded
@@ -121,8 +121,8 @@ class Submitted:
 
 def submit(request: Request, settings: KilnSettings, clock: Clock, dry_run: bool = False) -> Submitted:
     """Validate a manifest and, unless `dry_run`, record it as a batch of queued jobs for the fleet. With S3
-    storage, each reference image goes to the bucket once, by content, before the batch is recorded (one uploaded
-    for a batch that then fails to record is harmless)."""
+    storage, each reference image and LoRA goes to the bucket once, by content, before the batch is recorded (one
+    uploaded for a batch that then fails to record is harmless)."""
     found = expansion(request, settings, keep_jobs=not dry_run)
     if dry_run:
         return Submitted(Plan.of(found), None)

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 ImageFormat = Literal["png", "webp", "jpeg"]
 EXTENSIONS: dict[str, str] = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}  # what a format's keys end in
-FORMAT_OF_SUFFIX: dict[str, str] = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
+FORMAT_OF_SUFFIX: dict[str, ImageFormat] = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
 MAX_LORAS = 4  # Kiln's cap on LoRAs per job
 MAX_REFERENCES = 4  # Kiln's cap: each reference adds up to 4,096 image tokens to every step of every image
@@ -32,10 +32,15 @@ def format_name(value: Any) -> Any:
     return value
 
 
+def named_format(key: str) -> ImageFormat | None:
+    """The image format a key's extension names (`.png`, `.webp`, `.jpg`, `.jpeg`, any case), or None."""
+    name = key.rsplit("/", 1)[-1]
+    return FORMAT_OF_SUFFIX.get(name[name.rfind("."):].lower()) if "." in name else None
+
+
 def content_type(key: str) -> str:
     """The Content-Type of an output at `key`, from its extension (PNG where it names no image format)."""
-    suffix = key[key.rfind("."):].lower() if "." in key.rsplit("/", 1)[-1] else ""
-    return CONTENT_TYPES[FORMAT_OF_SUFFIX.get(suffix, "png")]
+    return CONTENT_TYPES[named_format(key) or "png"]
 
 
 class Reference(BaseModel):
