@@ -22,15 +22,17 @@ from safetensors import safe_open
 
 from dispatcher.reader import RawManifest, Record
 from dispatcher.template import TemplateError, placeholders, render
+from schemas.checkpoints import TRANSFORMER_WIDTH, header, lora_width
 from schemas.errors import ManifestError, ModelError, Problem
 from schemas.keys import output_key_problem
 from schemas.manifest import DEFAULT_SIDE, FIELDS, MAX_PIXELS, MAX_PROMPT_CHARS, MAX_ROWS, RowFields, describe
-from schemas.models import DEFAULT_MODEL, ModelSpec, resolve_model
+from schemas.models import DEFAULT_MODEL, ModelSpec, resolve_model, transformer_width
 from schemas.params import (
     DEFAULT_QUALITY,
     EXTENSIONS,
     MAX_LORAS,
     MAX_REFERENCES,
+    Decoder,
     ImageFormat,
     Lora,
     Reference,
@@ -56,6 +58,7 @@ class Options:
     output: str | None = None  # --output: overrides every row's output template
     format: ImageFormat | None = None  # --format: overrides every row's format
     quality: int | None = None  # --quality: overrides every row's quality
+    decoder: Decoder | None = None  # --decoder: overrides every row's decoder
     non_commercial: bool = False
     skip_incomplete: bool = False
     max_jobs: int = 100_000
@@ -305,11 +308,13 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
             scale = 1.0 if row.lora_scale is None else row.lora_scale
             loras = tuple(Lora(path=f.path, sha256=f.sha256, scale=scale)
                           for f in _files(_fill("lora", row.lora, values), options, LORA_FILES)) if row.lora else ()
+            for lora in loras:
+                _lora_fits(lora, spec)
             params = RenderParams(model=spec.name, prompt=prompt, width=width, height=height, steps=steps,
                                   guidance=guidance, seed=seed, reference=first.path if first else None,
                                   reference_sha256=first.sha256 if first else None, more_references=tuple(files[1:]),
                                   format=fmt, quality=None if fmt == "png" else quality or DEFAULT_QUALITY,
-                                  loras=loras)
+                                  loras=loras, decoder=options.decoder or row.decoder or "full")
             yield PlannedJob(params.job_id(key), params, key, record.number, record.line, row_id, variant,
                              {**row_data, **combo})
 
@@ -411,6 +416,18 @@ def _lora_problem(path: Path, _version: tuple[int, int]) -> str | None:
         return ("holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up tensors): is it a whole model "
                 "checkpoint? Name a LoRA trained for klein")
     return None
+
+
+def _lora_fits(lora: Lora, spec: ModelSpec) -> None:
+    """Refuse a LoRA trained for a transformer of another width than the row's model's (a 9B LoRA on 4B): read from
+    its header where its attention projections say so, else found out when a worker loads it."""
+    wanted, trained = transformer_width(spec), lora_width(header(Path(lora.path)))
+    if wanted and trained and wanted != trained:
+        names = {width: "klein " + size.upper() if size != "tiny" else "the tiny model"
+                 for size, width in TRANSFORMER_WIDTH.items()}
+        raise _RowProblem(f'column "lora": {Path(lora.path).name} was trained for a transformer {trained} wide '
+                          f"({names.get(trained, 'not klein')}), but {spec.name} is {wanted} wide: a LoRA fits only "
+                          "the model size it was trained on")
 
 
 def _version(path: Path) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from schemas.errors import ConfigError, KilnError, ModelError
 from schemas.job import REQUEUEABLE, JobSpec, JobStatus, RenderResult
 from schemas.manifest import RowFields, describe
 from schemas.models import resolve_model
-from schemas.params import RenderParams, format_name
+from schemas.params import Decoder, RenderParams, format_name
 from schemas.renderer import StepCallback
 from schemas.settings import KilnSettings
 from schemas.storage import open_storage, scheme
@@ -50,6 +50,7 @@ class Request:
     output: str | None = None  # an output key template for every row
     image_format: str | None = None  # png, webp, jpeg (or jpg) for every row
     quality: int | None = None  # webp and jpeg quality for every row
+    decoder: Decoder | None = None  # the VAE decoder for every row
     name: str | None = None  # the batch's name [the manifest's file name]
     non_commercial: bool = False
     skip_incomplete: bool = False
@@ -65,7 +66,7 @@ def expansion(request: Request, settings: KilnSettings, keep_jobs: bool = True) 
     what to fix. Writes nothing."""
     options = Options(batch=request.batch_name, base_dir=request.manifest.resolve().parent, prompt=request.prompt,
                       model=request.model, output=request.output, format=format_name(request.image_format),
-                      quality=request.quality, non_commercial=request.non_commercial,
+                      quality=request.quality, decoder=request.decoder, non_commercial=request.non_commercial,
                       skip_incomplete=request.skip_incomplete, max_jobs=settings.max_jobs,
                       max_rows=settings.max_rows)
     return expand(read_manifest(request.manifest, max_bytes=settings.max_manifest_bytes), options, keep_jobs)

@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
 
-from schemas.params import DEFAULT_QUALITY, ImageFormat, format_name
+from schemas.params import DEFAULT_QUALITY, Decoder, ImageFormat, format_name
 
 # FLUX.2 [klein] pads prompts to 512 tokens; 2,000 characters of prose stays inside that window.
 MAX_PROMPT_CHARS = 2000
@@ -32,7 +32,7 @@ Scalar = str | int | float | bool | None
 
 # Row fields, in the order `kiln export` writes them. Every other column is a template variable.
 FIELDS = ("id", "prompt", "model", "width", "height", "steps", "guidance", "seed", "count", "output", "reference",
-          "format", "lora", "lora_scale", "quality")
+          "format", "lora", "lora_scale", "quality", "decoder")
 
 
 class RowFields(BaseModel):
@@ -76,6 +76,8 @@ class RowFields(BaseModel):
                                                           "row applies [1]")] = None
     quality: Annotated[int | None, Field(ge=1, le=100, description=f"a whole number from 1 to 100: webp and jpeg "
                                                                     f"quality [{DEFAULT_QUALITY}]")] = None
+    decoder: Annotated[Decoder | None, Field(description="full, or small: the FLUX.2 small decoder, about 1.4x "
+                                                         "faster decoding [full]")] = None
 
 
 class ManifestDocument(BaseModel):

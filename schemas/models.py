@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from schemas.checkpoints import TRANSFORMER_WIDTH, Parts, checkpoint_parts
 from schemas.errors import ModelError
 
 TINY_SOURCE = "kiln:tiny"
@@ -25,6 +26,7 @@ class ModelSpec:
     commercial: bool
     profile: str  # whose memory profile the scheduler uses: a registered model name, or "tiny"
     description: str = ""
+    parts: Parts | None = None  # a transformer file or ComfyUI folder: where each part is (source is its path)
 
     @property
     def default_steps(self) -> int:
@@ -63,6 +65,7 @@ REGISTRY: dict[str, ModelSpec] = {
     )
 }
 DEFAULT_MODEL = "klein-4b"
+SMALL_DECODER = "black-forest-labs/FLUX.2-small-decoder"  # Apache-2.0; the VAE with a slimmer, faster decoder
 
 
 def known_names() -> list[str]:
@@ -97,9 +100,11 @@ def _local_model(name: str, base_dir: Path | None) -> ModelSpec:
     if not path.is_absolute():
         path = (base_dir or Path.cwd()) / path
     index = path / "model_index.json"
+    if not path.exists():
+        raise ModelError(f"the model {name!r} does not exist: name a diffusers folder, a klein transformer "
+                         ".safetensors file or a ComfyUI models folder (paths are relative to the manifest)")
     if not index.is_file():
-        raise ModelError(f"model folder {name!r} has no model_index.json: point at a diffusers folder "
-                         "(one made by `hf download black-forest-labs/FLUX.2-klein-4B --local-dir DIR`)")
+        return _checkpoint(path)
     try:
         config = json.loads(index.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -119,22 +124,77 @@ def _local_model(name: str, base_dir: Path | None) -> ModelSpec:
     return replace(family, name=where, source=where, description=f"local folder ({family.name} shape)")
 
 
+def _checkpoint(path: Path) -> ModelSpec:
+    """A model named by a transformer file or a ComfyUI models folder, with the profile and licence of the
+    registered model of its size: a 9B file stays under the 9B licence whatever it is called."""
+    parts, size = checkpoint_parts(path)
+    family = REGISTRY[parts.base]
+    where = str(path.resolve())
+    kind = "fp8 " if parts.fp8 else ""
+    found = ", ".join(p for p, f in (("text encoder", parts.text_encoder), ("VAE", parts.vae)) if f)
+    return replace(family, name=where, source=where, parts=parts,
+                   description=f"{kind}{'tiny' if size == 'tiny' else family.name} checkpoint"
+                               + (f" with its {found}" if found else ""))
+
+
+def transformer_width(spec: ModelSpec) -> int | None:
+    """How wide `spec`'s transformer is (what a LoRA must have been trained for), or None where a local folder
+    does not say."""
+    if spec.is_tiny or spec.profile == "tiny":
+        return TRANSFORMER_WIDTH["tiny"]
+    if spec.parts or spec.is_hub:
+        return TRANSFORMER_WIDTH[spec.profile.rsplit("-", 1)[-1]]
+    try:
+        config = json.loads((Path(spec.source) / "transformer" / "config.json").read_text(encoding="utf-8"))
+        return int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def tiny_small_decoder_path(cache_dir: Path) -> Path:
+    """Where the tiny model's small decoder is built once."""
+    return cache_dir / "models" / f"tiny-small-decoder-v{TINY_VERSION}"
+
+
 def tiny_path(cache_dir: Path) -> Path:
     """Where the tiny model is built once and then loaded from."""
     return cache_dir / "models" / f"tiny-klein-v{TINY_VERSION}"
 
 
+def base_files(parts: Parts) -> list[str]:
+    """What a checkpoint takes from its registered model's hub folder: the configs, tokenizer and scheduler (a
+    few MB), and each part the user's files do not hold."""
+    patterns = ["model_index.json", "scheduler/*", "tokenizer/*", "*/config.json", "text_encoder/*.json"]
+    return patterns + [f"{part}/*" for part, have in (("text_encoder", parts.text_encoder), ("vae", parts.vae))
+                       if not have]
+
+
+def hub_source(spec: ModelSpec) -> tuple[str, list[str] | None] | None:
+    """The hub repository `spec` takes files from, and which (None: all), or None when it needs nothing from the
+    hub (the tiny model, a local folder, a checkpoint of the tiny model)."""
+    if spec.parts:
+        base = REGISTRY[spec.parts.base]
+        return None if base.is_tiny else (base.source, base_files(spec.parts))
+    return (spec.source, None) if spec.is_hub else None
+
+
 def weights_location(spec: ModelSpec, cache_dir: Path) -> Path | None:
-    """Where `spec`'s weights are on this machine, or None. Looks only; downloads and builds nothing."""
-    if spec.is_tiny:
+    """Where `spec`'s weights are on this machine (for a checkpoint: its base folder, with its own files there
+    too), or None. Looks only; downloads and builds nothing."""
+    if spec.parts and not Path(spec.parts.transformer).is_file():
+        return None
+    hub = hub_source(spec)
+    if spec.is_tiny or (spec.parts and not hub):
         path = tiny_path(cache_dir)
-    elif spec.is_hub:
+    elif hub:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
 
         try:
-            path = Path(snapshot_download(spec.source, local_files_only=True))
+            path = Path(snapshot_download(hub[0], allow_patterns=hub[1], local_files_only=True))
         except (LocalEntryNotFoundError, OSError):
+            return None
+        if spec.parts and any(not (path / p.rstrip("/*")).is_dir() for p in hub[1] or () if p.endswith("/*")):
             return None
     else:
         path = Path(spec.source)

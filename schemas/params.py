@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict
 
 ImageFormat = Literal["png", "webp", "jpeg"]
+Decoder = Literal["full", "small"]
 EXTENSIONS: dict[str, str] = {"png": ".png", "webp": ".webp", "jpeg": ".jpg"}  # what a format's keys end in
 FORMAT_OF_SUFFIX: dict[str, ImageFormat] = {".png": "png", ".webp": "webp", ".jpg": "jpeg", ".jpeg": "jpeg"}
 CONTENT_TYPES: dict[str, str] = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
@@ -78,6 +79,7 @@ class RenderParams(BaseModel):
     format: ImageFormat = "png"
     quality: int | None = None  # webp and jpeg: 1-100
     loras: tuple[Lora, ...] = ()  # applied to the transformer, in order
+    decoder: Decoder = "full"  # small: FLUX.2-small-decoder, about 1.4x faster decoding, slightly softer detail
 
     # The parameters that differ image by image within one pipeline call; every other field is the shape.
     PER_IMAGE: ClassVar[frozenset[str]] = frozenset({"prompt", "seed"})

@@ -147,7 +147,7 @@ def test_every_problem_is_reported_at_once_and_repeats_are_folded() -> None:
     ("prompt,count\nx,0\n", {}, 'column "count": must be a whole number from 1 to 64'),
     ("prompt,count\nx,65\n", {}, 'column "count"'),
     ("prompt,model\nx,klein-5b\n", {}, "unknown model 'klein-5b': use one of klein-4b, klein-9b"),
-    ("prompt,model\nx,./no/such/folder\n", {}, "has no model_index.json"),
+    ("prompt,model\nx,./no/such/folder\n", {}, "does not exist: name a diffusers folder"),
     ("id,prompt\na,x\na,y\n", {}, "m.csv line 3: column \"id\": 'a' is also the id of m.csv line 2"),
     ("id,prompt,output\na,x,same.png\nb,y,same.png\n", {}, "output key 'same.png' is also written by m.csv line 2"),
     ("prompt,output\nx,../escape\n", {}, "has an empty, '.' or '..' folder"),

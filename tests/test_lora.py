@@ -110,7 +110,7 @@ def test_what_is_not_a_lora_is_refused_before_anything_starts(tmp_path: Path, lo
     assert "'gone.safetensors' does not exist" in problem("house.safetensors|gone.safetensors")
     assert "holds no LoRA weights" in problem("whole.safetensors")
     assert "is not a readable safetensors file" in problem("junk.safetensors")
-    [one] = expand(parse_manifest(b"prompt,lora,lora_scale\nx,house.safetensors,0.8\n", "m.csv"), opts).jobs
-    [bare] = expand(parse_manifest(b"prompt\nx\n", "m.csv"), opts).jobs
+    [one] = expand(parse_manifest(b"prompt,lora,lora_scale,model\nx,house.safetensors,0.8,tiny\n", "m.csv"), opts).jobs
+    [bare] = expand(parse_manifest(b"prompt,model\nx,tiny\n", "m.csv"), opts).jobs
     assert [(Path(lo.path).name, lo.scale) for lo in one.params.loras] == [("house.safetensors", 0.8)]
     assert one.job_id != bare.job_id and one.params.shape != bare.params.shape

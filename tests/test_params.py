@@ -23,7 +23,8 @@ OTHER: dict[str, Any] = {"model": "tiny:klein-9b", "prompt": "a blue shoe", "wid
                          "steps": 8, "guidance": 2.5, "seed": 8, "reference": "/refs/shoe.png",
                          "reference_sha256": "ab" * 32, "format": "webp", "quality": 80,
                          "more_references": (Reference(path="/refs/side.png", sha256="cd" * 32),),
-                         "loras": (Lora(path="/loras/house.safetensors", sha256="ef" * 32, scale=0.8),)}
+                         "loras": (Lora(path="/loras/house.safetensors", sha256="ef" * 32, scale=0.8),),
+                         "decoder": "small"}
 
 
 def test_every_field_has_another_value_to_try() -> None:

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.klein import MODELS, components
 from schemas.plan import PROFILES
-from worker.pipeline import TEXT_ENCODER_LAYERS
+from worker.checkpoints import TEXT_ENCODER_LAYERS
 from worker.prompts import PromptCache
 
 GIB = 2**30

@@ -15,8 +15,8 @@ from PIL import Image
 from schemas.job import JobSpec
 from schemas.params import Reference
 from schemas.settings import load_settings
+from worker.checkpoints import TEXT_ENCODER_LAYERS, load_text_encoder
 from worker.encode import parameters_text, read_parameters
-from worker.pipeline import TEXT_ENCODER_LAYERS, load_text_encoder
 from worker.render import LocalRenderer
 from worker.tiny import build_tiny_pipeline
 
@@ -53,7 +53,7 @@ def test_renders_a_png_of_the_asked_size_with_readable_parameters(renderer: Loca
                                                   "model": "tiny", "prompt": "a red shoe, studio light",
                                                   "width": 512, "height": 384, "steps": 4, "guidance": 1.0,
                                                   "seed": 1234, "reference_sha256": None, "more_references": [],
-                                                  "format": "png", "quality": None, "loras": []}}
+                                                  "format": "png", "quality": None, "loras": [], "decoder": "full"}}
     assert result.plan == "bf16-resident"  # a CPU renders from system memory: everything resident
     assert np.asarray(image).std() > 1  # an image, not a flat fill
 
@@ -128,7 +128,7 @@ def test_the_text_encoder_loads_27_layers_without_head_and_keeps_the_hidden_stat
         tmp_path: Path) -> None:
     full = build_tiny_pipeline(text_layers=36).text_encoder
     full.save_pretrained(tmp_path)
-    cut = load_text_encoder(tmp_path, torch.float32)
+    cut = load_text_encoder(tmp_path, None, torch.float32)
     assert cut.config.num_hidden_layers == TEXT_ENCODER_LAYERS == 27
     assert not hasattr(cut, "lm_head")
     ids = torch.randint(0, 250, (1, 32))

@@ -21,7 +21,7 @@ from schemas.job import JobSpec
 from schemas.models import tiny_path
 from schemas.plan import Card
 from schemas.settings import load_settings
-from worker.pipeline import TEXT_ENCODER_OUT_LAYERS
+from worker.checkpoints import TEXT_ENCODER_OUT_LAYERS
 from worker.placement import fp8_weights
 from worker.render import LocalRenderer
 

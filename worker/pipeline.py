@@ -20,26 +20,21 @@ import diffusers.utils.logging as diffusers_logging  # noqa: E402
 import transformers.utils.logging as transformers_logging  # noqa: E402
 
 diffusers_logging.set_verbosity_error()
-from diffusers import Flux2KleinPipeline, Flux2Transformer2DModel  # noqa: E402
+from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline  # noqa: E402
 from huggingface_hub import snapshot_download  # noqa: E402
 from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError  # noqa: E402
-from transformers import AutoConfig, Qwen3Model  # noqa: E402
 
 from schemas.errors import ModelError, RenderError  # noqa: E402
-from schemas.models import ModelSpec, weights_location  # noqa: E402
+from schemas.models import SMALL_DECODER, ModelSpec, hub_source, weights_location  # noqa: E402
 from schemas.params import Lora  # noqa: E402
 from schemas.plan import ENCODE_CHUNK, Plan  # noqa: E402
+from worker.checkpoints import TEXT_ENCODER_OUT_LAYERS, load_text_encoder, load_transformer, load_vae  # noqa: E402
 from worker.placement import slot, to_fp8  # noqa: E402
 from worker.prompts import PromptCache  # noqa: E402
-from worker.tiny import ensure_tiny  # noqa: E402
+from worker.tiny import ensure_tiny, ensure_tiny_small_decoder  # noqa: E402
 
 log = logging.getLogger("kiln.worker")
 
-# The pipeline stacks the text encoder's hidden states 9, 18 and 27. Hidden state 27 is the output of layer 26,
-# so only 27 of Qwen3's 36 layers matter, and the final norm (which transformers applies to the last hidden
-# state it returns) must go. No LM head: the pipeline never reads logits.
-TEXT_ENCODER_OUT_LAYERS = (9, 18, 27)
-TEXT_ENCODER_LAYERS = max(TEXT_ENCODER_OUT_LAYERS)
 MAX_SEQUENCE_LENGTH = 512
 StepCallback = Callable[[int, int], None]
 
@@ -52,26 +47,49 @@ def quiet_libraries() -> None:
 
 
 def weights_folder(spec: ModelSpec, cache_dir: Path) -> Path:
-    """The local folder holding `spec`'s weights: built (tiny) or downloaded from the hub when missing."""
-    if spec.is_tiny:
-        return ensure_tiny(cache_dir)
+    """The local folder holding `spec`'s weights (for a checkpoint: its base folder, configs and tokenizer and
+    the parts its files lack): built (tiny) or downloaded from the hub when missing."""
     local = weights_location(spec, cache_dir)
     if local:
         return local
-    if not spec.is_hub:
+    if spec.parts and not Path(spec.parts.transformer).is_file():
+        raise ModelError(f"the transformer file {spec.parts.transformer} of {spec.name} is not on this machine: "
+                         "copy it to the same path here, or name a model this machine has")
+    hub = hub_source(spec)
+    if spec.is_tiny or (spec.parts and not hub):
+        return ensure_tiny(cache_dir)
+    if not hub:
         raise ModelError(f"{spec.source} holds no diffusers model (no model_index.json)")
+    repo, patterns = hub
     try:
-        log.info("downloading %s from the Hugging Face hub (once; about %s)", spec.source,
-                 "16 GB" if "4b" in spec.profile else "35 GB")
-        return Path(snapshot_download(spec.source))
+        size = "16 GB" if "4b" in spec.profile else "35 GB"
+        log.info("downloading %s from the Hugging Face hub (once; %s)", repo,
+                 f"what the checkpoint lacks: {', '.join(patterns)}" if patterns else f"about {size}")
+        return Path(snapshot_download(repo, allow_patterns=patterns))
     except GatedRepoError:
-        raise ModelError(f"{spec.source} is gated: accept its licence at https://huggingface.co/{spec.source} "
+        raise ModelError(f"{repo} is gated: accept its licence at https://huggingface.co/{repo} "
                          "while logged in, then run `hf auth login` here (or set HF_TOKEN)") from None
     except RepositoryNotFoundError:
-        raise ModelError(f"{spec.source} was not found on the hub: check the name, or log in with "
+        raise ModelError(f"{repo} was not found on the hub: check the name, or log in with "
                          "`hf auth login` if it is gated") from None
     except (LocalEntryNotFoundError, OSError) as exc:
         raise ModelError(_missing(spec, f"could not be downloaded ({type(exc).__name__})")) from None
+
+
+def small_decoder_folder(spec: ModelSpec, cache_dir: Path) -> Path:
+    """Where FLUX.2-small-decoder is (for the tiny model: a tiny one, built once), downloaded when missing."""
+    if spec.is_tiny or spec.profile == "tiny":
+        return ensure_tiny_small_decoder(cache_dir)
+    try:
+        try:
+            return Path(snapshot_download(SMALL_DECODER, local_files_only=True))
+        except LocalEntryNotFoundError:
+            log.info("downloading %s from the Hugging Face hub (once; about 0.2 GB)", SMALL_DECODER)
+            return Path(snapshot_download(SMALL_DECODER))
+    except (LocalEntryNotFoundError, OSError) as exc:
+        raise ModelError(f"the small decoder ({SMALL_DECODER}) is not on this machine and could not be downloaded "
+                         f"({type(exc).__name__}): run `hf download {SMALL_DECODER}` while online, or render with "
+                         "the full decoder") from None
 
 
 def _missing(spec: ModelSpec, what: str) -> str:
@@ -80,33 +98,28 @@ def _missing(spec: ModelSpec, what: str) -> str:
             "huggingface.co), or set --model to a local diffusers folder, or try --model tiny")
 
 
-def load_text_encoder(folder: Path, dtype: torch.dtype) -> Any:
-    """The Qwen3 text encoder as klein reads it: 27 layers, no final norm, no LM head."""
-    config = AutoConfig.from_pretrained(folder)
-    config.num_hidden_layers = min(config.num_hidden_layers, TEXT_ENCODER_LAYERS)
-    if getattr(config, "layer_types", None):
-        config.layer_types = config.layer_types[:config.num_hidden_layers]
-    encoder = Qwen3Model.from_pretrained(folder, config=config, dtype=dtype)
-    encoder.norm = torch.nn.Identity()  # type: ignore[assignment]
-    return encoder.eval()
-
-
 def compute_dtype(spec: ModelSpec) -> torch.dtype:
     """bf16 for real weights; the tiny model computes in float32 (a CPU's bf16 is slow and tiny needs no savings)."""
-    return torch.float32 if spec.is_tiny else torch.bfloat16
+    return torch.float32 if spec.is_tiny or spec.profile == "tiny" else torch.bfloat16
 
 
 class LoadedModel:
     """One model loaded on one device as its plan says, with the prompt embeddings it has computed."""
 
-    def __init__(self, spec: ModelSpec, folder: Path, plan: Plan, device: torch.device, cache: PromptCache) -> None:
-        self.spec, self.plan, self.device, self.cache = spec, plan, device, cache
+    def __init__(self, spec: ModelSpec, folder: Path, plan: Plan, device: torch.device, cache: PromptCache,
+                 cache_dir: Path | None = None) -> None:
+        self.spec, self.plan, self.device, self.cache, self.cache_dir = spec, plan, device, cache, cache_dir
         self.dtype = compute_dtype(spec)
         staged, release = plan.strategy.staged, plan.release_staged
-        self.pipe = Flux2KleinPipeline.from_pretrained(folder, text_encoder=None, transformer=None, dtype=self.dtype)
+        parts = spec.parts
+        vae = {"vae": load_vae(folder / "vae", parts.vae, self.dtype)} if parts and parts.vae else {}
+        self.pipe = Flux2KleinPipeline.from_pretrained(folder, text_encoder=None, transformer=None, dtype=self.dtype,
+                                                       **vae)
         self.pipe.set_progress_bar_config(disable=True)
         self.pipe.vae.to(device).enable_slicing()  # decode one image at a time: the plan counts one
-        self.encoder = slot(self._loader(lambda: load_text_encoder(folder / "text_encoder", self.dtype), folder),
+        self.vaes: dict[str, Any] = {"full": self.pipe.vae}  # the small decoder joins it when a job asks for it
+        self.encoder = slot(self._loader(lambda: load_text_encoder(
+            folder / "text_encoder", parts.text_encoder if parts else None, self.dtype), folder),
                             device, staged, release)
         self.transformer = slot(self._loader(lambda: self._load_transformer(folder), folder), device, staged, release)
 
@@ -116,12 +129,13 @@ class LoadedModel:
         def guarded() -> Any:
             try:
                 return load()
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, ModelError) as exc:
                 raise ModelError(f"cannot load {self.spec.name} from {folder}: {exc}") from None
         return guarded
 
     def _load_transformer(self, folder: Path) -> Any:
-        transformer = Flux2Transformer2DModel.from_pretrained(folder, subfolder="transformer", dtype=self.dtype)
+        transformer = load_transformer(folder / "transformer", self.spec.parts.transformer if self.spec.parts else None,
+                                       self.dtype)
         if self.plan.fp8:
             transformer = to_fp8(transformer, self.plan.fp8, self.dtype, self.device)
         return transformer.eval()
@@ -184,6 +198,18 @@ class LoadedModel:
                     param.data = param.data.to(self.dtype)
         transformer._kiln_loras = wanted
 
+    def vae(self, decoder: str) -> Any:
+        """The VAE a job's `decoder` names, loaded once: the small decoder is about a sixth of the VAE's 0.17 GB."""
+        if decoder not in self.vaes:
+            folder = small_decoder_folder(self.spec, self.cache_dir or Path.cwd())
+            try:
+                vae = AutoencoderKLFlux2.from_pretrained(folder, dtype=self.dtype)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"cannot load the small decoder from {folder}: {exc}") from None
+            self.vaes[decoder] = vae.to(self.device)
+            self.vaes[decoder].enable_slicing()
+        return self.vaes[decoder]
+
     @property
     def needs_negative(self) -> bool:
         """Base models run real CFG, with the empty prompt as the negative (distilled ones ignore guidance)."""
@@ -192,7 +218,7 @@ class LoadedModel:
     def generate(self, prompts: Sequence[str], *, width: int, height: int, steps: int, guidance: float,
                  seeds: Sequence[int], image: Any = None, on_step: StepCallback | None = None,
                  embeddings: dict[str, torch.Tensor] | None = None, output_type: str = "np",
-                 loras: Sequence[Lora] = ()) -> Any:
+                 loras: Sequence[Lora] = (), decoder: str = "full") -> Any:
         """Denoise and decode one image per prompt, each from its own seed, in one pipeline call, with `loras`
         applied to the transformer. `embeddings` (from `encode`) saves the encoder stage; prompts missing from it
         are encoded first."""
@@ -211,7 +237,7 @@ class LoadedModel:
         # The pipeline holds the transformer only during the call, so parking it (or releasing it) frees it.
         transformer = self.transformer.acquire()
         self.use_loras(transformer, loras)
-        self.pipe.register_modules(transformer=transformer)
+        self.pipe.register_modules(transformer=transformer, vae=self.vae(decoder))
         try:
             result = self.pipe(
                 prompt_embeds=embeds, negative_prompt_embeds=negative, image=image, width=width, height=height,
@@ -220,7 +246,7 @@ class LoadedModel:
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
                 output_type=output_type, callback_on_step_end=step_end)
         finally:
-            self.pipe.register_modules(transformer=None)
+            self.pipe.register_modules(transformer=None, vae=self.vaes["full"])
         return result.images
 
     def rest(self) -> None:
@@ -240,10 +266,10 @@ def load_model(spec: ModelSpec, cache_dir: Path, plan: Plan, device: torch.devic
     """Load `spec` on `device` as `plan` says, or raise ModelError saying why not (an OOM while loading is raised
     as torch.OutOfMemoryError, for the caller to treat like any other)."""
     folder = weights_folder(spec, cache_dir)
-    if device.type == "cpu" and not spec.is_tiny:
+    if device.type == "cpu" and compute_dtype(spec) != torch.float32:
         log.warning("rendering %s on the CPU: expect minutes per image; a CUDA GPU takes about a second", spec.name)
     try:
-        model = LoadedModel(spec, folder, plan, device, cache)
+        model = LoadedModel(spec, folder, plan, device, cache, cache_dir)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {spec.name} from {folder}: {exc}") from None
     log.info("loaded %s on %s: %s", spec.name, device, plan.describe())

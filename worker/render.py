@@ -264,7 +264,7 @@ class LocalRenderer:
                 images.extend(model.generate(
                     [j.params.prompt for j in chunk], width=lead.width, height=lead.height, steps=lead.steps,
                     guidance=lead.guidance, seeds=[j.params.seed for j in chunk], image=image, on_step=on_step,
-                    embeddings=embeddings, loras=lead.loras))
+                    embeddings=embeddings, loras=lead.loras, decoder=lead.decoder))
             return images
 
         embeddings, oom = _unless_out_of_memory(lambda: model.encode([j.params.prompt for j in jobs]))

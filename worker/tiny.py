@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from schemas.models import tiny_path
+from schemas.models import tiny_path, tiny_small_decoder_path
 
 TEXT_HIDDEN = 16
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
@@ -35,8 +35,30 @@ SCHEDULER = {  # the published klein scheduler config
 
 def ensure_tiny(cache_dir: Path) -> Path:
     """Build the tiny model into the cache once (atomically: a half-built folder is never left behind)."""
-    target = tiny_path(cache_dir)
-    if (target / "model_index.json").is_file():
+    return _built(tiny_path(cache_dir), "model_index.json", lambda: build_tiny_pipeline())
+
+
+def ensure_tiny_small_decoder(cache_dir: Path) -> Path:
+    """The tiny model's small decoder, as FLUX.2-small-decoder is to klein: the tiny VAE's encoder with a slimmer
+    decoder (random weights), built once."""
+    return _built(tiny_small_decoder_path(cache_dir), "config.json", lambda: build_tiny_small_decoder(cache_dir))
+
+
+def build_tiny_small_decoder(cache_dir: Path) -> Any:
+    from diffusers import AutoencoderKLFlux2
+
+    full = AutoencoderKLFlux2.from_pretrained(ensure_tiny(cache_dir) / "vae")
+    import torch
+
+    torch.manual_seed(1)
+    small = AutoencoderKLFlux2.from_config({**full.config, "decoder_block_out_channels": (4, 4, 4, 4)})
+    encoder = {k: v for k, v in full.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
+    small.load_state_dict(encoder, strict=False)
+    return small
+
+
+def _built(target: Path, marker: str, build: Any) -> Path:
+    if (target / marker).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
@@ -44,7 +66,7 @@ def ensure_tiny(cache_dir: Path) -> Path:
 
     transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar for a 1 MB model
     try:
-        build_tiny_pipeline().save_pretrained(staging)
+        build().save_pretrained(staging)
         try:
             os.rename(staging, target)
         except OSError:  # another process finished first: theirs is as good as ours
