@@ -9,25 +9,29 @@ from __future__ import annotations
 import base64
 import hashlib
 import mimetypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import boto3
+from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from schemas.capacity import model_key
 from schemas.errors import ConfigError, StorageError
 from schemas.job import JobSpec
-from schemas.keys import key_problem, reference_key
-from schemas.messages import Upload
+from schemas.keys import MODELS, key_problem, reference_key
+from schemas.messages import ModelFile, ModelSheet, Upload
 from schemas.params import content_type
 from schemas.settings import KilnSettings
 from schemas.storage import KeyTakenError
 
 JOB_META = "kiln-job"
 UPLOAD_SECONDS = 24 * 3600  # a signed PUT outlives any wait in a bounded queue
+MODEL_LISTING = "kiln-files.json"  # in a pushed model's folder: its files, sizes and SHA-256s, written last
 
 
 @dataclass(frozen=True)
@@ -180,6 +184,56 @@ class Bucket:
 
     def _file_url(self, sha256: str, path: str) -> str:
         return self.download_url(reference_key(sha256, Path(path).suffix), UPLOAD_SECONDS)
+
+    def push_model(self, name: str, folder: Path, said: Callable[[str, int, bool], None]) -> ModelSheet:
+        """Upload every file of a model's folder under _models/ (hidden files aside), each checked by SHA-256 and
+        skipped when the bucket has it already (so a push that broke off resumes), then its listing, last: a
+        half-pushed model is never offered to workers. `said(path, size, uploaded)` after each file."""
+        prefix = f"{MODELS}/{model_key(name)}"
+        files = []
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()
+                           and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
+            relative, size = path.relative_to(folder).as_posix(), path.stat().st_size
+            digest = hashlib.sha256()
+            with path.open("rb") as data:
+                while chunk := data.read(1 << 24):
+                    digest.update(chunk)
+            sha256 = digest.hexdigest()
+            key = f"{prefix}/{relative}"
+            there = self.stat(key)
+            upload = there is None or there.size != size or there.job_id != sha256
+            if upload:
+                try:  # boto3's managed transfer: multipart, in parallel, for files of many GB
+                    self.client.upload_file(str(path), self.name, self.key(key), ExtraArgs={
+                        "Metadata": {JOB_META: sha256}, "ContentType": "application/octet-stream"})
+                except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
+                    raise StorageError(f"cannot upload {path} to {self.uri(key)}: {_reason(exc)}") from None
+            files.append(ModelFile(path=relative, size=size, sha256=sha256))
+            said(relative, size, upload)
+        sheet = ModelSheet(model=name, files=files)
+        self.put(f"{prefix}/{MODEL_LISTING}", sheet.model_dump_json().encode(), name, "application/json")
+        return sheet
+
+    def pushed_models(self) -> list[ModelSheet]:
+        """Every model pushed to this bucket, as its listing says (files without URLs)."""
+        sheets = []
+        try:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.name, Prefix=self.key(MODELS) + "/", Delimiter="/")
+            folders = [p["Prefix"] for page in pages for p in page.get("CommonPrefixes", [])]
+        except (ClientError, BotoCoreError) as exc:
+            raise StorageError(f"cannot list {self.uri(MODELS)}/: {_reason(exc)}") from None
+        for folder in folders:
+            listing = self.get(f"{MODELS}/{folder.rstrip('/').rsplit('/', 1)[-1]}/{MODEL_LISTING}")
+            if listing is not None:
+                sheets.append(ModelSheet.model_validate_json(listing))
+        return sheets
+
+    def signed_sheet(self, sheet: ModelSheet, seconds: int) -> ModelSheet:
+        """The sheet with a signed GET of each file, valid for `seconds`."""
+        prefix = f"{MODELS}/{model_key(sheet.model)}"
+        return sheet.model_copy(update={"files": [
+            f.model_copy(update={"url": self.download_url(f"{prefix}/{f.path}", seconds)}) for f in sheet.files]})
 
     def download_url(self, output_key: str, seconds: int) -> str:
         """A signed GET link, for exports that ask for one."""

@@ -593,6 +593,30 @@ def models() -> None:
     """The model registry."""
 
 
+@models.command("push")
+@click.argument("model")
+@click.option("--from", "folder", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              help="The diffusers folder holding the model's files [default: this machine's Hugging Face cache].")
+@click.option("--cache-dir", type=click.Path(path_type=Path), help="[env KILN_CACHE_DIR; ~/.cache/kiln]")
+def models_push(model: str, folder: Path | None, cache_dir: Path | None) -> None:
+    """Put MODEL's files in the fleet's bucket once (KILN_STORAGE_URL), with their SHA-256s: workers that lack
+    them pull them from there through signed links and check every file, instead of each downloading from the hub.
+    Files already there are skipped, so an interrupted push resumes."""
+    settings = load_settings(cache_dir=cache_dir)
+    total = {"bytes": 0, "sent": 0}
+
+    def said(path: str, size: int, uploaded: bool) -> None:
+        total["bytes"] += size
+        total["sent"] += size if uploaded else 0
+        out.print(f"  {'uploaded' if uploaded else 'already there'}: {path} ({size / 1e6:,.1f} MB)", highlight=False)
+
+    sheet = usecases.push_model(model, folder, settings, said)
+    out.print(f"pushed {model}: {len(sheet.files)} files, {total['bytes'] / 1e9:.2f} GB "
+              f"({total['sent'] / 1e9:.2f} GB uploaded now)"
+              + ("; workers are told at once" if settings.broker_url else
+                 "; the dispatcher tells workers within ten minutes"), highlight=False)
+
+
 @models.command("list")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="[env KILN_CACHE_DIR; ~/.cache/kiln]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")

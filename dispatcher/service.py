@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import fleet, store, webhooks
+from dispatcher import fleet, store, usecases, webhooks
 from dispatcher.bucket import Bucket
 from dispatcher.fleet import REPORT_RETRIES, REPORT_RETRY_SECONDS
 from schemas.broker import make_app
@@ -37,6 +37,7 @@ log = logging.getLogger("kiln.dispatcher")
 TICK_SECONDS = 1.0
 FEED_GAP_SECONDS = 0.05  # between two top-ups of the queues that reports asked for
 STORAGE_DOWN_AFTER = 3  # failed probes in a row (one a tick) before publishing stops
+SHEETS_EVERY_SECONDS = 600.0  # how often the signed sheets of pushed models are renewed (usecases.share_models)
 PROBE_SECONDS = 5.0  # how often a reachable bucket is looked at again (a LIST request each time)
 CONSUMERS = 8  # reports and heartbeats recorded at once
 WAITING_SECONDS = 10  # a waiting count outlives a few ticks; a silent dispatcher's counts expire (workers then
@@ -124,7 +125,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         waiting counts and finish batches. Between ticks, whenever reports come in: top the queues up, so a
         worker faster than a tick's backlog never waits for the next message."""
         gate = StorageGate(bucket)
-        chores_at = time.monotonic()
+        chores_at = sheets_at = time.monotonic()
         while True:
             if taken.wait(max(chores_at - time.monotonic(), 0)):
                 taken.clear()
@@ -154,6 +155,13 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 tell_waiting(counts)
                 with sessions.begin() as session:
                     store.finish_batches(session, clock())
+                if time.monotonic() >= sheets_at:
+                    sheets_at = time.monotonic() + SHEETS_EVERY_SECONDS
+                    try:
+                        usecases.share_models(bucket, lambda key, value: broker.set(key, value,
+                                                                                    ex=usecases.SHEET_KEEP_SECONDS))
+                    except StorageError as exc:
+                        log.warning("cannot renew the sheets of pushed models (%s); trying again later", exc)
                 if reaped or published:
                     log.info("published %d render messages, gave back %d jobs of silent workers", published, reaped)
             except DATABASE_AWAY as exc:

@@ -26,7 +26,8 @@ from schemas.capacity import job_queue, model_key, queue_model_key
 from schemas.errors import ConfigError, KilnError, ModelError
 from schemas.job import REQUEUEABLE, JobSpec, JobStatus, RenderResult
 from schemas.manifest import RowFields, describe
-from schemas.models import resolve_model
+from schemas.messages import ModelSheet, model_sheet_key
+from schemas.models import REGISTRY, resolve_model, weights_location
 from schemas.params import Decoder, RenderParams, format_name
 from schemas.renderer import StepCallback
 from schemas.settings import KilnSettings
@@ -143,6 +144,50 @@ def _upload_references(found: Expansion, settings: KilnSettings) -> int:
     for sha256, path in references.items():
         bucket.put_reference(Path(path), sha256)
     return len(references)
+
+
+SHEET_URL_SECONDS = 12 * 3600  # a pushed model's signed GETs: a slow PC downloads 35 GB well inside this
+SHEET_KEEP_SECONDS = 3600  # a sheet in Redis outlives the dispatcher's renewal (SHEETS_EVERY_SECONDS) many times
+
+
+def push_model(name: str, folder: Path | None, settings: KilnSettings,
+               said: Callable[[str, int, bool], None] = lambda *_: None) -> ModelSheet:
+    """Put a registered model's files in the fleet's bucket once, so that workers without them pull them from there
+    (checked file by file) instead of each downloading them from the hub; `folder` where they are not in this
+    machine's Hugging Face cache. With a fleet configured, its workers are told at once."""
+    if name not in REGISTRY or REGISTRY[name].is_tiny:
+        raise ModelError(f"kiln models push takes a registered model ({', '.join(n for n in REGISTRY if n != 'tiny')}"
+                         "); --from FOLDER names the folder that holds its files")
+    spec = REGISTRY[name]
+    where = folder.expanduser().resolve() if folder else weights_location(spec, settings.cache_dir)
+    if where is None:
+        raise ModelError(f"the weights of {name} are not on this machine: `hf download {spec.source}` first, or "
+                         "pass --from FOLDER with a diffusers copy of them")
+    found = resolve_model(str(where))
+    if found.profile != spec.profile:
+        raise ModelError(f"{where} holds a {found.profile} model, not {name}")
+    if scheme(settings.storage_url) != "s3":
+        raise ConfigError("KILN_STORAGE_URL: kiln models push needs the fleet's bucket (s3://bucket/prefix)")
+    from dispatcher.bucket import Bucket
+
+    bucket = Bucket.from_settings(settings)
+    bucket.check()
+    sheet = bucket.push_model(name, where, said)
+    if settings.broker_url:
+        import redis
+
+        broker = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.storage_timeout_seconds)
+        share_models(bucket, lambda key, value: broker.set(key, value, ex=SHEET_KEEP_SECONDS))
+    return sheet
+
+
+def share_models(bucket: Any, put: Callable[[str, str], object]) -> int:
+    """Hand workers a freshly signed sheet of every model pushed to the bucket (`put(key, sheet)` into Redis);
+    how many."""
+    sheets = bucket.pushed_models()
+    for sheet in sheets:
+        put(model_sheet_key(sheet.model), bucket.signed_sheet(sheet, SHEET_URL_SECONDS).model_dump_json())
+    return len(sheets)
 
 
 @dataclass(frozen=True)

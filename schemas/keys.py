@@ -7,6 +7,8 @@ import re
 MAX_KEY_BYTES = 1024  # S3's own limit
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 REFERENCES = "_references"  # the folder under the storage prefix where reference images travel, by content
+MODELS = "_models"  # where `kiln models push` puts a model's files for the fleet, one folder per model
+KEPT = (REFERENCES, MODELS)
 
 
 def reference_key(sha256: str, suffix: str) -> str:
@@ -15,9 +17,10 @@ def reference_key(sha256: str, suffix: str) -> str:
 
 
 def output_key_problem(key: str) -> str | None:
-    """Like key_problem, and an output may not land among the reference images."""
-    if key.split("/", 1)[0] == REFERENCES:
-        return f"is inside {REFERENCES}/, which Kiln keeps for reference images: choose another folder"
+    """Like key_problem, and an output may not land among the reference images or the pushed models."""
+    if key.split("/", 1)[0] in KEPT:
+        return (f"is inside {key.split('/', 1)[0]}/, which Kiln keeps for reference images and models: choose "
+                "another folder")
     return key_problem(key)
 
 

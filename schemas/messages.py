@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from schemas.capacity import model_key
 from schemas.job import JobSpec, RenderResult
 
 RENDER_TASK = "kiln.render"
@@ -105,3 +106,26 @@ class Heartbeat(BaseModel):
     step: int | None = None
     steps: int | None = None
     seconds_per_image: float | None = None
+
+
+def model_sheet_key(model: str) -> str:
+    """The Redis key where the dispatcher keeps the signed sheet of a model pushed to the bucket (under
+    kiln.render.*, which a worker's account may read)."""
+    return f"kiln.render.pull.{model_key(model)}"
+
+
+class ModelFile(BaseModel):
+    """One file of a model pushed to the fleet's bucket: its path in the model's folder, size and content; on a
+    sheet, with a signed GET."""
+
+    path: str
+    size: int
+    sha256: str
+    url: str = ""
+
+
+class ModelSheet(BaseModel):
+    """What `kiln models push` wrote to the bucket (without URLs), and what the dispatcher hands workers (with)."""
+
+    model: str
+    files: list[ModelFile]

@@ -151,6 +151,13 @@ def transformer_width(spec: ModelSpec) -> int | None:
         return None
 
 
+def pulled_path(cache_dir: Path, name: str) -> Path:
+    """Where a model pulled from the fleet's bucket (`kiln models push`) is kept."""
+    from schemas.capacity import model_key
+
+    return cache_dir / "models" / "pulled" / model_key(name)
+
+
 def tiny_small_decoder_path(cache_dir: Path) -> Path:
     """Where the tiny model's small decoder is built once."""
     return cache_dir / "models" / f"tiny-small-decoder-v{TINY_VERSION}"
@@ -183,6 +190,9 @@ def weights_location(spec: ModelSpec, cache_dir: Path) -> Path | None:
     too), or None. Looks only; downloads and builds nothing."""
     if spec.parts and not Path(spec.parts.transformer).is_file():
         return None
+    pulled = pulled_path(cache_dir, spec.name)
+    if not spec.parts and (pulled / "model_index.json").is_file():
+        return pulled
     hub = hub_source(spec)
     if spec.is_tiny or (spec.parts and not hub):
         path = tiny_path(cache_dir)

@@ -28,13 +28,16 @@ from schemas.messages import (
     REPORT_TASK,
     REPORTS_QUEUE,
     Heartbeat,
+    ModelSheet,
     RenderTask,
     Report,
+    model_sheet_key,
     on_the_wire,
     protocol_problem,
     unwanted_key,
     waiting_key,
 )
+from schemas.models import ModelSpec, weights_location
 from schemas.plan import Card
 from schemas.settings import KilnSettings
 from schemas.storage import WithdrawnError
@@ -43,6 +46,7 @@ from schemas.storage import WithdrawnError
 # starts rendering in a second instead of importing torch and diffusers again. CUDA is first touched in the child.
 from worker.device import advertised_card
 from worker.pipeline import weights_folder
+from worker.pull import pull_model
 from worker.render import LocalRenderer
 from worker.serving import ModelChooser, default_models, prepare_models
 from worker.upload import SignedUpload, fetch_reference
@@ -92,15 +96,30 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
     device, card = advertised_card(settings.device, settings.vram)
     names = ([m.strip() for m in settings.models.split(",") if m.strip()] if settings.models
              else default_models(card, settings.cache_dir))
-    # Weights before work: downloaded (or built) here, before subscribing, outside any job's time limit.
-    served, unserved = prepare_models(names, card, lambda spec: weights_folder(spec, settings.cache_dir))
+    checks = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.storage_timeout_seconds)
+
+    def fetch(spec: ModelSpec) -> None:
+        """The model's weights here: already, or from the fleet's bucket when it was pushed there, or from the hub."""
+        if weights_location(spec, settings.cache_dir):
+            return
+        try:
+            sheet = checks.get(model_sheet_key(spec.name))
+        except redis.RedisError as exc:
+            log.warning("cannot ask the broker whether %s was pushed to the bucket (%s)", spec.name, exc)
+            sheet = None
+        if sheet:
+            pull_model(ModelSheet.model_validate_json(sheet), settings.cache_dir)
+            return
+        weights_folder(spec, settings.cache_dir)
+
+    # Weights before work: pulled, downloaded (or built) here, before subscribing, outside any job's time limit.
+    served, unserved = prepare_models(names, card, fetch)
     for model, why in unserved.items():
         log.warning("not serving %s: %s", model, why)
     state = WorkerState(name, device, card, served, unserved)
     app = make_app(settings.broker_url, settings.job_time_limit_seconds)
     renderer: dict[str, Any] = {}
 
-    checks = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.storage_timeout_seconds)
     # What the rendering process tells this one (a model it cannot load, a lost device): a pipe both inherit.
     news_in, news_out = multiprocessing.Pipe(duplex=False)
 
