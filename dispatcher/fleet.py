@@ -5,7 +5,7 @@ in: sessions, the bucket, and callables that publish or mark."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -84,8 +84,15 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
     published = 0
     queues = session.scalars(select(Job.queue).where(Job.status == JobStatus.QUEUED, Job.queue.is_not(None))
                              .distinct()).all()
-    consumers = Counter(q for served in session.scalars(select(Worker.queues).where(
-        Worker.last_seen >= now - policy.worker_timeout)) for q in served or [])
+    live = session.execute(select(Worker.queues, Worker.warm_shape).where(
+        Worker.last_seen >= now - policy.worker_timeout)).all()
+    consumers = Counter(q for served, _ in live for q in served or [])
+    # Per queue, the shapes its workers rendered last (their LoRAs are on): those jobs go out first.
+    warm: dict[str, set[str]] = {}
+    for served, shape in live:
+        for q in served or []:
+            if shape:
+                warm.setdefault(q, set()).add(shape)
     for queue in sorted(q for q in queues if q):
         waiting = _waiting(session, queue)
         stale = now - policy.message_ttl
@@ -98,7 +105,7 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
         # One backlog per consumer: fifty workers on one queue drain a fixed few messages faster than reports
         # arrive to top it up. Bounded all the same: Redis holds a few messages per worker, not the batch.
         free = policy.backlog * max(1, consumers[queue]) - _waiting(session, queue)
-        chosen = _next_jobs(session, queue, now, free) if free > 0 else []
+        chosen = _next_jobs(session, queue, now, free, warm.get(queue, set())) if free > 0 else []
         rows = _rows(session, chosen)
         for job, batch_id in chosen:
             spec = store.job_spec(job, *rows[(job.id, batch_id)], job.attempts + 1)
@@ -128,14 +135,17 @@ def _waiting(session: Session, queue: str) -> int:
         Job.status == JobStatus.QUEUED, Job.queue == queue, Job.published_at.is_not(None))) or 0
 
 
-def _next_jobs(session: Session, queue: str, now: datetime, limit: int) -> list[tuple[Job, str]]:
-    """The next publishable jobs of a queue: highest batch priority, then oldest batch, then manifest order."""
+def _next_jobs(session: Session, queue: str, now: datetime, limit: int,
+               warm: Collection[str] = ()) -> list[tuple[Job, str]]:
+    """The next publishable jobs of a queue: highest batch priority; then jobs of a shape a consumer rendered last
+    (its LoRAs stay applied: no unload and load between jobs); then oldest batch, then manifest order."""
     query = (select(Job, func.min(BatchJob.batch_id)).join(BatchJob, BatchJob.job_id == Job.id)
              .join(Batch, Batch.id == BatchJob.batch_id)
              .where(Job.status == JobStatus.QUEUED, Job.queue == queue, Job.published_at.is_(None),
                     store.due(now), Batch.paused.is_(False))
              .group_by(Job.id)
-             .order_by(func.max(Batch.priority).desc(), func.min(Batch.created_at), func.min(BatchJob.position))
+             .order_by(func.max(Batch.priority).desc(), *([Job.shape.not_in(sorted(warm))] if warm else []),
+                       func.min(Batch.created_at), func.min(BatchJob.position))
              .limit(limit))
     return [(job, batch_id) for job, batch_id in session.execute(query)]
 
@@ -245,7 +255,7 @@ def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
         queues=beat.queues, models=beat.models, unserved=beat.unserved,
         problem=protocol_problem(beat.protocol, "this worker") or beat.problem,
         model_loads=beat.model_loads, load_seconds=beat.load_seconds, loaded_model=beat.loaded_model, plan=beat.plan,
-        current_job=beat.current_job,
+        warm_shape=beat.warm_shape, current_job=beat.current_job,
         finishing=beat.finishing, step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,
         seconds_per_image=beat.seconds_per_image))
 

@@ -127,7 +127,8 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
         while True:
             with sessions.begin() as session:
                 jobs = store.claim(session, renderer.worker, clock(), LEASE, batch_id=batch_id, limit=batch_size,
-                                   prefer_model=renderer.loaded_model, skip_models=summary.unserved)
+                                   prefer_model=renderer.loaded_model, prefer_shape=renderer.warm_shape,
+                                   skip_models=summary.unserved)
                 retry_at = None if jobs else store.next_retry(session, batch_id, summary.unserved)
             rendering = renderer.start(jobs, on_step, storage) if jobs else None
             recorded = storing is not None

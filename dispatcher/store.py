@@ -221,7 +221,8 @@ def in_unpaused_batch() -> Any:
 
 
 def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, batch_id: str | None = None,
-          limit: int = 1, prefer_model: str | None = None, skip_models: Iterable[str] = ()) -> list[JobSpec]:
+          limit: int = 1, prefer_model: str | None = None, prefer_shape: str | None = None,
+          skip_models: Iterable[str] = ()) -> list[JobSpec]:
     """Take up to `limit` queued jobs of one shape (RenderParams.shape: all but prompt and seed alike) for
     `worker`, marking them running with a lease: jobs of batches not paused whose retry backoff is over, of
     models not in `skip_models`. Concurrent claimers skip each other's rows."""
@@ -235,6 +236,8 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
     order: list[Any] = [BatchJob.position]
     if prefer_model:
         order.insert(0, Job.model != prefer_model)  # the loaded model's jobs first: no reload
+    if prefer_shape:
+        order.insert(0, Job.shape != prefer_shape)  # and of those, the shape last rendered: its LoRAs stay on
     first = session.execute(query.order_by(*order).limit(1).with_for_update(skip_locked=True, of=Job)).first()
     if first is None:
         return []

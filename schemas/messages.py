@@ -100,6 +100,7 @@ class Heartbeat(BaseModel):
     model_loads: dict[str, int] = {}  # how many times it loaded each model since it started
     load_seconds: dict[str, float] = {}  # how long each model's last load took (not in seconds_per_image)
     loaded_model: str | None = None
+    warm_shape: str | None = None  # RenderParams.shape of what it rendered last: its LoRAs are still applied
     plan: str | None = None  # how the loaded model sits on the card (schemas.plan.Plan.describe)
     current_job: str | None = None
     finishing: str | None = None  # the job before it: rendered, its image being stored (and then reported)

@@ -40,6 +40,11 @@ class Renderer(Protocol):
         """The model in memory, so the dispatcher can hand out more of the same."""
         ...
 
+    @property
+    def warm_shape(self) -> str | None:
+        """The shape (RenderParams.shape) it rendered last, LoRAs loaded for it: more of it costs no switch."""
+        ...
+
     def why_unfit(self, model: str, width: int, height: int, references: int) -> str | None:
         """Why this renderer's card cannot take one such image, or None when it can."""
         ...

@@ -171,6 +171,7 @@ class Worker(Base):
     model_loads: Mapped[dict[str, int] | None] = mapped_column(JSON)  # loads per model since it started
     load_seconds: Mapped[dict[str, float] | None] = mapped_column(JSON)  # each model's last load, in seconds
     loaded_model: Mapped[str | None] = mapped_column(String(300))
+    warm_shape: Mapped[str | None] = mapped_column(String(32))  # what it rendered last: the feeder offers more of it
     plan: Mapped[str | None] = mapped_column(String(120))  # how the loaded model sits on its card
     current_job: Mapped[str | None] = mapped_column(String(32))
     finishing: Mapped[str | None] = mapped_column(String(32))  # rendered, its image being stored

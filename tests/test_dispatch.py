@@ -134,6 +134,32 @@ def test_a_queue_holds_a_backlog_for_each_live_worker_on_it(database_url: str, b
     assert broker.depth == {queue: 6}
 
 
+def test_a_worker_with_a_lora_applied_is_fed_that_loras_jobs_first(database_url: str, bucket: Bucket,
+                                                                     tmp_path: Path) -> None:
+    # A matrix of products x house styles interleaves the styles row by row; each switch is an unload and a load.
+    from schemas.params import RenderParams
+    from tests.test_lora import make_lora
+
+    oak, marble = make_lora(tmp_path / "oak"), make_lora(tmp_path / "marble", seed=1)
+    sessions = setup(database_url, "id,prompt,model,lora\n" + "".join(
+        f"p{i}{style},x,tiny,{path}\n" for i in range(4) for style, path in (("o", oak), ("m", marble))))
+    with sessions.begin() as s:
+        jobs = s.scalars(select(Job)).all()
+        queue = jobs[0].queue
+        marble_shape = next(j.shape for j in jobs if Path(RenderParams.of_row(j).loras[0].path) == marble)
+    broker = Broker()
+    assert feed(sessions, bucket, broker) == POLICY.backlog  # no worker yet: manifest order, both styles
+    first = [Path(broker.take().job.params.loras[0].path) for _ in range(POLICY.backlog)]
+    assert first[:2] == [oak, marble]
+    with sessions.begin() as s:
+        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cuda", vram_gb=8, queues=[queue],
+                                            warm_shape=marble_shape), T0)
+        s.execute(update(Job).values(published_at=None))  # as if those messages had expired
+    broker = Broker()
+    assert feed(sessions, bucket, broker) == POLICY.backlog
+    assert all(Path(broker.take().job.params.loras[0].path) == marble for _ in range(POLICY.backlog))
+
+
 def test_a_job_succeeds_once_with_its_verified_object_and_late_reports_change_nothing(
         database_url: str, bucket: Bucket) -> None:
     sessions = setup(database_url, "id,prompt\na,x\n")

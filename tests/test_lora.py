@@ -4,6 +4,7 @@ the reason: at validation where the file says so, at the job otherwise."""
 
 from __future__ import annotations
 
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from dispatcher.expand import Options, expand
 from dispatcher.reader import parse_manifest
 from schemas.errors import ManifestError
 from schemas.job import JobSpec
-from schemas.params import Lora
+from schemas.params import Lora, RenderParams
 from schemas.plan import Card
 from schemas.settings import load_settings
 from worker.render import LocalRenderer
@@ -114,3 +115,27 @@ def test_what_is_not_a_lora_is_refused_before_anything_starts(tmp_path: Path, lo
     [bare] = expand(parse_manifest(b"prompt,model\nx,tiny\n", "m.csv"), opts).jobs
     assert [(Path(lo.path).name, lo.scale) for lo in one.params.loras] == [("house.safetensors", 0.8)]
     assert one.job_id != bare.job_id and one.params.shape != bare.params.shape
+
+
+def test_kiln_render_keeps_a_loras_jobs_together(cache_dir: Path, tmp_path: Path, lora_file: Path) -> None:
+    # Rows interleave two house styles (a products x styles matrix); rendering them in manifest order would unload
+    # and load a LoRA at every job. The loaded shape's jobs are claimed first.
+    from datetime import datetime
+
+    from sqlalchemy import select
+
+    from dispatcher import store, usecases
+    from schemas.tables import Attempt, Job
+
+    other = make_lora(tmp_path / "other", seed=1)
+    manifest = tmp_path / "styles.csv"
+    manifest.write_text("id,prompt,model,width,height,lora\n" + "".join(
+        f"p{i}{s},mug {i},tiny,256,256,{path}\n" for i in range(3) for s, path in (("a", lora_file), ("b", other))))
+    settings = load_settings(cache_dir=cache_dir, storage_url=str(tmp_path / "out"), device="cpu", batch_size=1,
+                             database_url=f"sqlite:///{tmp_path / 'kiln.db'}")
+    done = usecases.render_here(usecases.Request(manifest), settings, lambda: datetime.now(UTC))
+    assert done.failed == 0
+    with store.open_database(settings.database_url).begin() as s:
+        order = [Path(RenderParams.of_row(job).loras[0].path).parent for job in
+                 s.scalars(select(Job).join(Attempt, Attempt.job_id == Job.id).order_by(Attempt.id))]
+    assert order == [order[0]] * 3 + [order[3]] * 3 and order[0] != order[3], order  # one switch, not five

@@ -292,8 +292,9 @@ def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str
     # from one job's start to the next's (storing overlaps), a model load left out: that is reported on its own
     seconds = time.perf_counter() - started - (local.loading_seconds - loading)
     state.handed_over(job.job_id, current_job=None, step=None, steps=None, loaded_model=local.loaded_model,
-                      plan=local.loaded_plan, seconds_per_image=state.beat.seconds_per_image if failed else
-                      round(seconds, 3), model_loads=dict(local.loads), load_seconds=dict(local.load_seconds))
+                      warm_shape=local.warm_shape, plan=local.loaded_plan,
+                      seconds_per_image=state.beat.seconds_per_image if failed else round(seconds, 3),
+                      model_loads=dict(local.loads), load_seconds=dict(local.load_seconds))
 
 
 class WantedUpload:

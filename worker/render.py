@@ -58,6 +58,7 @@ class LocalRenderer:
         # plans that need as much in that stage are refused, smaller ones still run
         self.ceilings: dict[tuple[str, Stage], float] = {}
         self._loaded: LoadedModel | None = None
+        self._warm_shape: str | None = None
         self.loads: Counter[str] = Counter()  # model -> how many times it was loaded here
         self.load_seconds: dict[str, float] = {}  # model -> how long its last load took
         self.loading_seconds = 0.0  # spent loading models here, in all (kept out of seconds per image)
@@ -91,6 +92,11 @@ class LocalRenderer:
     def loaded_model(self) -> str | None:
         """The model whose pipeline is in memory."""
         return self._loaded.spec.name if self._loaded else None
+
+    @property
+    def warm_shape(self) -> str | None:
+        """The shape of the jobs it rendered last (their LoRAs are still applied), while their model is loaded."""
+        return self._warm_shape if self._loaded else None
 
     @property
     def loaded_plan(self) -> str | None:
@@ -208,6 +214,7 @@ class LocalRenderer:
         try:
             plan, per_call = self.plan(jobs)
             images = self._generate(jobs, plan, per_call, on_step)
+            self._warm_shape = jobs[0].params.shape
         except KilnError as exc:  # RenderError, or a ModelError from a component loading for its stage
             # A fresh error: the caught one's traceback holds the failed call's frames, and with them its tensors.
             error = RenderError(str(exc), getattr(exc, "kind", "error"))
