@@ -235,6 +235,31 @@ class Bucket:
         return sheet.model_copy(update={"files": [
             f.model_copy(update={"url": self.download_url(f"{prefix}/{f.path}", seconds)}) for f in sheet.files]})
 
+    def fetch_uri(self, uri: str, folder: Path) -> Path:
+        """An object a manifest names by URI (s3://bucket/key: this bucket or another the keys may read), as a
+        local file in `folder`, downloaded once per version of the object (its ETag)."""
+        parsed = urlparse(uri)
+        bucket, key = parsed.netloc, parsed.path.lstrip("/")
+        try:
+            etag = self.client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                raise StorageError(f"{uri} does not exist") from None
+            raise StorageError(f"cannot read {uri}: {_reason(exc)}") from None
+        except BotoCoreError as exc:
+            raise StorageError(f"cannot read {uri}: {_reason(exc)}") from None
+        name = hashlib.sha256(f"{uri}#{etag}".encode()).hexdigest()[:32] + Path(key).suffix.lower()
+        path = folder / name
+        if not path.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            part = folder / f".part-{name}"
+            try:
+                self.client.download_file(bucket, key, str(part))
+            except (ClientError, BotoCoreError) as exc:
+                raise StorageError(f"cannot download {uri}: {_reason(exc)}") from None
+            part.replace(path)
+        return path
+
     def download_url(self, output_key: str, seconds: int) -> str:
         """A signed GET link, for exports that ask for one."""
         return str(self.client.generate_presigned_url(

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from dispatcher.reader import RawManifest, Record
 from dispatcher.template import TemplateError, placeholders, render
 from schemas.checkpoints import TRANSFORMER_WIDTH, header, lora_width
-from schemas.errors import ManifestError, ModelError, Problem
+from schemas.errors import KilnError, ManifestError, ModelError, Problem
 from schemas.keys import output_key_problem
 from schemas.manifest import DEFAULT_SIDE, FIELDS, MAX_PIXELS, MAX_PROMPT_CHARS, MAX_ROWS, RowFields, describe
 from schemas.models import DEFAULT_MODEL, ModelSpec, resolve_model, transformer_width
@@ -63,6 +63,8 @@ class Options:
     skip_incomplete: bool = False
     max_jobs: int = 100_000
     max_rows: int = MAX_ROWS
+    # s3://bucket/key -> that object as a local file (the fleet's bucket credentials); None: no bucket configured
+    fetch: Callable[[str], Path] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)  # slots: a million of them in a big dry run
@@ -387,11 +389,20 @@ def _files(text: str, options: Options, kind: _FileKind) -> list[Reference]:
 
 
 def _file(path_text: str, options: Options, kind: _FileKind) -> Reference:
-    path = Path(path_text).expanduser()
-    path = path if path.is_absolute() else options.base_dir / path
     where = f'column "{kind.column}": {path_text!r}'
-    if path.suffix.lower() not in kind.suffixes:
+    if Path(path_text).suffix.lower() not in kind.suffixes:
         raise _RowProblem(f"{where} {kind.not_suffix}")
+    if path_text.startswith("s3://"):
+        if options.fetch is None:
+            raise _RowProblem(f"{where} is in a bucket, and no bucket is configured here: set KILN_STORAGE_URL "
+                              "(and KILN_S3_ENDPOINT_URL, the AWS_* keys) to the fleet's bucket, or name a file")
+        try:
+            path = options.fetch(path_text)
+        except KilnError as exc:
+            raise _RowProblem(f"{where}: {exc}") from None
+    else:
+        path = Path(path_text).expanduser()
+        path = path if path.is_absolute() else options.base_dir / path
     if not path.is_file():
         raise _RowProblem(f"{where} does not exist (paths are relative to the manifest)")
     if path.stat().st_size > kind.max_bytes:
@@ -406,7 +417,7 @@ def _file(path_text: str, options: Options, kind: _FileKind) -> Reference:
 @functools.lru_cache(maxsize=256)
 def _lora_problem(path: Path, _version: tuple[int, int]) -> str | None:
     """What is wrong with a LoRA file, read from its safetensors header only (whether it fits the row's model is
-    known when a worker loads it: the job then fails, saying so)."""
+    `_lora_fits`)."""
     try:
         with safe_open(str(path), framework="numpy") as tensors:
             keys = list(tensors.keys())

@@ -7,6 +7,7 @@ retry) and a batch's export rows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import uuid
 from collections.abc import Callable
@@ -64,13 +65,24 @@ class Request:
 
 def expansion(request: Request, settings: KilnSettings, keep_jobs: bool = True) -> Expansion:
     """Read and validate a manifest and expand it into jobs (only counted unless `keep_jobs`); a ManifestError says
-    what to fix. Writes nothing."""
+    what to fix. Writes nothing but the cache of files the manifest names by bucket URI."""
     options = Options(batch=request.batch_name, base_dir=request.manifest.resolve().parent, prompt=request.prompt,
                       model=request.model, output=request.output, format=format_name(request.image_format),
                       quality=request.quality, decoder=request.decoder, non_commercial=request.non_commercial,
                       skip_incomplete=request.skip_incomplete, max_jobs=settings.max_jobs,
-                      max_rows=settings.max_rows)
+                      max_rows=settings.max_rows, fetch=_bucket_files(settings))
     return expand(read_manifest(request.manifest, max_bytes=settings.max_manifest_bytes), options, keep_jobs)
+
+
+def _bucket_files(settings: KilnSettings) -> Callable[[str], Path] | None:
+    """How expansion reads a LoRA or reference image named s3://bucket/key: downloaded once per version into the
+    cache, with the fleet's bucket credentials; None without a bucket configured."""
+    if scheme(settings.storage_url) != "s3":
+        return None
+    from dispatcher.bucket import Bucket
+
+    bucket = functools.cache(lambda: Bucket.from_settings(settings))
+    return lambda uri: bucket().fetch_uri(uri, settings.cache_dir / "bucket-files")
 
 
 @dataclass(frozen=True)
