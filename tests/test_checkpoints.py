@@ -71,6 +71,25 @@ def bfl_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def ldm_vae_names(state: dict[str, torch.Tensor], up_blocks: int) -> dict[str, torch.Tensor]:
+    """A diffusers VAE's tensors under the original (LDM) names ComfyUI's VAE files use: encoder.down.N.block.M,
+    decoder.up numbered from the bottom, norm_out, nin_shortcut."""
+    out = {}
+    for name, tensor in state.items():
+        parts = name.split(".")
+        if parts[1] == "down_blocks":
+            tail = ".".join(parts[3:]).replace("resnets.", "block.").replace("downsamplers.0", "downsample")
+            name = f"{parts[0]}.down.{parts[2]}.{tail}"
+        elif parts[1] == "up_blocks":
+            tail = ".".join(parts[3:]).replace("resnets.", "block.").replace("upsamplers.0", "upsample")
+            name = f"{parts[0]}.up.{up_blocks - 1 - int(parts[2])}.{tail}"
+        elif parts[1] == "mid_block":
+            name = f"{parts[0]}.mid.block_{int(parts[3]) + 1}.{'.'.join(parts[4:])}"
+        name = name.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        out[name] = tensor
+    return out
+
+
 def fp8(state: dict[str, torch.Tensor], spelling: str) -> dict[str, torch.Tensor]:
     """Every 2-D weight stored as float8 with a per-tensor scale (`weight_scale` or ComfyUI's `scale_weight`)."""
     out = {}
@@ -104,7 +123,8 @@ def layouts(cache_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
               comfy / "diffusion_models" / "flux-2-klein-tiny-fp8.safetensors")
     save_file({k: v.contiguous().clone() for k, v in pipe.text_encoder.state_dict().items()},
               comfy / "text_encoders" / "qwen_3_tiny.safetensors")
-    save_file({k: v.contiguous() for k, v in pipe.vae.state_dict().items()}, comfy / "vae" / "flux2-vae.safetensors")
+    vae = {k: v.contiguous() for k, v in pipe.vae.state_dict().items()}
+    save_file(ldm_vae_names(vae, len(pipe.vae.config.up_block_types)), comfy / "vae" / "flux2-vae.safetensors")
     return {"single": single, "repack": repack, "comfy": comfy,
             "comfy_file": comfy / "diffusion_models" / "flux-2-klein-tiny-fp8.safetensors"}
 
@@ -197,3 +217,15 @@ def test_the_small_decoder_is_a_render_parameter(cache_dir: Path, tmp_path: Path
     assert job.params.decoder == "small"
     with pytest.raises(ManifestError, match='"decoder"'):
         expand(manifest("prompt,model,decoder\nmug,tiny,tiny\n"), Options(batch="b", base_dir=tmp_path))
+
+
+def test_a_vae_in_the_original_names_loads_exactly(cache_dir: Path, layouts: dict[str, Path]) -> None:
+    from diffusers import AutoencoderKLFlux2
+
+    from worker.checkpoints import load_vae
+
+    folder = ensure_tiny(cache_dir) / "vae"
+    original = AutoencoderKLFlux2.from_pretrained(folder).state_dict()
+    loaded = load_vae(folder, str(layouts["comfy"] / "vae" / "flux2-vae.safetensors"), torch.float32).state_dict()
+    assert set(loaded) == set(original)
+    assert all(torch.equal(loaded[k], original[k]) for k in original)
