@@ -307,9 +307,14 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                                   "or --format to webp or jpeg)")
             files = _files(_fill("reference", row.reference, values), options, REFERENCE_FILES) if row.reference else []
             first = files[0] if files else None
-            scale = 1.0 if row.lora_scale is None else row.lora_scale
-            loras = tuple(Lora(path=f.path, sha256=f.sha256, scale=scale)
-                          for f in _files(_fill("lora", row.lora, values), options, LORA_FILES)) if row.lora else ()
+            lora_files = _files(_fill("lora", row.lora, values), options, LORA_FILES) if row.lora else []
+            scales = row.lora_scale or (1.0,)
+            if len(scales) not in (1, len(lora_files)):
+                raise _RowProblem(f'column "lora_scale": {len(scales)} values for {len(lora_files)} LoRAs: give one '
+                                  "for all of them, or one per LoRA in the same order")
+            per_lora = scales if len(scales) == len(lora_files) else scales * len(lora_files)
+            loras = tuple(Lora(path=f.path, sha256=f.sha256, scale=s)
+                          for f, s in zip(lora_files, per_lora, strict=True))
             for lora in loras:
                 _lora_fits(lora, spec)
             params = RenderParams(model=spec.name, prompt=prompt, width=width, height=height, steps=steps,

@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, WithJsonSchema
 
 from schemas.params import DEFAULT_QUALITY, Decoder, ImageFormat, format_name
 
@@ -29,6 +29,18 @@ MAX_ID_CHARS = 200
 DEFAULT_SIDE = 1024
 
 Scalar = str | int | float | bool | None
+
+
+LORA_SCALE = "a number from -4 to 4: how strongly the row's LoRAs apply; or one per LoRA, separated by | [1]"
+
+
+def _scales(value: Any) -> Any:
+    """lora_scale as people write it: one number, or one per LoRA separated by `|` ("0.8|0.5")."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split("|"))
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return (value,)
+    return value
 
 # Row fields, in the order `kiln export` writes them. Every other column is a template variable.
 FIELDS = ("id", "prompt", "model", "width", "height", "steps", "guidance", "seed", "count", "output", "reference",
@@ -71,9 +83,11 @@ class RowFields(BaseModel):
                                         "follows it")] = None
     lora: Annotated[str | None, Field(description="a LoRA .safetensors file, relative to the manifest; several "
                                                   "separated by |")] = None
-    lora_scale: Annotated[float | None, Field(ge=-4.0, le=4.0, allow_inf_nan=False,
-                                              description="a number from -4 to 4: how strongly every LoRA of the "
-                                                          "row applies [1]")] = None
+    lora_scale: Annotated[tuple[Annotated[float, Field(ge=-4.0, le=4.0, allow_inf_nan=False)], ...] | None,
+                          BeforeValidator(_scales), Field(description=LORA_SCALE),
+                          WithJsonSchema({"anyOf": [{"type": "number", "minimum": -4, "maximum": 4},
+                                                    {"type": "string", "pattern": r"^[^|]+(\|[^|]+)*$"},
+                                                    {"type": "null"}], "description": LORA_SCALE})] = None
     quality: Annotated[int | None, Field(ge=1, le=100, description=f"a whole number from 1 to 100: webp and jpeg "
                                                                     f"quality [{DEFAULT_QUALITY}]")] = None
     decoder: Annotated[Decoder | None, Field(description="full, or small: the FLUX.2 small decoder, about 1.4x "

@@ -104,7 +104,7 @@ def test_what_is_not_a_lora_is_refused_before_anything_starts(tmp_path: Path, lo
 
     def problem(cell: str) -> str:
         with pytest.raises(ManifestError) as caught:
-            expand(parse_manifest(f"prompt,lora\nx,{cell}\n".encode(), "m.csv"), opts)
+            expand(parse_manifest(f"prompt,lora,lora_scale\nx,{cell}\n".encode(), "m.csv"), opts)
         return str(caught.value)
 
     assert "is not a .safetensors file (Kiln never loads pickled" in problem("old.ckpt")
@@ -115,6 +115,12 @@ def test_what_is_not_a_lora_is_refused_before_anything_starts(tmp_path: Path, lo
     [bare] = expand(parse_manifest(b"prompt,model\nx,tiny\n", "m.csv"), opts).jobs
     assert [(Path(lo.path).name, lo.scale) for lo in one.params.loras] == [("house.safetensors", 0.8)]
     assert one.job_id != bare.job_id and one.params.shape != bare.params.shape
+    (tmp_path / "other.safetensors").write_bytes(make_lora(tmp_path / "o", seed=1).read_bytes())
+    row = b"prompt,lora,lora_scale,model\nx,house.safetensors|other.safetensors,0.8|-0.5,tiny\n"
+    [two] = expand(parse_manifest(row, "m.csv"), opts).jobs  # one scale per LoRA, as `kiln export` writes them
+    assert [lo.scale for lo in two.params.loras] == [0.8, -0.5] and two.params.flat()["lora_scale"] == "0.8|-0.5"
+    assert "2 values for 1 LoRAs: give one for all of them, or one per LoRA" in problem("house.safetensors,0.8|0.5")
+    assert 'column "lora_scale": must be a number from -4 to 4' in problem("house.safetensors,5")
 
 
 def test_kiln_render_keeps_a_loras_jobs_together(cache_dir: Path, tmp_path: Path, lora_file: Path) -> None:
