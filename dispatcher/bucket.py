@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import logging
 import mimetypes
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import boto3
 from boto3.exceptions import S3UploadFailedError
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
 
 from schemas.capacity import model_key
 from schemas.errors import ConfigError, StorageError
@@ -29,6 +31,7 @@ from schemas.params import content_type
 from schemas.settings import KilnSettings
 from schemas.storage import KeyTakenError
 
+log = logging.getLogger("kiln.dispatcher")
 JOB_META = "kiln-job"
 UPLOAD_SECONDS = 24 * 3600  # a signed PUT outlives any wait in a bounded queue
 MODEL_LISTING = "kiln-files.json"  # in a pushed model's folder: its files, sizes and SHA-256s, written last
@@ -224,9 +227,13 @@ class Bucket:
         except (ClientError, BotoCoreError) as exc:
             raise StorageError(f"cannot list {self.uri(MODELS)}/: {_reason(exc)}") from None
         for folder in folders:
-            listing = self.get(f"{MODELS}/{folder.rstrip('/').rsplit('/', 1)[-1]}/{MODEL_LISTING}")
-            if listing is not None:
-                sheets.append(ModelSheet.model_validate_json(listing))
+            where = f"{MODELS}/{folder.rstrip('/').rsplit('/', 1)[-1]}/{MODEL_LISTING}"
+            listing = self.get(where)
+            try:
+                if listing is not None:
+                    sheets.append(ModelSheet.model_validate_json(listing))
+            except ValidationError:
+                log.warning("%s is not a listing Kiln wrote: push that model again", self.uri(where))
         return sheets
 
     def signed_sheet(self, sheet: ModelSheet, seconds: int) -> ModelSheet:

@@ -110,9 +110,9 @@ class Heartbeat(BaseModel):
 
 
 def model_sheet_key(model: str) -> str:
-    """The Redis key where the dispatcher keeps the signed sheet of a model pushed to the bucket (under
-    kiln.render.*, which a worker's account may read)."""
-    return f"kiln.render.pull.{model_key(model)}"
+    """The Redis key where the dispatcher keeps the signed sheet of a model pushed to the bucket: outside
+    kiln.render.*, under kiln.models.*, which a worker's account may read and not write (schemas.broker)."""
+    return f"kiln.models.{model_key(model)}"
 
 
 class ModelFile(BaseModel):

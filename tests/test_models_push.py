@@ -110,3 +110,16 @@ def test_the_push_command_reports_each_file_and_resumes(fleet: KilnSettings, cac
     assert "already there: transformer/config.json" in again.stdout and "(0.00 GB uploaded now)" in again.stdout
     wrong = kiln("models", "push", "klein-4b", cwd=tmp_path, env=env, check=1)
     assert "not on this machine" in wrong.stderr + wrong.stdout
+
+
+def test_a_worker_account_reads_the_sheets_and_cannot_change_them(tmp_path: Path) -> None:
+    # Workers may write under kiln.render.*; a sheet there would let a stolen worker password send every worker
+    # to other files. Sheets live under kiln.models.*, which the worker's rules make read-only.
+    from schemas.broker import WORKER_ACL
+
+    with redis_server(tmp_path, users=[f"kiln-worker on >w {WORKER_ACL}"]) as server:
+        redis.Redis.from_url(server.url).set(model_sheet_key("klein-4b"), "{}")
+        worker = redis.Redis.from_url(server.url_for("kiln-worker:w"))
+        assert worker.get(model_sheet_key("klein-4b")) == b"{}"
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            worker.set(model_sheet_key("klein-4b"), '{"model": "klein-4b", "files": []}')
