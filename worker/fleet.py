@@ -107,8 +107,13 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
         except redis.RedisError as exc:
             log.warning("cannot ask the broker whether %s was pushed to the bucket (%s)", spec.name, exc)
             sheet = None
-        if sheet:
-            pull_model(ModelSheet.model_validate_json(sheet), settings.cache_dir)
+        try:
+            pushed = ModelSheet.model_validate_json(sheet) if sheet else None
+        except ValidationError:
+            log.warning("the broker's sheet of %s is not one the dispatcher wrote; downloading instead", spec.name)
+            pushed = None
+        if pushed:
+            pull_model(pushed, settings.cache_dir)
             return
         weights_folder(spec, settings.cache_dir)
 
