@@ -122,7 +122,7 @@ class Bucket:
         try:
             head = self.client.head_object(Bucket=self.name, Key=self.key(output_key))
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _not_found(exc):
                 return None
             raise StorageError(f"cannot check {self.uri(output_key)}: {_reason(exc)}") from None
         except BotoCoreError as exc:  # no connection, or no answer within the read timeout, after retries
@@ -135,7 +135,7 @@ class Bucket:
         try:
             return bytes(self.client.get_object(Bucket=self.name, Key=self.key(output_key))["Body"].read())
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _not_found(exc):
                 return None
             raise StorageError(f"cannot read {self.uri(output_key)}: {_reason(exc)}") from None
         except BotoCoreError as exc:
@@ -197,11 +197,8 @@ class Bucket:
         for path in sorted(p for p in folder.rglob("*") if p.is_file()
                            and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
             relative, size = path.relative_to(folder).as_posix(), path.stat().st_size
-            digest = hashlib.sha256()
             with path.open("rb") as data:
-                while chunk := data.read(1 << 24):
-                    digest.update(chunk)
-            sha256 = digest.hexdigest()
+                sha256 = hashlib.file_digest(data, "sha256").hexdigest()
             key = f"{prefix}/{relative}"
             there = self.stat(key)
             upload = there is None or there.size != size or there.job_id != sha256
@@ -250,7 +247,7 @@ class Bucket:
         try:
             etag = self.client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"')
         except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            if _not_found(exc):
                 raise StorageError(f"{uri} does not exist") from None
             raise StorageError(f"cannot read {uri}: {_reason(exc)}") from None
         except BotoCoreError as exc:
@@ -271,6 +268,10 @@ class Bucket:
         """A signed GET link, for exports that ask for one."""
         return str(self.client.generate_presigned_url(
             "get_object", Params={"Bucket": self.name, "Key": self.key(output_key)}, ExpiresIn=seconds))
+
+
+def _not_found(exc: ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound")
 
 
 def _reason(exc: Exception) -> str:

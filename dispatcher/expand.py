@@ -18,7 +18,6 @@ from typing import Any
 
 from PIL import Image
 from pydantic import ValidationError
-from safetensors import safe_open
 
 from dispatcher.reader import RawManifest, Record
 from dispatcher.template import TemplateError, placeholders, render
@@ -424,10 +423,9 @@ def _lora_problem(path: Path, _version: tuple[int, int]) -> str | None:
     """What is wrong with a LoRA file, read from its safetensors header only (whether it fits the row's model is
     `_lora_fits`)."""
     try:
-        with safe_open(str(path), framework="numpy") as tensors:
-            keys = list(tensors.keys())
-    except Exception as exc:  # safetensors raises its own error types for a broken header
-        return f"is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:200]})"
+        keys = header(path)  # read once: `_lora_fits` reads the same header from its cache
+    except ModelError as exc:
+        return str(exc).removeprefix(f"{path} ")
     if not any("lora" in key or "lokr" in key for key in keys):
         return ("holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up tensors): is it a whole model "
                 "checkpoint? Name a LoRA trained for klein")

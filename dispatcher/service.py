@@ -158,8 +158,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 if time.monotonic() >= sheets_at:
                     sheets_at = time.monotonic() + SHEETS_EVERY_SECONDS
                     try:
-                        usecases.share_models(bucket, lambda key, value: broker.set(key, value,
-                                                                                    ex=usecases.SHEET_KEEP_SECONDS))
+                        usecases.share_models(bucket, broker)
                     except StorageError as exc:
                         log.warning("cannot renew the sheets of pushed models (%s); trying again later", exc)
                 if reaped or published:

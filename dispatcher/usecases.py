@@ -188,17 +188,18 @@ def push_model(name: str, folder: Path | None, settings: KilnSettings,
     if settings.broker_url:
         import redis
 
-        broker = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.storage_timeout_seconds)
-        share_models(bucket, lambda key, value: broker.set(key, value, ex=SHEET_KEEP_SECONDS))
+        share_models(bucket, redis.Redis.from_url(settings.broker_url,
+                                                  socket_timeout=settings.storage_timeout_seconds))
     return sheet
 
 
-def share_models(bucket: Any, put: Callable[[str, str], object]) -> int:
-    """Hand workers a freshly signed sheet of every model pushed to the bucket (`put(key, sheet)` into Redis);
-    how many."""
+def share_models(bucket: Any, broker: Any) -> int:
+    """Hand workers a freshly signed sheet of every model pushed to the bucket, in the broker's Redis (kept
+    SHEET_KEEP_SECONDS); how many."""
     sheets = bucket.pushed_models()
     for sheet in sheets:
-        put(model_sheet_key(sheet.model), bucket.signed_sheet(sheet, SHEET_URL_SECONDS).model_dump_json())
+        broker.set(model_sheet_key(sheet.model), bucket.signed_sheet(sheet, SHEET_URL_SECONDS).model_dump_json(),
+                   ex=SHEET_KEEP_SECONDS)
     return len(sheets)
 
 

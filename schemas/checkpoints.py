@@ -10,6 +10,7 @@ whether a LoRA was trained for the model a row names.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,11 +171,11 @@ def _only_transformer(root: Path) -> Path:
     return klein[0]
 
 
-def _part(root: Path, part: str, fits: object) -> str | None:
+def _part(root: Path, part: str, fits: Callable[[dict[str, Tensor]], bool]) -> str | None:
     # the small decoder shares the VAE's tensors' names: the full one is taken when both are there
     for candidate in sorted(_files(root, part), key=lambda f: "small" in f.name.lower()):
         try:
-            if fits(header(candidate)):  # type: ignore[operator]
+            if fits(header(candidate)):
                 return str(candidate.resolve())
         except ModelError:
             continue

@@ -29,8 +29,6 @@ MAX_ID_CHARS = 200
 DEFAULT_SIDE = 1024
 
 Scalar = str | int | float | bool | None
-
-
 LORA_SCALE = "a number from -4 to 4: how strongly the row's LoRAs apply; or one per LoRA, separated by | [1]"
 
 
@@ -41,6 +39,7 @@ def _scales(value: Any) -> Any:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return (value,)
     return value
+
 
 # Row fields, in the order `kiln export` writes them. Every other column is a template variable.
 FIELDS = ("id", "prompt", "model", "width", "height", "steps", "guidance", "seed", "count", "output", "reference",

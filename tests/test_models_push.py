@@ -68,7 +68,7 @@ def test_a_pushed_model_reaches_a_worker_that_lacks_it_exactly(fleet: KilnSettin
     # The dispatcher renews the sheet (its links expire) from what the bucket holds.
     broker.delete(model_sheet_key("klein-4b"))
     bucket = Bucket.from_settings(fleet)
-    assert usecases.share_models(bucket, lambda key, value: broker.set(key, value)) == 1
+    assert usecases.share_models(bucket, broker) == 1
     assert broker.get(model_sheet_key("klein-4b"))
 
 

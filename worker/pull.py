@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import shutil
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 from schemas.errors import ModelError
+from schemas.files import folder_once
 from schemas.keys import key_problem
 from schemas.messages import ModelFile, ModelSheet
 from schemas.models import pulled_path
@@ -27,15 +25,10 @@ TRIES = 3
 def pull_model(sheet: ModelSheet, cache_dir: Path, timeout: float = 60.0) -> Path:
     """The model's folder in this machine's cache, downloaded from the bucket when it is not there yet. A file that
     does not arrive as it was pushed fails the pull (ModelError) and leaves nothing behind."""
-    target = pulled_path(cache_dir, sheet.model)
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".pulling-", dir=target.parent))
-    size = sum(f.size for f in sheet.files)
-    log.info("pulling %s from the fleet's bucket: %d files, %.2f GB", sheet.model, len(sheet.files), size / 1e9)
-    started = time.monotonic()
-    try:
+    def fill(staging: Path) -> None:
+        size = sum(f.size for f in sheet.files)
+        log.info("pulling %s from the fleet's bucket: %d files, %.2f GB", sheet.model, len(sheet.files), size / 1e9)
+        started = time.monotonic()
         for file in sheet.files:
             problem = key_problem(file.path)
             if problem:
@@ -43,15 +36,8 @@ def pull_model(sheet: ModelSheet, cache_dir: Path, timeout: float = 60.0) -> Pat
             _fetch(file, staging / file.path, sheet.model, timeout)
         if not (staging / "model_index.json").is_file():
             raise ModelError(f"what was pushed as {sheet.model} has no model_index.json: push a diffusers folder")
-        try:
-            os.rename(staging, target)
-        except OSError:  # another worker process on this machine finished first: theirs is as good
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    log.info("pulled %s in %.0f s", sheet.model, time.monotonic() - started)
-    return target
+        log.info("pulled %s in %.0f s", sheet.model, time.monotonic() - started)
+    return folder_once(pulled_path(cache_dir, sheet.model), "model_index.json", fill)
 
 
 def _fetch(file: ModelFile, dest: Path, model: str, timeout: float) -> None:

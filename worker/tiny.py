@@ -9,12 +9,11 @@ cache folder and then loaded with `from_pretrained` like any other model.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from schemas.files import folder_once
 from schemas.models import tiny_path, tiny_small_decoder_path
 
 TEXT_HIDDEN = 16
@@ -35,7 +34,7 @@ SCHEDULER = {  # the published klein scheduler config
 
 def ensure_tiny(cache_dir: Path) -> Path:
     """Build the tiny model into the cache once (atomically: a half-built folder is never left behind)."""
-    return _built(tiny_path(cache_dir), "model_index.json", lambda: build_tiny_pipeline())
+    return _built(tiny_path(cache_dir), "model_index.json", build_tiny_pipeline)
 
 
 def ensure_tiny_small_decoder(cache_dir: Path) -> Path:
@@ -45,11 +44,10 @@ def ensure_tiny_small_decoder(cache_dir: Path) -> Path:
 
 
 def build_tiny_small_decoder(cache_dir: Path) -> Any:
+    import torch
     from diffusers import AutoencoderKLFlux2
 
     full = AutoencoderKLFlux2.from_pretrained(ensure_tiny(cache_dir) / "vae")
-    import torch
-
     torch.manual_seed(1)
     small = AutoencoderKLFlux2.from_config({**full.config, "decoder_block_out_channels": (4, 4, 4, 4)})
     encoder = {k: v for k, v in full.state_dict().items() if not k.startswith(("decoder.", "post_quant_conv."))}
@@ -57,24 +55,13 @@ def build_tiny_small_decoder(cache_dir: Path) -> Any:
     return small
 
 
-def _built(target: Path, marker: str, build: Any) -> Path:
-    if (target / marker).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=target.parent))
-    import transformers.utils.logging
+def _built(target: Path, marker: str, build: Callable[[], Any]) -> Path:
+    def fill(staging: Path) -> None:
+        import transformers.utils.logging
 
-    transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar for a 1 MB model
-    try:
+        transformers.utils.logging.disable_progress_bar()  # no "Writing model shards" bar for a 1 MB model
         build().save_pretrained(staging)
-        try:
-            os.rename(staging, target)
-        except OSError:  # another process finished first: theirs is as good as ours
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return folder_once(target, marker, fill)
 
 
 def build_tokenizer() -> Any:
