@@ -207,7 +207,8 @@ class Bucket:
                     self.client.upload_file(str(path), self.name, self.key(key), ExtraArgs={
                         "Metadata": {JOB_META: sha256}, "ContentType": "application/octet-stream"})
                 except (ClientError, BotoCoreError, S3UploadFailedError) as exc:
-                    raise StorageError(f"cannot upload {path} to {self.uri(key)}: {_reason(exc)}") from None
+                    raise StorageError(f"cannot upload {path} to {self.uri(key)} ({_reason(exc)}): push again when "
+                                       "the bucket answers; files already there are skipped") from None
             files.append(ModelFile(path=relative, size=size, sha256=sha256))
             said(relative, size, upload)
         sheet = ModelSheet(model=name, files=files)
@@ -256,12 +257,10 @@ class Bucket:
         path = folder / name
         if not path.is_file():
             folder.mkdir(parents=True, exist_ok=True)
-            part = folder / f".part-{name}"
-            try:
-                self.client.download_file(bucket, key, str(part))
+            try:  # s3transfer downloads to a temporary name and renames it when whole
+                self.client.download_file(bucket, key, str(path))
             except (ClientError, BotoCoreError) as exc:
                 raise StorageError(f"cannot download {uri}: {_reason(exc)}") from None
-            part.replace(path)
         return path
 
     def download_url(self, output_key: str, seconds: int) -> str:
