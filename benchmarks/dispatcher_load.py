@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
 from redis import Redis
 from sqlalchemy import func, select
 
@@ -126,7 +127,7 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
     with fleet.engine.connect() as conn:
         queues = conn.scalars(select(Job.queue).distinct()).all()
     assert len(queues) == 1 and queues[0], queues
-    fleet.dispatcher(KILN_WORKER_TIMEOUT_SECONDS=str(max(8.0, 4 * args.heartbeat)))
+    dispatcher = psutil.Process(fleet.dispatcher(KILN_WORKER_TIMEOUT_SECONDS=str(max(8.0, 4 * args.heartbeat))).pid)
     app = make_app(fleet.env["KILN_BROKER_URL"])
     stop = threading.Event()
     beats_to = REPORTS_QUEUE if args.heartbeats_with_reports else HEARTBEATS_QUEUE
@@ -141,7 +142,7 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
             return conn.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.SUCCEEDED)) or 0
 
     time.sleep(10)  # warm-up: workers registered, the queue fed
-    first, begin = succeeded(), time.monotonic()
+    first, begin, cpu = succeeded(), time.monotonic(), _cpu(dispatcher)
     memory, stale, backlog = [], [], []
     while time.monotonic() - begin < args.seconds:
         time.sleep(0.5)
@@ -152,18 +153,28 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
             seen = conn.execute(select(Worker.name, Worker.last_seen).where(Worker.name.like("sim-%"))).all()
         stale += [(now - last).total_seconds() for _, last in seen if last is not None]
     recorded = succeeded() - first
-    window = time.monotonic() - begin
+    window, cpu = time.monotonic() - begin, _cpu(dispatcher) - cpu
     stop.set()
+    for w in workers:
+        w.join(timeout=5)
     sent = sum(w.done for w in workers)
     stale.sort()
     print(f"{args.workers} simulated workers, {args.render_seconds} s per simulated render, heartbeats every "
           f"{args.heartbeat} s, {window:.0f} s measured, PostgreSQL, Redis and moto on loopback:")
     print(f"  reports recorded: {2 * recorded / window:.0f} per second ({recorded / window:.0f} jobs/s; the workers "
           f"finished {sent} jobs in all) (goal: 200)")
+    print(f"  the dispatcher's own CPU: {1000 * cpu / max(2 * recorded, 1):.1f} ms per report, "
+          f"{cpu / window:.2f} cores (one core would record {2 * recorded / max(cpu, 1e-9):.0f} reports per second)")
     print(f"  reports waiting in Redis: median {sorted(backlog)[len(backlog) // 2]}, max {max(backlog)}")
     print(f"  Redis used_memory: peak {max(memory) / 2**20:.1f} MB (goal: under 50 MB)")
     print(f"  worker last_seen staleness: median {stale[len(stale) // 2]:.1f} s, "
           f"p99 {stale[int(len(stale) * 0.99)]:.1f} s, max {stale[-1]:.1f} s (heartbeats every {args.heartbeat} s)")
+
+
+def _cpu(process: psutil.Process) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 if __name__ == "__main__":

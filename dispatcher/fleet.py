@@ -161,14 +161,18 @@ def _rows(session: Session, chosen: list[tuple[Job, str]]) -> dict[tuple[str, st
 
 
 def receive_report(sessions: sessionmaker[Session], report: Report, clock: Callable[[], datetime], policy: Policy,
-                   bucket: Bucket) -> str:
+                   bucket: Bucket, record: Callable[[Report, StoredObject | None], str] | None = None) -> str:
     """Record a report in full: a finished job is touched first and its upload checked outside any transaction,
-    so a slow storage answer holds no row lock and the reaper leaves the job be meanwhile; then recorded."""
+    so a slow storage answer holds no row lock and the reaper leaves the job be meanwhile; then recorded, by
+    `record(report, stored)` when given (the dispatcher's group commit, dispatcher.recorder), else in a
+    transaction of its own."""
     stored = None
     if report.kind == "finished" and report.result and report.result.ok:
         with sessions.begin() as session:
             key = touch(session, report, clock())
         stored = bucket.stat(key) if key else None
+    if record is not None:
+        return record(report, stored)
     with sessions.begin() as session:
         return record_report(session, report, clock(), policy, bucket, stored)
 
@@ -214,7 +218,7 @@ def _start(session: Session, job: Job, report: Report, now: datetime, was: JobSt
     store.move(session, job.id, was, JobStatus.RUNNING, job.attempts, now, attempts=report.attempt,
                worker=report.worker, reported_at=None)
     store.start_attempt(session, job.id, report.attempt, report.worker, now)
-    session.refresh(job)
+    session.expire(job)  # read again only if used: a started report is done with it
 
 
 def _succeed(session: Session, job: Job, result: RenderResult, now: datetime, policy: Policy, bucket: Bucket,
@@ -250,14 +254,18 @@ def _fail(session: Session, job: Job, result: RenderResult, now: datetime, polic
 
 def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
     """Register a worker or refresh what it is doing."""
-    store.see_worker(session, beat.worker, beat.device, int(beat.vram_gb * 1024), now)
-    session.execute(update(Worker).where(Worker.name == beat.worker).values(
-        queues=beat.queues, models=beat.models, unserved=beat.unserved,
+    seen = session.execute(update(Worker).where(Worker.name == beat.worker).values(
+        device=beat.device, vram_mb=int(beat.vram_gb * 1024), last_seen=now, queues=beat.queues, models=beat.models,
+        unserved=beat.unserved,
         problem=protocol_problem(beat.protocol, "this worker") or beat.problem,
         model_loads=beat.model_loads, load_seconds=beat.load_seconds, loaded_model=beat.loaded_model, plan=beat.plan,
         warm_shape=beat.warm_shape, current_job=beat.current_job,
         finishing=beat.finishing, step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,
-        seconds_per_image=beat.seconds_per_image))
+        seconds_per_image=beat.seconds_per_image).execution_options(synchronize_session=False))
+    if seen.rowcount == 0:  # type: ignore[attr-defined]  # its first heartbeat
+        store.see_worker(session, beat.worker, beat.device, int(beat.vram_gb * 1024), now)
+        session.flush()
+        record_heartbeat(session, beat, now)
 
 
 def reap(session: Session, now: datetime, policy: Policy) -> int:

@@ -4,6 +4,7 @@ heartbeats workers send, and gives back the jobs of workers that went silent."""
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -16,8 +17,9 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import fleet, store, usecases, webhooks
-from dispatcher.bucket import Bucket
+from dispatcher.bucket import Bucket, StoredObject
 from dispatcher.fleet import REPORT_RETRIES, REPORT_RETRY_SECONDS
+from dispatcher.recorder import GroupRecorder
 from schemas.broker import make_app
 from schemas.errors import ConfigError, StaleStateError, StorageError
 from schemas.messages import (
@@ -39,7 +41,8 @@ FEED_GAP_SECONDS = 0.05  # between two top-ups of the queues that reports asked 
 STORAGE_DOWN_AFTER = 3  # failed probes in a row (one a tick) before publishing stops
 SHEETS_EVERY_SECONDS = 600.0  # how often the signed sheets of pushed models are renewed (usecases.share_models)
 PROBE_SECONDS = 5.0  # how often a reachable bucket is looked at again (a LIST request each time)
-CONSUMERS = 8  # reports and heartbeats recorded at once
+CONSUMERS = 32  # reports and heartbeats in hand at once (reports are recorded in groups: dispatcher.recorder)
+SWITCH_SECONDS = 0.0005  # how long a thread holds the GIL while another waits (Python's default: 5 ms)
 WAITING_SECONDS = 10  # a waiting count outlives a few ticks; a silent dispatcher's counts expire (workers then
 # look at the queues' lengths)
 # A connection dropped mid-query or mid-commit: the transaction may or may not have landed. Every write here is a
@@ -55,7 +58,16 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     bucket.check()
     policy = fleet.Policy.from_settings(settings)
     app = make_app(settings.broker_url)
+    # No task events from this consumer: a report's received/started/succeeded events cost more CPU than
+    # recording it, and say nothing Kiln's own tables do not (Flower still shows the render tasks).
+    app.conf.worker_send_task_events = False
     broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+    # The recorder waits on PostgreSQL for each statement; with Python's default switch interval, a thread whose
+    # answer came waits up to 5 ms for the GIL behind busy threads, and the recorder's groups queue up behind it.
+    sys.setswitchinterval(SWITCH_SECONDS)
+    recorder = GroupRecorder[tuple[Report, StoredObject | None]](
+        sessions, lambda session, item: fleet.record_report(session, item[0], clock(), policy, bucket, item[1]),
+        away=DATABASE_AWAY).start()
 
     @app.task(name=REPORT_TASK, bind=True, acks_late=True, max_retries=REPORT_RETRIES)
     def report(task: Any, payload: dict[str, Any]) -> None:
@@ -65,7 +77,8 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
             log.error("dropped a malformed report: %s", exc.errors()[0]["msg"])
             return
         try:
-            outcome = fleet.receive_report(sessions, message, clock, policy, bucket)
+            outcome = fleet.receive_report(sessions, message, clock, policy, bucket,
+                                           lambda report, stored: recorder((report, stored)))
         except StaleStateError as exc:  # lost a race with the reaper: the job is someone else's now
             outcome = f"stale ({exc})"
         except (StorageError, *DATABASE_AWAY) as exc:

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import Engine, Table, create_engine, event, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -34,6 +34,7 @@ MIGRATION_LOCK = 0x4B494C4E  # "KILN": the advisory lock that serializes migrati
 CHUNK = 500  # ids per IN (...) query, well under every database's parameter limit
 BULK = 5000  # rows handed to one bulk insert (SQLAlchemy pages them under each database's parameter limit)
 BUSY_SECONDS = 10  # how long SQLite waits for another process's write lock before giving up
+JOBS = cast(Table, Job.__table__)
 RECORD_TRIES = 3  # a submit racing others for the same new jobs records again after the first one commits
 
 
@@ -202,9 +203,10 @@ def move(session: Session, job_id: str, current: JobStatus, target: JobStatus, a
           **values: Any) -> None:
     """Compare-and-set one job's status; raise StaleStateError when someone else moved it first."""
     check_transition(current, target)
+    jobs = JOBS.c  # a Core UPDATE: the ORM's bulk-update machinery costs more than the statement
     result = session.execute(
-        update(Job).where(Job.id == job_id, Job.status == current, Job.attempts == attempt)
-        .values(status=target, updated_at=now, **values).execution_options(synchronize_session=False))
+        update(JOBS).where(jobs.id == job_id, jobs.status == current, jobs.attempts == attempt)
+        .values(status=target, updated_at=now, **values))
     if result.rowcount != 1:  # type: ignore[attr-defined]
         raise StaleStateError(f"job {job_id} is no longer {current} at attempt {attempt}")
 
@@ -275,10 +277,11 @@ def start_attempt(session: Session, job_id: str, number: int, worker: str, now: 
 def add_output(session: Session, job_id: str, result: RenderResult, now: datetime, *, uri: str, key: str,
                md5: str | None, size: int | None, sha256: str | None) -> None:
     """The one output row of a succeeded job, under the first batch that asked for it."""
-    link, batch = session.execute(select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
-                                  .where(BatchJob.job_id == job_id).order_by(Batch.created_at)).first() or (None, None)
-    assert link is not None and batch is not None, f"job {job_id} belongs to no batch"
-    session.add(Output(job_id=job_id, batch_id=link.batch_id, manifest=batch.manifest, manifest_row=link.manifest_row,
+    first = session.execute(select(BatchJob.batch_id, BatchJob.manifest_row, Batch.manifest)
+                            .join(Batch, Batch.id == BatchJob.batch_id)
+                            .where(BatchJob.job_id == job_id).order_by(Batch.created_at).limit(1)).first()
+    assert first is not None, f"job {job_id} belongs to no batch"
+    session.add(Output(job_id=job_id, batch_id=first.batch_id, manifest=first.manifest, manifest_row=first.manifest_row,
                        key=key, uri=uri, sha256=sha256, md5=md5, bytes=size, worker=result.worker,
                        seconds=result.seconds, plan=result.plan, created_at=now))
 
@@ -381,7 +384,7 @@ def release(session: Session, job_id: str, attempt: int, now: datetime, reason: 
 def finish_attempt(session: Session, job_id: str, number: int, status: str, now: datetime, **values: Any) -> None:
     session.execute(update(Attempt).where(Attempt.job_id == job_id, Attempt.number == number,
                                           Attempt.status == "running")
-                    .values(status=status, finished_at=now, **values))
+                    .values(status=status, finished_at=now, **values).execution_options(synchronize_session=False))
 
 
 def running_jobs(session: Session) -> list[tuple[str, int, str | None, datetime | None]]:

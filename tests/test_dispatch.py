@@ -4,7 +4,10 @@ out-of-memory moves, silent workers, pause and priority. The broker is the bound
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +20,7 @@ from dispatcher import fleet, store
 from dispatcher.bucket import Bucket
 from dispatcher.expand import Options, expand
 from dispatcher.reader import parse_manifest
+from dispatcher.recorder import GroupRecorder
 from schemas.job import JobStatus, RenderResult
 from schemas.messages import PROTOCOL, Heartbeat, RenderTask, Report, on_the_wire, unwanted_key
 from schemas.tables import Attempt, Batch, Job, Output, Worker
@@ -174,6 +178,62 @@ def test_a_job_succeeds_once_with_its_verified_object_and_late_reports_change_no
         [output] = s.scalars(select(Output)).all()
         assert (output.md5, output.worker) == (hashlib.md5(b"\x89PNG fake").hexdigest(), "w1")
     assert bucket.stat("b1/a.png").md5 == output.md5  # type: ignore[union-attr]  # the late upload got 412
+
+
+def test_reports_waiting_together_are_recorded_in_one_transaction_and_one_failure_costs_no_other(
+        database_url: str, bucket: Bucket) -> None:
+    """Group commit (dispatcher.recorder): while the recorder is busy, reports queue up and are then recorded in
+    one transaction; a report that fails there fails alone, and its group's others are each recorded once."""
+    sessions = setup(database_url, "id,prompt\n" + "".join(f"r{i},x\n" for i in range(8)))
+    with sessions.begin() as s:
+        job_ids = list(s.scalars(select(Job.id).order_by(Job.id)))
+    entered, busy, bad = threading.Event(), threading.Event(), job_ids[-1]
+
+    def record(session: Any, item: tuple[Report, Any]) -> str:
+        if item[0].job_id == job_ids[0]:
+            entered.set()
+            busy.wait(timeout=30)  # the others arrive meanwhile
+        if item[0].job_id == bad:
+            raise ValueError("a report this dispatcher cannot record")
+        return fleet.record_report(session, item[0], T0, POLICY, bucket, item[1])
+
+    recorder = GroupRecorder[tuple[Report, Any]](sessions, record).start()
+    with ThreadPoolExecutor(len(job_ids)) as pool:
+        first = pool.submit(fleet.receive_report, sessions, Report(kind="started", job_id=job_ids[0], attempt=1,
+                                                                   worker="w1"), lambda: T0, POLICY, bucket,
+                            lambda r, stored: recorder((r, stored)))
+        assert entered.wait(timeout=30)  # the first report is in the recorder's hands
+        rest = [pool.submit(fleet.receive_report, sessions, Report(kind="started", job_id=job_id, attempt=1,
+                                                                   worker="w1"), lambda: T0, POLICY, bucket,
+                            lambda r, stored: recorder((r, stored))) for job_id in job_ids[1:]]
+        while recorder.waiting.qsize() < len(rest):
+            time.sleep(0.01)
+        busy.set()
+        assert first.result() == "started"
+        assert [f.result() for f in rest[:-1]] == ["started"] * (len(job_ids) - 2)
+        with pytest.raises(ValueError, match="cannot record"):
+            rest[-1].result()
+    # one transaction for the first, one for the six that went through with the failing one (after it failed,
+    # one each): the six are recorded once each, the failing one not at all
+    assert recorder.groups == 1 + (len(job_ids) - 2) and recorder.recorded == len(job_ids) - 1
+    with sessions.begin() as s:
+        assert dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all()) == {
+            JobStatus.RUNNING: len(job_ids) - 1, JobStatus.QUEUED: 1}
+        assert s.scalar(select(func.count()).select_from(Attempt)) == len(job_ids) - 1
+    # and without the failing one, a queue of reports is one transaction
+    recorder = GroupRecorder[tuple[Report, Any]](sessions, record).start()
+    entered.clear()
+    busy.clear()
+    with ThreadPoolExecutor(4) as pool:
+        block = pool.submit(recorder, (Report(kind="started", job_id=job_ids[0], attempt=2, worker="w1"), None))
+        assert entered.wait(timeout=30)
+        stale = [pool.submit(recorder, (Report(kind="started", job_id=job_id, attempt=1, worker="w2"), None))
+                 for job_id in job_ids[1:4]]
+        while recorder.waiting.qsize() < len(stale):
+            time.sleep(0.01)
+        busy.set()
+        assert "stale start" in block.result() and all("stale start" in f.result() for f in stale)
+    assert (recorder.groups, recorder.recorded) == (2, 4)
 
 
 def test_transient_failures_back_off_then_die_after_attempts_on_two_workers(database_url: str, bucket: Bucket) -> None:
