@@ -8,7 +8,7 @@ from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -177,21 +177,34 @@ def receive_report(sessions: sessionmaker[Session], report: Report, clock: Calla
         return record_report(session, report, clock(), policy, bucket, stored)
 
 
+class Held(NamedTuple):
+    """What recording a report reads of its job, from the row locked for the report's transaction."""
+
+    id: str
+    status: JobStatus
+    attempts: int
+    worker: str | None
+    output_key: str
+
+
 def record_report(session: Session, report: Report, now: datetime, policy: Policy, bucket: Bucket,
                   stored: StoredObject | None = None) -> str:
     """Record a worker's report; returns what happened, for the log. Late and duplicate reports change nothing.
     `stored` is what the bucket holds at the job's output key, looked up before this transaction
     (`receive_report`)."""
-    job = session.get(Job, report.job_id, with_for_update=True)
-    if job is None:
+    jobs = store.JOBS.c
+    row = session.execute(select(jobs.id, jobs.status, jobs.attempts, jobs.worker, jobs.output_key)
+                          .where(jobs.id == report.job_id).with_for_update()).first()
+    if row is None:
         return "unknown job"
+    job = Held(*row)
     if job.status is JobStatus.QUEUED and job.attempts == report.attempt - 1:
-        _start(session, job, report, now)  # a started report may arrive late, or not at all
+        job = _start(session, job, report, now)  # a started report may arrive late, or not at all
     elif (job.status is JobStatus.CANCELLED and job.attempts == report.attempt - 1 and report.result is not None
           and report.result.ok and stored is not None and stored.job_id == job.id):
         # Cancelled while its message was in flight, and its image landed before the worker could hear: the image
         # is kept and recorded, so that no stored image is without its row.
-        _start(session, job, report, now, JobStatus.CANCELLED)
+        job = _start(session, job, report, now)
     elif report.kind == "started":
         return f"stale start (job is {job.status.value}, attempt {job.attempts})"
     if report.kind == "started":
@@ -214,14 +227,14 @@ def touch(session: Session, report: Report, now: datetime) -> str | None:
     return session.scalar(select(Job.output_key).where(Job.id == report.job_id))
 
 
-def _start(session: Session, job: Job, report: Report, now: datetime, was: JobStatus = JobStatus.QUEUED) -> None:
-    store.move(session, job.id, was, JobStatus.RUNNING, job.attempts, now, attempts=report.attempt,
+def _start(session: Session, job: Held, report: Report, now: datetime) -> Held:
+    store.move(session, job.id, job.status, JobStatus.RUNNING, job.attempts, now, attempts=report.attempt,
                worker=report.worker, reported_at=None)
     store.start_attempt(session, job.id, report.attempt, report.worker, now)
-    session.expire(job)  # read again only if used: a started report is done with it
+    return job._replace(status=JobStatus.RUNNING, attempts=report.attempt, worker=report.worker)
 
 
-def _succeed(session: Session, job: Job, result: RenderResult, now: datetime, policy: Policy, bucket: Bucket,
+def _succeed(session: Session, job: Held, result: RenderResult, now: datetime, policy: Policy, bucket: Bucket,
              stored: StoredObject | None) -> str:
     if stored is None:
         return _fail(session, job, result.model_copy(update={
@@ -239,17 +252,18 @@ def _succeed(session: Session, job: Job, result: RenderResult, now: datetime, po
     return "succeeded" if own else "succeeded (an earlier attempt's upload stood)"
 
 
-def _fail(session: Session, job: Job, result: RenderResult, now: datetime, policy: Policy) -> str:
+def _fail(session: Session, held: Held, result: RenderResult, now: datetime, policy: Policy) -> str:
     def bigger_card() -> str | None:
         # Never the same shape on the same class of card again: the job needs a bigger class than the biggest
         # this worker serves for its model.
+        job = session.get_one(Job, held.id)
         served = session.scalar(select(Worker.queues).where(Worker.name == result.worker)) or []
         mine = [queue_tier(q) for q in served if queue_model_key(q) == model_key(job.model)]
         above = max(mine, default=queue_tier(job.queue) if job.queue else 0)
         return job_queue(job.model, resolve_model(job.model).profile, job.width, job.height,
                          references=RenderParams.of_row(job).references, above=above)
 
-    return store.record_failure(session, job.id, job.attempts, result, now, policy.retry, bigger_card)[1]
+    return store.record_failure(session, held.id, held.attempts, result, now, policy.retry, bigger_card)[1]
 
 
 def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:

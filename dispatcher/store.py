@@ -34,7 +34,9 @@ MIGRATION_LOCK = 0x4B494C4E  # "KILN": the advisory lock that serializes migrati
 CHUNK = 500  # ids per IN (...) query, well under every database's parameter limit
 BULK = 5000  # rows handed to one bulk insert (SQLAlchemy pages them under each database's parameter limit)
 BUSY_SECONDS = 10  # how long SQLite waits for another process's write lock before giving up
-JOBS = cast(Table, Job.__table__)
+# The tables themselves, for Core statements on hot paths (a report, a claim): the ORM's unit of work and
+# bulk-update machinery cost more than the statements
+JOBS, ATTEMPTS, OUTPUTS = (cast(Table, t.__table__) for t in (Job, Attempt, Output))
 RECORD_TRIES = 3  # a submit racing others for the same new jobs records again after the first one commits
 
 
@@ -203,7 +205,7 @@ def move(session: Session, job_id: str, current: JobStatus, target: JobStatus, a
           **values: Any) -> None:
     """Compare-and-set one job's status; raise StaleStateError when someone else moved it first."""
     check_transition(current, target)
-    jobs = JOBS.c  # a Core UPDATE: the ORM's bulk-update machinery costs more than the statement
+    jobs = JOBS.c
     result = session.execute(
         update(JOBS).where(jobs.id == job_id, jobs.status == current, jobs.attempts == attempt)
         .values(status=target, updated_at=now, **values))
@@ -271,7 +273,8 @@ def job_spec(job: Job, link: BatchJob, batch: Batch, attempt: int) -> JobSpec:
 
 def start_attempt(session: Session, job_id: str, number: int, worker: str, now: datetime) -> None:
     """The attempt row of a job that just went running."""
-    session.add(Attempt(job_id=job_id, number=number, worker=worker, status="running", started_at=now))
+    session.execute(insert(ATTEMPTS).values(job_id=job_id, number=number, worker=worker, status="running",
+                                            started_at=now))
 
 
 def add_output(session: Session, job_id: str, result: RenderResult, now: datetime, *, uri: str, key: str,
@@ -281,9 +284,10 @@ def add_output(session: Session, job_id: str, result: RenderResult, now: datetim
                             .join(Batch, Batch.id == BatchJob.batch_id)
                             .where(BatchJob.job_id == job_id).order_by(Batch.created_at).limit(1)).first()
     assert first is not None, f"job {job_id} belongs to no batch"
-    session.add(Output(job_id=job_id, batch_id=first.batch_id, manifest=first.manifest, manifest_row=first.manifest_row,
-                       key=key, uri=uri, sha256=sha256, md5=md5, bytes=size, worker=result.worker,
-                       seconds=result.seconds, plan=result.plan, created_at=now))
+    session.execute(insert(OUTPUTS).values(
+        job_id=job_id, batch_id=first.batch_id, manifest=first.manifest, manifest_row=first.manifest_row, key=key,
+        uri=uri, sha256=sha256, md5=md5, bytes=size, worker=result.worker, seconds=result.seconds, plan=result.plan,
+        created_at=now))
 
 
 def record_result(session: Session, spec: JobSpec, result: RenderResult, now: datetime,

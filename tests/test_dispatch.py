@@ -571,3 +571,14 @@ def test_an_image_that_landed_after_its_job_was_cancelled_is_recorded_not_orphan
         assert s.scalar(select(Job.status).where(Job.id == landed.job.job_id)) is JobStatus.SUCCEEDED
         assert s.scalar(select(Job.status).where(Job.id == nothing.job.job_id)) is JobStatus.CANCELLED
         assert s.scalar(select(func.count()).select_from(Output)) == 1
+
+
+def test_the_reports_benchmark_records_each_job_started_and_succeeded(database_url: str) -> None:
+    from benchmarks.reports import measure
+
+    cpu_ms, wall_ms = measure(database_url, jobs=10, group=4)
+    assert cpu_ms > 0 and wall_ms > 0
+    with store.open_database(database_url).begin() as s:
+        assert dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all()) == {
+            JobStatus.SUCCEEDED: 10}
+        assert s.scalar(select(func.count()).select_from(Output)) == 10
