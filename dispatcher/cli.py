@@ -457,7 +457,7 @@ def dispatcher_command(database_url: str | None, broker_url: str | None) -> None
 
     settings = load_settings(database_url=database_url, broker_url=broker_url)
     logging.getLogger("kiln").setLevel(logging.INFO)  # a service tells its log what it does
-    service.serve(settings, store.open_database(settings.database_url), utcnow)
+    service.serve(settings, store.open_database(settings.database_url, connections=service.CONNECTIONS), utcnow)
 
 
 def _database_option(fn: Callable[..., Any]) -> Callable[..., Any]:

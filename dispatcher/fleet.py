@@ -298,7 +298,8 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
     rows = session.execute(select(Job.id, Job.attempts, Job.worker, silent, overdue)
                            .outerjoin(Worker, Worker.name == Job.worker)
                            .where(Job.status == JobStatus.RUNNING, Job.updated_at < cutoff, unreported,
-                                  or_(silent, elsewhere, overdue)))
+                                  or_(silent, elsewhere, overdue))
+                           .order_by(Job.id))  # rows locked in id order, as the recorder's groups lock them
     reaped = 0
     for job_id, attempt, worker, was_silent, was_overdue in rows.all():
         reason = f"worker {worker} " + (
@@ -307,6 +308,8 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
             "stopped working on it (its process died)")
         try:
             with session.begin_nested():  # all of it, or none if the job moved meanwhile
+                # the job's row first, as recording a report locks it (then its attempt's): never the other way
+                session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
                 store.finish_attempt(session, job_id, attempt, "lost", now, error=reason)
                 charged, workers = store.charged_attempts(session, job_id)
                 if policy.retry.exhausted(charged, workers):

@@ -27,9 +27,12 @@ class GroupRecorder(Generic[T]):
     """Records items with `record(session, item) -> outcome`, as many to a transaction as are waiting."""
 
     def __init__(self, sessions: sessionmaker[Session], record: Callable[[Session, T], str],
-                 away: tuple[type[Exception], ...] = (), group: int = GROUP) -> None:
-        """`away`: the exceptions that mean the database is away (no use recording the group's items singly)."""
-        self.sessions, self.record, self.away, self.group = sessions, record, away, group
+                 away: tuple[type[Exception], ...] = (), group: int = GROUP,
+                 order: Callable[[T], str] | None = None) -> None:
+        """`away`: the exceptions that mean the database is away (no use recording the group's items singly).
+        `order`: a group's items are recorded sorted by it (stable: items of one key keep their order), so that
+        transactions that lock several rows lock them in one order, and never wait for each other in a circle."""
+        self.sessions, self.record, self.away, self.group, self.order = sessions, record, away, group, order
         self.waiting: queue.SimpleQueue[tuple[T, Future[str]]] = queue.SimpleQueue()
         self.groups = self.recorded = 0  # how many transactions and items, for the log and the tests
         self._thread: threading.Thread | None = None
@@ -56,6 +59,9 @@ class GroupRecorder(Generic[T]):
                     group.append(self.waiting.get_nowait())
                 except queue.Empty:
                     break
+            if self.order is not None:
+                order = self.order
+                group.sort(key=lambda entry: order(entry[0]))
             try:
                 self._record(group)
             except BaseException as exc:  # never leave a consumer waiting forever

@@ -42,6 +42,8 @@ STORAGE_DOWN_AFTER = 3  # failed probes in a row (one a tick) before publishing 
 SHEETS_EVERY_SECONDS = 600.0  # how often the signed sheets of pushed models are renewed (usecases.share_models)
 PROBE_SECONDS = 5.0  # how often a reachable bucket is looked at again (a LIST request each time)
 CONSUMERS = 32  # reports and heartbeats in hand at once (reports are recorded in groups: dispatcher.recorder)
+CONNECTIONS = CONSUMERS + 4  # each consumer may hold one (a touch, a heartbeat), and the recorder, bookkeeping,
+# webhooks and a metrics scrape one each: none waits for a connection
 SWITCH_SECONDS = 0.0005  # how long a thread holds the GIL while another waits (Python's default: 5 ms)
 WAITING_SECONDS = 10  # a waiting count outlives a few ticks; a silent dispatcher's counts expire (workers then
 # look at the queues' lengths)
@@ -67,7 +69,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     sys.setswitchinterval(SWITCH_SECONDS)
     recorder = GroupRecorder[tuple[Report, StoredObject | None]](
         sessions, lambda session, item: fleet.record_report(session, item[0], clock(), policy, bucket, item[1]),
-        away=DATABASE_AWAY).start()
+        away=DATABASE_AWAY, order=lambda item: item[0].job_id).start()  # jobs' rows locked in id order, as reap
 
     @app.task(name=REPORT_TASK, bind=True, acks_late=True, max_retries=REPORT_RETRIES)
     def report(task: Any, payload: dict[str, Any]) -> None:

@@ -40,11 +40,12 @@ JOBS, ATTEMPTS, OUTPUTS = (cast(Table, t.__table__) for t in (Job, Attempt, Outp
 RECORD_TRIES = 3  # a submit racing others for the same new jobs records again after the first one commits
 
 
-def open_database(url: str) -> sessionmaker[Session]:
-    """Connect, bring the schema up to date with Alembic, and return a session factory."""
+def open_database(url: str, connections: int = 5) -> sessionmaker[Session]:
+    """Connect, bring the schema up to date with Alembic, and return a session factory whose pool keeps up to
+    `connections` connections open (and opens up to ten more when busy)."""
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")  # the driver Kiln installs
-    engine = create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True, pool_size=connections)
     if engine.dialect.name == "sqlite":
         _sqlite_pragmas(engine)
     try:

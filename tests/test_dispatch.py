@@ -220,20 +220,29 @@ def test_reports_waiting_together_are_recorded_in_one_transaction_and_one_failur
         assert dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all()) == {
             JobStatus.RUNNING: len(job_ids) - 1, JobStatus.QUEUED: 1}
         assert s.scalar(select(func.count()).select_from(Attempt)) == len(job_ids) - 1
-    # and without the failing one, a queue of reports is one transaction
-    recorder = GroupRecorder[tuple[Report, Any]](sessions, record).start()
+    # and without the failing one, a queue of reports is one transaction, recorded in the order asked for (the
+    # dispatcher's: by job id, so that two transactions never lock the same rows in opposite orders)
+    seen: list[str] = []
+
+    def noting(session: Any, item: tuple[Report, Any]) -> str:
+        seen.append(item[0].job_id)
+        return record(session, item)
+
+    recorder = GroupRecorder[tuple[Report, Any]](sessions, noting, order=lambda item: item[0].job_id).start()
     entered.clear()
     busy.clear()
     with ThreadPoolExecutor(4) as pool:
         block = pool.submit(recorder, (Report(kind="started", job_id=job_ids[0], attempt=2, worker="w1"), None))
         assert entered.wait(timeout=30)
-        stale = [pool.submit(recorder, (Report(kind="started", job_id=job_id, attempt=1, worker="w2"), None))
-                 for job_id in job_ids[1:4]]
-        while recorder.waiting.qsize() < len(stale):
-            time.sleep(0.01)
+        stale = []
+        for job_id in reversed(job_ids[1:4]):
+            stale.append(pool.submit(recorder, (Report(kind="started", job_id=job_id, attempt=1, worker="w2"), None)))
+            while recorder.waiting.qsize() < len(stale):  # queued in this order
+                time.sleep(0.01)
         busy.set()
         assert "stale start" in block.result() and all("stale start" in f.result() for f in stale)
     assert (recorder.groups, recorder.recorded) == (2, 4)
+    assert seen == job_ids[:4]
 
 
 def test_transient_failures_back_off_then_die_after_attempts_on_two_workers(database_url: str, bucket: Bucket) -> None:
