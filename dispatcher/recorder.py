@@ -34,7 +34,7 @@ class GroupRecorder(Generic[T]):
         transactions that lock several rows lock them in one order, and never wait for each other in a circle."""
         self.sessions, self.record, self.away, self.group, self.order = sessions, record, away, group, order
         self.waiting: queue.SimpleQueue[tuple[T, Future[str]]] = queue.SimpleQueue()
-        self.groups = self.recorded = 0  # how many transactions and items, for the log and the tests
+        self.groups = self.recorded = 0  # transactions committed and items recorded in them (the tests read them)
         self._thread: threading.Thread | None = None
 
     def __call__(self, item: T) -> str:

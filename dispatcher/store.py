@@ -387,9 +387,10 @@ def release(session: Session, job_id: str, attempt: int, now: datetime, reason: 
 
 
 def finish_attempt(session: Session, job_id: str, number: int, status: str, now: datetime, **values: Any) -> None:
-    session.execute(update(Attempt).where(Attempt.job_id == job_id, Attempt.number == number,
-                                          Attempt.status == "running")
-                    .values(status=status, finished_at=now, **values).execution_options(synchronize_session=False))
+    attempts = ATTEMPTS.c
+    session.execute(update(ATTEMPTS).where(attempts.job_id == job_id, attempts.number == number,
+                                           attempts.status == "running")
+                    .values(status=status, finished_at=now, **values))
 
 
 def running_jobs(session: Session) -> list[tuple[str, int, str | None, datetime | None]]:
