@@ -40,7 +40,7 @@ from schemas.messages import (
     REPORT_TASK,
     REPORTS_QUEUE,
     Heartbeat,
-    RenderTask,
+    RenderMessage,
     Report,
 )
 from schemas.tables import Job, Worker
@@ -70,9 +70,9 @@ class SimulatedWorker(threading.Thread):
         self.app.send_task(task, args=[payload], queue=queue)
 
     def beat(self) -> None:
-        self.send(HEARTBEAT_TASK, Heartbeat(worker=self.name, device="simulated", vram_gb=24.0, queues=[self.queue],
-                                            models=["tiny"], current_job=self.current).model_dump(mode="json"),
-                  self.beats_to)
+        beat = Heartbeat(worker=self.name, device="simulated", vram_gb=24.0, queues=[self.queue], models=["tiny"],
+                         rendering=[self.current] if self.current else [])
+        self.send(HEARTBEAT_TASK, beat.model_dump(mode="json"), self.beats_to)
         self.beat_at = time.monotonic()
 
     def run(self) -> None:
@@ -85,7 +85,7 @@ class SimulatedWorker(threading.Thread):
                 continue
             envelope = json.loads(popped[1])
             args, _, _ = json.loads(b64decode(envelope["body"]))  # Celery's message protocol 2: (args, kwargs, embed)
-            message = RenderTask.model_validate(args[0])
+            (message,) = RenderMessage.model_validate(args[0]).tasks
             job = message.job
             self.current = job.job_id
             self.send(REPORT_TASK, Report(kind="started", job_id=job.job_id, attempt=job.attempt,

@@ -12,6 +12,7 @@ loop (goals: render <= 1.05x, fleet <= 1.15x) and milliseconds of overhead per j
 time goes (time inside the worker per image, from the database, against the wall).
 
     .venv/bin/python -m benchmarks.overhead --jobs 200 --rounds 2
+    .venv/bin/python -m benchmarks.overhead --jobs 200 --rounds 2 --batch-size 4   # Kiln batching, the loop not
 
 Needs PostgreSQL (KILN_TEST_POSTGRES_URL, as the tests) and redis-server for the fleet; --no-fleet skips it.
 """
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-fleet", action="store_true", help="only the loop and kiln render")
     parser.add_argument("--fleet-only", action="store_true", help="only the fleet (no ratio to the loop)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="KILN_BATCH_SIZE for kiln render and the fleet's dispatcher (the loop renders one by one)")
     parser.add_argument("--loop", nargs=3, metavar=("MANIFEST", "OUT", "CACHE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.loop:
@@ -87,6 +90,7 @@ def main() -> None:
         ensure_tiny(cache)
         env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
         env |= {"KILN_CACHE_DIR": str(cache), "KILN_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+        kiln_env = env | {"KILN_BATCH_SIZE": str(args.batch_size)}
         source = manifest(tmp, args.jobs)
         for r in range(args.rounds):
             work = tmp / f"round{r}"
@@ -94,9 +98,10 @@ def main() -> None:
             if not args.fleet_only:
                 times["loop"].append(timed([sys.executable, "-m", "benchmarks.overhead", "--loop", str(source),
                                             str(work / "loop"), str(cache)], env, Path.cwd()))
-                times["render"].append(timed([kiln, "render", str(source), "--model", "tiny", "--json"], env, work))
+                times["render"].append(timed([kiln, "render", str(source), "--model", "tiny", "--json"], kiln_env,
+                                             work))
             if not args.no_fleet:
-                wall, inside = fleet_run(work, source, cache)
+                wall, inside = fleet_run(work, source, cache, args.batch_size)
                 times["fleet"].append(wall)
                 fleet_inside.append(inside)
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in times.items() if v), flush=True)
@@ -105,7 +110,8 @@ def main() -> None:
               f"{1000 * statistics.median(fleet_inside) / args.jobs:.0f} ms per job in the pipeline")
         return
     base = statistics.median(times["loop"])
-    print(f"\n{args.jobs} jobs at {SIZE}x{SIZE}, tiny model, {os.cpu_count()} CPUs, median of {args.rounds} rounds:")
+    print(f"\n{args.jobs} jobs at {SIZE}x{SIZE}, tiny model, {os.cpu_count()} CPUs, median of {args.rounds} rounds, "
+          f"KILN_BATCH_SIZE {args.batch_size}:")
     print(f"  loop    {base:7.1f} s  ({1000 * base / args.jobs:.0f} ms per job)")
     for name, goal in (("render", 1.05), ("fleet", 1.15)):
         if not times[name]:
@@ -120,7 +126,7 @@ def main() -> None:
               f"{1000 * (wall - inside) / args.jobs:.0f} ms per job around it (load, encode, upload, queues, reports)")
 
 
-def fleet_run(work: Path, source: Path, cache: Path) -> tuple[float, float]:
+def fleet_run(work: Path, source: Path, cache: Path, batch_size: int = 1) -> tuple[float, float]:
     """(wall seconds from the worker's start to the last image recorded, seconds its attempts spent in the
     pipeline)."""
     import sqlalchemy
@@ -136,7 +142,7 @@ def fleet_run(work: Path, source: Path, cache: Path) -> tuple[float, float]:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
     try:
         with running_fleet(work, f"{POSTGRES_URL}?options=-csearch_path%3D{schema}", cache) as fleet:
-            fleet.dispatcher()
+            fleet.dispatcher(KILN_BATCH_SIZE=str(batch_size))
             jobs = len(source.read_text().splitlines()) - 1
             started = time.perf_counter()  # the worker starts as the loop does: a new process, nothing loaded
             fleet.worker("w1", 16, models="tiny")

@@ -451,11 +451,12 @@ def _contact_sheet(rows: list[dict[str, Any]], path: Path, settings: KilnSetting
 @cli.command("dispatcher")
 @click.option("--database-url", help="[env KILN_DATABASE_URL]")
 @click.option("--broker-url", help="[env KILN_BROKER_URL] The fleet's Redis.")
-def dispatcher_command(database_url: str | None, broker_url: str | None) -> None:
+@click.option("--batch-size", type=int, help="Jobs of one shape per render message [env KILN_BATCH_SIZE; 1].")
+def dispatcher_command(database_url: str | None, broker_url: str | None, batch_size: int | None) -> None:
     """Coordinate the fleet: feed render queues from the database and record what workers report."""
     from dispatcher import service
 
-    settings = load_settings(database_url=database_url, broker_url=broker_url)
+    settings = load_settings(database_url=database_url, broker_url=broker_url, batch_size=batch_size)
     logging.getLogger("kiln").setLevel(logging.INFO)  # a service tells its log what it does
     service.serve(settings, store.open_database(settings.database_url, connections=service.CONNECTIONS), utcnow)
 
@@ -574,7 +575,8 @@ def workers(database_url: str | None, as_json: bool) -> None:
     if not found:
         out.print("no worker heard from in the last day: start one with `kiln worker` (README, \"Run a fleet\")")
     for w in found:
-        doing = (f"job {w.current_job} step {w.step}" if w.current_job else "idle") if w.online else "[red]offline[/]"
+        doing = (f"job{'s' if len(w.rendering) > 1 else ''} {', '.join(w.rendering)} step {w.step}" if w.rendering
+                 else "idle") if w.online else "[red]offline[/]"
         loaded = f", {w.loaded_model} loaded {w.plan}" if w.loaded_model and w.online else ""
         out.print(f"{w.name}: {w.device} {w.vram_gb} GB{loaded}, {doing}, {w.done} done, {w.failed} failed, "
                   f"last seen {w.last_seen:%Y-%m-%d %H:%M:%S} UTC", highlight=False)

@@ -19,7 +19,7 @@ from dispatcher.lifecycle import RetryPolicy
 from schemas.capacity import job_queue, model_key, queue_model_key, queue_tier, why_unfit
 from schemas.errors import KilnError, StaleStateError
 from schemas.job import JobStatus, RenderResult
-from schemas.messages import Heartbeat, RenderTask, Report, protocol_problem, unwanted_key
+from schemas.messages import Heartbeat, RenderMessage, RenderTask, Report, protocol_problem, unwanted_key
 from schemas.models import resolve_model
 from schemas.params import RenderParams
 from schemas.plan import Shape
@@ -37,7 +37,7 @@ REPORT_RETRIES = 1200  # ...for an hour; then it is dropped and the reaper gives
 class Policy:
     """The numbers that govern retries and silence, from the settings."""
 
-    backlog: int
+    backlog: int  # messages per live consumer of a queue
     message_ttl: timedelta
     worker_timeout: timedelta
     max_attempts: int
@@ -45,6 +45,7 @@ class Policy:
     time_limit: timedelta = timedelta(minutes=30)  # a worker kills a render running longer
     report_hold: timedelta = timedelta(seconds=REPORT_RETRY_SECONDS * REPORT_RETRIES)  # a report in hand keeps
     # its job from the reaper while it is being retried
+    message_jobs: int = 1  # jobs of one shape per render message (KILN_BATCH_SIZE)
 
     @property
     def retry(self) -> RetryPolicy:
@@ -56,7 +57,7 @@ class Policy:
         """Build from KilnSettings."""
         return cls(s.backlog, timedelta(seconds=s.message_ttl_seconds), timedelta(seconds=s.worker_timeout_seconds),
                    s.max_attempts, timedelta(seconds=s.retry_base_seconds),
-                   timedelta(seconds=s.job_time_limit_seconds))
+                   timedelta(seconds=s.job_time_limit_seconds), message_jobs=s.batch_size)
 
 
 def withdraw(session: Session, mark: Callable[[str], None]) -> int:
@@ -80,7 +81,8 @@ def token(published_at: datetime) -> str:
 def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publish: Publish,
          queue_depth: Callable[[str], int]) -> int:
     """Top every render queue up to the backlog for each live worker consuming it (at least one backlog), from the
-    database; republish what the broker lost."""
+    database; republish what the broker lost. Returns how many jobs went out (in fewer messages when they carry
+    several jobs of one shape)."""
     published = 0
     queues = session.scalars(select(Job.queue).where(Job.status == JobStatus.QUEUED, Job.queue.is_not(None))
                              .distinct()).all()
@@ -104,18 +106,46 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
             Job.published_at < (now - LOST_QUEUE_GRACE if lost else stale)).values(published_at=None))
         # One backlog per consumer: fifty workers on one queue drain a fixed few messages faster than reports
         # arrive to top it up. Bounded all the same: Redis holds a few messages per worker, not the batch.
-        free = policy.backlog * max(1, consumers[queue]) - _waiting(session, queue)
+        size = _message_size(session, queue, now, policy.message_jobs, max(1, consumers[queue]))
+        free = policy.backlog * size * max(1, consumers[queue]) - _waiting(session, queue)
         chosen = _next_jobs(session, queue, now, free, warm.get(queue, set())) if free > 0 else []
         rows = _rows(session, chosen)
-        for job, batch_id in chosen:
-            spec = store.job_spec(job, *rows[(job.id, batch_id)], job.attempts + 1)
-            publish(queue, RenderTask(job=spec, upload=bucket.upload_for(job.id, job.output_key),
-                                      reference_urls=bucket.reference_urls(spec), lora_urls=bucket.lora_urls(spec),
-                                      token=token(now))
-                    .model_dump(mode="json"))
-            job.published_at = now
-            published += 1
+        for group in _messages(chosen, size):
+            tasks = []
+            for job, batch_id in group:
+                spec = store.job_spec(job, *rows[(job.id, batch_id)], job.attempts + 1)
+                tasks.append(RenderTask(job=spec, upload=bucket.upload_for(job.id, job.output_key),
+                                        reference_urls=bucket.reference_urls(spec), lora_urls=bucket.lora_urls(spec),
+                                        token=token(now)))
+            publish(queue, RenderMessage(tasks=tasks).model_dump(mode="json"))
+            for job, _ in group:
+                job.published_at = now
+            published += len(group)
     return published
+
+
+def _message_size(session: Session, queue: str, now: datetime, most: int, consumers: int) -> int:
+    """Jobs per render message on a queue: up to `most` (KILN_BATCH_SIZE), fewer when the queue's work would not
+    keep every consumer busy otherwise (ten jobs and three workers: messages of four, not one of eight)."""
+    if most == 1:
+        return 1
+    due = session.scalar(select(func.count()).select_from(Job).where(
+        Job.status == JobStatus.QUEUED, Job.queue == queue, store.due(now))) or 0
+    return max(1, min(most, -(-due // consumers)))
+
+
+def _messages(chosen: list[tuple[Job, str]], size: int) -> list[list[tuple[Job, str]]]:
+    """The chosen jobs as render messages of one shape and at most `size` jobs, in the order they were chosen
+    (a message goes out where its first job stood)."""
+    groups: dict[str, list[list[tuple[Job, str]]]] = {}
+    out: list[list[tuple[Job, str]]] = []
+    for job, batch_id in chosen:
+        open_ = groups.setdefault(job.shape, [])
+        if not open_ or len(open_[-1]) >= size:
+            open_.append([])
+            out.append(open_[-1])
+        open_[-1].append((job, batch_id))
+    return out
 
 
 def waiting(session: Session, now: datetime) -> dict[str, int]:
@@ -273,8 +303,8 @@ def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
         unserved=beat.unserved,
         problem=protocol_problem(beat.protocol, "this worker") or beat.problem,
         model_loads=beat.model_loads, load_seconds=beat.load_seconds, loaded_model=beat.loaded_model, plan=beat.plan,
-        warm_shape=beat.warm_shape, current_job=beat.current_job,
-        finishing=beat.finishing, step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,
+        warm_shape=beat.warm_shape, rendering=beat.rendering, storing=beat.storing,
+        step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,
         seconds_per_image=beat.seconds_per_image).execution_options(synchronize_session=False))
     if seen.rowcount == 0:  # type: ignore[attr-defined]  # its first heartbeat
         store.see_worker(session, beat.worker, beat.device, int(beat.vram_gb * 1024), now)
@@ -289,19 +319,21 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
     whose workers keep vanishing goes dead."""
     cutoff = now - policy.worker_timeout
     silent = or_(Worker.last_seen.is_(None), Worker.last_seen < cutoff)
-    elsewhere = and_(or_(Worker.current_job.is_(None), Worker.current_job != Job.id),
-                     or_(Worker.finishing.is_(None), Worker.finishing != Job.id))
     overdue = Job.updated_at < cutoff - policy.time_limit
     # A report in hand means the worker is done with the job; while it waits to be recorded (storage slow to
     # confirm the upload), giving the job back would only render it again.
     unreported = or_(Job.reported_at.is_(None), Job.reported_at < now - policy.report_hold)
-    rows = session.execute(select(Job.id, Job.attempts, Job.worker, silent, overdue)
+    rows = session.execute(select(Job.id, Job.attempts, Job.worker, silent, overdue, Worker.rendering, Worker.storing)
                            .outerjoin(Worker, Worker.name == Job.worker)
-                           .where(Job.status == JobStatus.RUNNING, Job.updated_at < cutoff, unreported,
-                                  or_(silent, elsewhere, overdue))
-                           .order_by(Job.id))  # rows locked in id order, as the recorder's groups lock them
+                           .where(Job.status == JobStatus.RUNNING, Job.updated_at < cutoff, unreported)
+                           .order_by(Job.id)).all()  # rows locked in id order, as the recorder's groups lock them
+    # Whether the worker's heartbeats still name the job (the lists are JSON: compared here, not in SQL). Only jobs
+    # running longer than the worker timeout are read: a few per worker.
+    lost = [(job_id, attempt, worker, was_silent, was_overdue)
+            for job_id, attempt, worker, was_silent, was_overdue, rendering, storing in rows
+            if was_silent or was_overdue or job_id not in (rendering or []) + (storing or [])]
     reaped = 0
-    for job_id, attempt, worker, was_silent, was_overdue in rows.all():
+    for job_id, attempt, worker, was_silent, was_overdue in lost:
         reason = f"worker {worker} " + (
             "went silent" if was_silent else
             f"ran past the {policy.time_limit.total_seconds():.0f} s time limit" if was_overdue else

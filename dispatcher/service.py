@@ -113,8 +113,9 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     def publish(queue: str, payload: dict[str, Any]) -> None:
         # The message expires with its TTL; the feeder republishes from the database after that.
         # argsrepr: logs, events and Flower show the job, never the signed upload URL (a credential)
+        jobs = ", ".join(f"{t['job']['job_id']} attempt {t['job']['attempt']}" for t in payload["tasks"])
         app.send_task(RENDER_TASK, args=[payload], queue=queue, expires=settings.message_ttl_seconds,
-                      argsrepr=f"job {payload['job']['job_id']} attempt {payload['job']['attempt']}")
+                      argsrepr=f"job{'s' if len(payload['tasks']) > 1 else ''} {jobs}")
 
     def depth(queue: str) -> int:
         return int(broker.llen(queue))
@@ -177,7 +178,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                     except StorageError as exc:
                         log.warning("cannot renew the sheets of pushed models (%s); trying again later", exc)
                 if reaped or published:
-                    log.info("published %d render messages, gave back %d jobs of silent workers", published, reaped)
+                    log.info("published %d jobs, gave back %d jobs of silent workers", published, reaped)
             except DATABASE_AWAY as exc:
                 log.warning("bookkeeping: the database is away (%s); retrying", _why(exc))
             except Exception:  # the broker is away, or something unforeseen: say so and try again next tick

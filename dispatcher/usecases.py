@@ -304,7 +304,7 @@ class WorkerView:
     queues: list[str] = field(default_factory=list)
     loaded_model: str | None = None
     plan: str | None = None
-    current_job: str | None = None
+    rendering: list[str] = field(default_factory=list)  # the jobs of the render message in hand
     step: str | None = None
     seconds_per_image: float | None = None
     done: int = 0  # attempts it rendered
@@ -325,7 +325,7 @@ def workers(session: Session, now: datetime, timeout: timedelta) -> list[WorkerV
         online=w.last_seen >= now - timeout, last_seen=w.last_seen, models=w.models or [],
         unserved=w.unserved or {}, problem=w.problem, model_loads=w.model_loads or {},
         load_seconds=w.load_seconds or {}, queues=w.queues or [],
-        loaded_model=w.loaded_model, plan=w.plan, current_job=w.current_job, step=w.step,
+        loaded_model=w.loaded_model, plan=w.plan, rendering=w.rendering or [], step=w.step,
         seconds_per_image=w.seconds_per_image, done=counts.get((w.name, "succeeded"), 0),
         failed=sum(n for (name, status), n in counts.items() if name == w.name and status not in
                    ("succeeded", "running")))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from schemas.capacity import model_key
 from schemas.job import JobSpec, RenderResult
@@ -45,9 +45,10 @@ class Upload(BaseModel):
 
 # Raised whenever a message's shape changes, so that a dispatcher and workers of different Kiln versions say so
 # instead of dropping each other's messages: 2 = the render parameters nested in the job (schemas.params), reference
-# images and LoRAs fetched by content through signed links.
+# images and LoRAs fetched by content through signed links; 3 = a render message carries several jobs of one shape
+# (RenderMessage), and heartbeats name every job a worker holds (rendering, storing).
 # A message or heartbeat without the field comes from a Kiln before protocol numbers: protocol 1 (`on_the_wire`).
-PROTOCOL = 2
+PROTOCOL = 3
 UNNUMBERED = 1
 
 
@@ -66,14 +67,22 @@ def protocol_problem(theirs: int, who: str) -> str | None:
 
 
 class RenderTask(BaseModel):
-    """One job for one worker."""
+    """One job of a render message, with its own signed upload and files."""
 
-    protocol: int = PROTOCOL
     job: JobSpec
     upload: Upload
     reference_urls: list[str] = []  # a signed GET of each of the job's reference images, uploaded at submit
     lora_urls: list[str] = []  # and of each of its LoRAs
     token: str = ""  # which publication of the job this message is (see unwanted_key)
+
+
+class RenderMessage(BaseModel):
+    """What one worker takes at once: jobs of one shape (RenderParams.shape: one model, size, step count, LoRAs and
+    reference images), rendered in as few pipeline calls as its card fits, each with its own seed and result.
+    Acknowledged once they are all rendered; a worker that dies before has them all rendered again elsewhere."""
+
+    protocol: int = PROTOCOL
+    tasks: list[RenderTask] = Field(min_length=1)
 
 
 class Report(BaseModel):
@@ -102,8 +111,8 @@ class Heartbeat(BaseModel):
     loaded_model: str | None = None
     warm_shape: str | None = None  # RenderParams.shape of what it rendered last: its LoRAs are still applied
     plan: str | None = None  # how the loaded model sits on the card (schemas.plan.Plan.describe)
-    current_job: str | None = None
-    finishing: str | None = None  # the job before it: rendered, its image being stored (and then reported)
+    rendering: list[str] = []  # the jobs of the message in hand
+    storing: list[str] = []  # jobs rendered before them, their images being stored (and then reported)
     step: int | None = None
     steps: int | None = None
     seconds_per_image: float | None = None

@@ -173,8 +173,8 @@ class Worker(Base):
     loaded_model: Mapped[str | None] = mapped_column(String(300))
     warm_shape: Mapped[str | None] = mapped_column(String(32))  # what it rendered last: the feeder offers more of it
     plan: Mapped[str | None] = mapped_column(String(120))  # how the loaded model sits on its card
-    current_job: Mapped[str | None] = mapped_column(String(32))
-    finishing: Mapped[str | None] = mapped_column(String(32))  # rendered, its image being stored
+    rendering: Mapped[list[str] | None] = mapped_column(JSON)  # the jobs of the render message in hand
+    storing: Mapped[list[str] | None] = mapped_column(JSON)  # rendered, their images being stored
     step: Mapped[str | None] = mapped_column(String(16))  # "3/4"
     seconds_per_image: Mapped[float | None] = mapped_column(Float)
 

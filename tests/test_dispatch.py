@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from dispatcher.expand import Options, expand
 from dispatcher.reader import parse_manifest
 from dispatcher.recorder import GroupRecorder
 from schemas.job import JobStatus, RenderResult
-from schemas.messages import PROTOCOL, Heartbeat, RenderTask, Report, on_the_wire, unwanted_key
+from schemas.messages import PROTOCOL, Heartbeat, RenderMessage, RenderTask, Report, on_the_wire, unwanted_key
 from schemas.tables import Attempt, Batch, Job, Output, Worker
 from tests.services import s3_server
 from worker.upload import SignedUpload
@@ -59,9 +60,14 @@ class Broker:
         self.depth[queue] = self.depth.get(queue, 0) + 1
 
     def take(self) -> RenderTask:
+        """The next message, which holds one job."""
+        (task,) = self.take_message().tasks
+        return task
+
+    def take_message(self) -> RenderMessage:
         queue, payload = self.sent.pop(0)
         self.depth[queue] -= 1
-        return RenderTask.model_validate(payload)
+        return RenderMessage.model_validate(payload)
 
 
 def setup(database_url: str, rows: str, batch: str = "b1", priority: int = 0, paused: bool = False):  # type: ignore[no-untyped-def]
@@ -366,6 +372,55 @@ def test_a_lost_or_expired_message_is_published_again(database_url: str, bucket:
     assert feed(sessions, bucket, broker, T0 + timedelta(minutes=16)) == 1
 
 
+def batched(sessions, bucket: Bucket, broker: Broker, jobs: int, now: datetime = T0) -> list[list[str]]:  # type: ignore[no-untyped-def]
+    """Feed with KILN_BATCH_SIZE=`jobs`: the row ids of each message published."""
+    with sessions.begin() as s:
+        fleet.feed(s, now, replace(POLICY, message_jobs=jobs), bucket, broker.publish, lambda q: broker.depth.get(q, 0))
+    return [[t.job.row_id for t in RenderMessage.model_validate(p).tasks] for _, p in broker.sent]
+
+
+def test_jobs_of_one_shape_go_out_together_and_a_message_never_mixes_shapes(database_url: str,
+                                                                             bucket: Bucket) -> None:
+    rows = "id,prompt,width,height,seed\n" + "".join(f"s{i},p{i},512,512,{i}\n" for i in range(7)) + \
+        "big,q,1024,1024,9\nbig2,q,1024,1024,10\n"
+    sessions = setup(database_url, rows)
+    broker = Broker()
+    # one consumer (none has beaten yet): messages of up to 4 jobs, a backlog of 2 messages per queue
+    assert batched(sessions, bucket, broker, 4) == [["s0", "s1", "s2", "s3"], ["s4", "s5", "s6"], ["big"]]
+    first = RenderMessage.model_validate(broker.sent[0][1])
+    assert [t.job.params.seed for t in first.tasks] == [0, 1, 2, 3]  # each job its own seed, upload and token
+    assert len({t.upload.url for t in first.tasks}) == 4 and len({t.token for t in first.tasks}) == 1
+    assert first.protocol == PROTOCOL
+
+
+def test_messages_shrink_so_that_every_worker_on_a_queue_gets_work(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\n" + "".join(f"j{i},p{i}\n" for i in range(7)))
+    with sessions.begin() as s:
+        queue = s.scalar(select(Job.queue))
+        for name in ("w1", "w2", "w3"):
+            fleet.record_heartbeat(s, Heartbeat(worker=name, device="cuda", vram_gb=24, queues=[queue]), T0)
+    # 7 jobs over 3 workers: messages of 3, not one of 7 and two workers idle
+    assert batched(sessions, bucket, Broker(), 8) == [["j0", "j1", "j2"], ["j3", "j4", "j5"], ["j6"]]
+
+
+def test_a_worker_holding_several_jobs_keeps_each_one_its_heartbeats_name(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\nb,y\n")
+    broker = Broker()
+    batched(sessions, bucket, broker, 2)
+    tasks = broker.take_message().tasks
+    for task in tasks:
+        report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1"))
+    a, b = (task.job.job_id for task in tasks)
+    later = T0 + timedelta(seconds=61)
+    with sessions.begin() as s:
+        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[], rendering=[b],
+                                            storing=[a]), later)
+        assert fleet.reap(s, later, POLICY) == 0
+        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[], rendering=[b]), later)
+        assert fleet.reap(s, later, POLICY) == 1  # a is neither rendering nor storing, and unreported: given back
+    assert job_row(sessions, a).status is JobStatus.QUEUED and job_row(sessions, b).status is JobStatus.RUNNING
+
+
 def test_paused_batches_wait_and_priorities_go_first(database_url: str, bucket: Bucket) -> None:
     sessions = setup(database_url, "id,prompt\nlow,x\n", "low")
     expansion = expand(parse_manifest(b"id,prompt\nhigh,y\n", "m.csv"), Options(batch="high", base_dir=Path.cwd()))
@@ -377,7 +432,7 @@ def test_paused_batches_wait_and_priorities_go_first(database_url: str, bucket: 
                                     priority=9, paused=True), paused, T0)
     broker = Broker()
     feed(sessions, bucket, broker)
-    assert [RenderTask.model_validate(p).job.row_id for _, p in broker.sent] == ["high", "low"]
+    assert [t.job.row_id for _, p in broker.sent for t in RenderMessage.model_validate(p).tasks] == ["high", "low"]
 
 
 def test_a_key_holding_another_jobs_image_is_not_overwritten(database_url: str, bucket: Bucket) -> None:
@@ -450,11 +505,11 @@ def test_a_job_whose_image_is_still_uploading_while_its_worker_renders_the_next_
     sessions, task = started(database_url, bucket)
     later = T0 + timedelta(seconds=61)  # a slow upload: the job's last word is a minute old
     with sessions.begin() as s:
-        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[], current_job="next",
-                                            finishing=task.job.job_id), later)
+        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[], rendering=["next"],
+                                            storing=[task.job.job_id]), later)
         assert fleet.reap(s, later, POLICY) == 0
-        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[], current_job="next"),
-                               later)  # no longer finishing it, and no report came: its process died meanwhile
+        fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[], rendering=["next"]),
+                               later)  # no longer storing it, and no report came: its process died meanwhile
         assert fleet.reap(s, later, POLICY) == 1
     assert job_row(sessions, task.job.job_id).status is JobStatus.QUEUED
 
@@ -467,7 +522,7 @@ def test_no_job_stays_running_past_its_time_limit_whatever_the_heartbeats_say(da
     for now in (T0 + limit - timedelta(seconds=1), T0 + limit + timedelta(seconds=1)):
         with sessions.begin() as s:  # a live worker, beating, that still says it is on the job: a hung render
             fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[],
-                                                current_job=task.job.job_id), now)
+                                                rendering=[task.job.job_id]), now)
             reaped.append(fleet.reap(s, now, POLICY))
     assert reaped == [0, 1] and job_row(sessions, task.job.job_id).status is JobStatus.QUEUED
     with sessions.begin() as s:

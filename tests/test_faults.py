@@ -63,6 +63,36 @@ def test_a_worker_switched_off_mid_render_loses_nothing(fleet: Fleet) -> None:
     assert ("victim", "lost") in attempts and ("survivor", "succeeded") in attempts
 
 
+def test_a_worker_switched_off_holding_a_message_of_several_jobs_loses_none_of_them(
+        tmp_path: Path, postgres_url: str, cache_dir: Path) -> None:
+    with running_fleet(tmp_path, postgres_url, cache_dir) as fleet:
+        fleet.dispatcher(KILN_BATCH_SIZE="3")  # messages of 3 jobs of one shape
+        fleet.submit(ROWS, "--model", "tiny")
+        fleet.worker("victim", 16)
+        fleet.worker("survivor", 16)
+        held: list[str] = []
+
+        def holding_several() -> bool:
+            with fleet.engine.connect() as conn:
+                held[:] = conn.scalars(select(Job.id).where(Job.status == "running", Job.worker == "victim"))
+            return len(held) >= 2
+
+        fleet.wait_until(holding_several, 120, "the victim holding several jobs")
+        fleet.signal("victim", signal.SIGKILL)
+        fleet.wait_quiet(10)
+        assert fleet.check()["succeeded"] == 10  # every job once, no stray object, nothing in flight
+        with fleet.engine.connect() as conn:
+            attempts = {job: {(a.worker, a.status) for a in conn.execute(select(Attempt).where(Attempt.job_id == job))}
+                        for job in held}
+        # each held job was given back and rendered by the survivor (or, caught the instant before its report was
+        # recorded, was the victim's to finish)
+        taken_back = [job for job, tried in attempts.items()
+                      if ("victim", "lost") in tried and ("survivor", "succeeded") in tried]
+        assert taken_back and all(job in taken_back or ("victim", "succeeded") in tried
+                                  for job, tried in attempts.items())
+        assert "3 images of tiny at 1024x1024 in one pipeline call" in (fleet.tmp / "survivor.log").read_text()
+
+
 def test_a_frozen_worker_that_wakes_late_overwrites_and_duplicates_nothing(fleet: Fleet) -> None:
     job = caught_rendering(fleet, "sleeper", "awake")
     fleet.signal("sleeper", signal.SIGSTOP)  # past its timeout (8 s): its job goes to the other worker

@@ -261,3 +261,24 @@ def test_a_two_model_batch_costs_each_worker_at_most_one_load_per_model(fleet: F
     assert all(set(w["load_seconds"]) == set(w["model_loads"]) for w in fleet.workers().values())
     print(f"model loads per worker for an 18-job batch of two models: {loads}")  # the figure the issue asks for
     assert all(n <= 1 for per_model in loads.values() for n in per_model.values()), loads
+
+
+def test_a_worker_renders_a_message_of_several_jobs_in_one_call_each_with_its_own_seed_and_upload(
+        tmp_path: Path, postgres_url: str, cache_dir: Path) -> None:
+    with running_fleet(tmp_path, postgres_url, cache_dir) as fleet:
+        fleet.dispatcher(KILN_BATCH_SIZE="4")
+        rows = "".join(f"p{i},product {i},256,256,{100 + i}\n" for i in range(8))
+        fleet.submit("id,prompt,width,height,seed\n" + rows, "--model", "tiny")
+        fleet.worker("w1", 16)
+        fleet.wait_quiet(8, 120)
+        assert fleet.check() == {"succeeded": 8, "dead": 0, "lost_or_failed_attempts": 0}
+        log = (fleet.tmp / "w1.log").read_text()
+        assert log.count("4 images of tiny at 256x256 in one pipeline call") == 2, log
+        assert "1 image of" not in log
+        outputs = {}
+        for obj in fleet.s3.list_objects_v2(Bucket=BUCKET, Prefix="renders/")["Contents"]:
+            data = fleet.s3.get_object(Bucket=BUCKET, Key=obj["Key"])["Body"].read()
+            params = json.loads(read_parameters(data)["kiln"])
+            outputs[params["row_id"]] = (params["params"]["seed"], hashlib.sha256(data).hexdigest())
+        assert {row: seed for row, (seed, _) in outputs.items()} == {f"p{i}": 100 + i for i in range(8)}
+        assert len({digest for _, digest in outputs.values()}) == 8  # eight images, none stored twice

@@ -29,6 +29,7 @@ from schemas.messages import (
     REPORTS_QUEUE,
     Heartbeat,
     ModelSheet,
+    RenderMessage,
     RenderTask,
     Report,
     model_sheet_key,
@@ -72,21 +73,21 @@ class WorkerState:
         with self.lock:
             self.beat = self.beat.model_copy(update=values)
 
-    def handed_over(self, job_id: str, **values: Any) -> None:
-        """A job is rendered and its image handed to the writer: heartbeats name it as finishing (so the
-        dispatcher does not take it back while it uploads) until `stored` says it is done."""
+    def handed_over(self, job_ids: list[str], **values: Any) -> None:
+        """A message's jobs are rendered and their images handed to the writer: heartbeats name them as storing
+        (so the dispatcher does not take them back while they upload) until `stored` says they are done."""
         with self.lock:
-            finishing = None if job_id in self._stored else job_id
-            self._stored.discard(job_id)
-            self.beat = self.beat.model_copy(update=values | {"finishing": finishing})
+            storing = [job for job in job_ids if job not in self._stored]
+            self._stored.difference_update(job_ids)
+            self.beat = self.beat.model_copy(update=values | {"storing": [*self.beat.storing, *storing]})
 
-    def stored(self, job_id: str) -> None:
-        """A job's image is stored and its result reported (on the writer thread, maybe before `handed_over`)."""
+    def stored(self, job_ids: list[str]) -> None:
+        """Jobs' images are stored and their results reported (on the writer thread, maybe before
+        `handed_over`)."""
         with self.lock:
-            if self.beat.finishing == job_id:
-                self.beat = self.beat.model_copy(update={"finishing": None})
-            else:
-                self._stored.add(job_id)
+            storing = self.beat.storing
+            self._stored.update(job for job in job_ids if job not in storing)
+            self.beat = self.beat.model_copy(update={"storing": [job for job in storing if job not in job_ids]})
 
 
 def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, ModelChooser]:
@@ -184,32 +185,41 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
             log.error("refused a render message: %s", mismatch)
             return
         try:
-            message = RenderTask.model_validate(payload)  # anything else is dropped, never executed
+            message = RenderMessage.model_validate(payload)  # anything else is dropped, never executed
         except ValidationError as exc:
             log.error("refused a malformed render message: %s", exc.errors()[0]["msg"])
             return
-        job = message.job
-        if not wanted(message):
-            log.info("job %s attempt %d was withdrawn (its batch cancelled or paused): not rendered", job.job_id,
-                     job.attempt)
+        tasks = []
+        for one in message.tasks:
+            if wanted(one):
+                tasks.append(one)
+            else:
+                log.info("job %s attempt %d was withdrawn (its batch cancelled or paused): not rendered",
+                         one.job.job_id, one.job.attempt)
+        if not tasks:
             return
+        model = tasks[0].job.params.model
         local = renderer.get("local")
-        if local is not None and local.refuses(job.params.model):
+        if local is not None and local.refuses(model):
             # Taken in the second before this worker stopped consuming the model's queues: back to the queue
             # untouched, for a worker that can render it (no attempt is started, so none is counted).
-            raise Reject(f"this worker no longer serves {job.params.model}", requeue=True)
-        send(REPORT_TASK, Report(kind="started", job_id=job.job_id, attempt=job.attempt, worker=name)
-             .model_dump(mode="json"))
+            raise Reject(f"this worker no longer serves {model}", requeue=True)
+        state.update(rendering=[one.job.job_id for one in tasks], step=0, steps=tasks[0].job.params.steps)
+        for one in tasks:
+            send(REPORT_TASK, Report(kind="started", job_id=one.job.job_id, attempt=one.job.attempt, worker=name)
+                 .model_dump(mode="json"))
+        stopped: list[str] = []
 
         def finished(result: RenderResult) -> None:  # once its image is stored: on the writer thread
-            if result.error_kind == "worker":  # this worker cannot serve the model (or anything): stop taking it
-                _stop_taking(job.params.model, result, state, renderer["local"], news_out)
-            send(REPORT_TASK, Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=name,
+            if result.error_kind == "worker" and not stopped:  # this worker cannot serve the model: stop taking it
+                stopped.append(model)
+                _stop_taking(model, result, state, renderer["local"], news_out)
+            send(REPORT_TASK, Report(kind="finished", job_id=result.job_id, attempt=result.attempt, worker=name,
                                      result=result).model_dump(mode="json"))
 
-        # Returns once the image is rendered: the message is acknowledged and the next one rendered while this
-        # one uploads. A worker that dies before the upload and report has its job taken back and rendered again.
-        _render(job, message, settings, name, state, renderer, wanted, finished)
+        # Returns once the images are rendered: the message is acknowledged and the next one rendered while these
+        # upload. A worker that dies before the uploads and reports has its jobs taken back and rendered again.
+        _render(tasks, settings, name, state, renderer, wanted, finished)
 
     @signals.worker_process_shutdown.connect(weak=False)
     def store_the_last(**_: Any) -> None:  # the GPU process stops: what it rendered is stored and reported first
@@ -258,68 +268,82 @@ def _stop_taking(model: str, result: RenderResult, state: WorkerState, local: Lo
     news.send({"unserved": {model: why}})
 
 
-def _render(job: JobSpec, message: RenderTask, settings: KilnSettings, name: str, state: WorkerState,
+def _render(tasks: list[RenderTask], settings: KilnSettings, name: str, state: WorkerState,
             renderer: dict[str, Any], wanted: Callable[[RenderTask], bool],
             finished: Callable[[RenderResult], None]) -> None:
-    """Render one job; `finished` hears its result once its image is stored (on the writer thread)."""
+    """Render a message's jobs (one shape) together; `finished` hears each one's result once its image is stored
+    (on the writer thread)."""
     if "local" not in renderer:
         renderer["local"] = LocalRenderer(settings, name, card=state.card)
     local: LocalRenderer = renderer["local"]
-    state.update(current_job=job.job_id, step=0, steps=job.params.steps)
     started = time.perf_counter()
-    files, loras = job.params.reference_files, job.params.loras
-    if message.reference_urls and files or message.lora_urls and loras:  # the submitter's files, from the bucket
+    jobs: list[JobSpec] = []
+    for task in tasks:
         try:
-            needed = [(url, f, "the reference image") for url, f in zip(message.reference_urls, files, strict=True)]
-            needed += [(url, lora, f"the LoRA {Path(lora.path).name}")
-                       for url, lora in zip(message.lora_urls, loras, strict=True)]
-            here = [str(fetch_reference(url, f.sha256, Path(f.path).suffix, settings.cache_dir / "references",
-                                        settings.storage_timeout_seconds, settings.upload_retry_seconds, what=what))
-                    for url, f, what in needed]
-            job = job.model_copy(update={"params": job.params.with_files(here[:len(files)], here[len(files):])})
-        except RenderError as exc:
-            state.update(current_job=None, step=None, steps=None)
+            jobs.append(_with_files(task, settings))
+        except RenderError as exc:  # this job's files cannot be had: it fails alone
+            job = task.job
             finished(RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,
                                   error=str(exc), error_kind=exc.kind))
-            return
-    upload = WantedUpload(SignedUpload(message.upload, settings.storage_timeout_seconds,
-                                       settings.upload_retry_seconds), lambda: wanted(message))
+    if not jobs:
+        state.update(rendering=[], step=None, steps=None)
+        return
 
     def then(results: list[RenderResult]) -> None:
         try:
-            finished(results[0])
+            for result in results:
+                finished(result)
         finally:
-            state.stored(job.job_id)
+            state.stored([job.job_id for job in jobs])
 
     loading = local.loading_seconds
-    future = local.start([job], lambda step, steps: state.update(step=step, steps=steps), upload, then)
-    failed = future.done() and not future.result()[0].ok  # it never rendered: its time says nothing of the pace
-    # from one job's start to the next's (storing overlaps), a model load left out: that is reported on its own
-    seconds = time.perf_counter() - started - (local.loading_seconds - loading)
-    state.handed_over(job.job_id, current_job=None, step=None, steps=None, loaded_model=local.loaded_model,
-                      warm_shape=local.warm_shape, plan=local.loaded_plan,
+    future = local.start(jobs, lambda step, steps: state.update(step=step, steps=steps),
+                         WantedUploads(tasks, settings, wanted), then)
+    failed = future.done() and not any(r.ok for r in future.result())  # never rendered: its time says nothing
+    # from one message's start to the next's (storing overlaps), a model load left out: that is reported on its own
+    seconds = (time.perf_counter() - started - (local.loading_seconds - loading)) / len(jobs)
+    state.handed_over([job.job_id for job in jobs], rendering=[], step=None, steps=None,
+                      loaded_model=local.loaded_model, warm_shape=local.warm_shape, plan=local.loaded_plan,
                       seconds_per_image=state.beat.seconds_per_image if failed else round(seconds, 3),
                       model_loads=dict(local.loads), load_seconds=dict(local.load_seconds))
 
 
-class WantedUpload:
-    """The job's signed upload, made only if the job is still wanted when its image is ready."""
+def _with_files(task: RenderTask, settings: KilnSettings) -> JobSpec:
+    """The task's job with the submitter's reference images and LoRAs fetched from the bucket (by content, so a
+    message's jobs sharing them fetch them once). Raises RenderError."""
+    job, files, loras = task.job, task.job.params.reference_files, task.job.params.loras
+    if not (task.reference_urls and files or task.lora_urls and loras):
+        return job
+    needed = [(url, f, "the reference image") for url, f in zip(task.reference_urls, files, strict=True)]
+    needed += [(url, lora, f"the LoRA {Path(lora.path).name}") for url, lora in zip(task.lora_urls, loras, strict=True)]
+    here = [str(fetch_reference(url, f.sha256, Path(f.path).suffix, settings.cache_dir / "references",
+                                settings.storage_timeout_seconds, settings.upload_retry_seconds, what=what))
+            for url, f, what in needed]
+    return job.model_copy(update={"params": job.params.with_files(here[:len(files)], here[len(files):])})
 
-    def __init__(self, upload: SignedUpload, wanted: Callable[[], bool]) -> None:
-        self.upload, self.wanted = upload, wanted
+
+class WantedUploads:
+    """A message's signed uploads, one per job's output key; each made only if its job is still wanted when its
+    image is ready."""
+
+    def __init__(self, tasks: list[RenderTask], settings: KilnSettings, wanted: Callable[[RenderTask], bool]) -> None:
+        self.tasks = {task.job.output_key: task for task in tasks}
+        self.uploads = {task.job.output_key: SignedUpload(task.upload, settings.storage_timeout_seconds,
+                                                          settings.upload_retry_seconds) for task in tasks}
+        self.wanted = wanted
 
     def uri(self, key: str) -> str:
         """The object's s3:// URI."""
-        return self.upload.uri(key)
+        return self.uploads[key].uri(key)
 
     def check(self) -> None:
-        """Nothing to check before the PUT."""
+        """Nothing to check before the PUTs."""
 
     def put(self, key: str, data: bytes, job_id: str) -> str:
         """Upload, unless the job was withdrawn while it rendered (WithdrawnError)."""
-        if not self.wanted():
+        if not self.wanted(self.tasks[key]):
             raise WithdrawnError(job_id)
-        return self.upload.put(key, data, job_id)
+        return self.uploads[key].put(key, data, job_id)
 
 
 def run(settings: KilnSettings, name: str) -> None:

@@ -272,6 +272,8 @@ class LocalRenderer:
                     [j.params.prompt for j in chunk], width=lead.width, height=lead.height, steps=lead.steps,
                     guidance=lead.guidance, seeds=[j.params.seed for j in chunk], image=image, on_step=on_step,
                     embeddings=embeddings, loras=lead.loras, decoder=lead.decoder))
+                log.info("%d image%s of %s at %dx%d in one pipeline call", len(chunk), "s" * (len(chunk) > 1),
+                         lead.model, lead.width, lead.height)
             return images
 
         embeddings, oom = _unless_out_of_memory(lambda: model.encode([j.params.prompt for j in jobs]))
