@@ -4,11 +4,14 @@ through each job's signed URL to the S3 test server, and send the real started/f
 `kiln worker` sends; what is measured is real: `kiln dispatcher` (its own process) recording them in PostgreSQL,
 checking each upload in the bucket, and feeding the queue, with a 100,000-job batch recorded.
 
-Prints, over the measured window: reports recorded per second (two per job: started, finished), Redis memory
+With --batch-size N, the dispatcher puts N jobs in a render message and a simulated worker sends their N reports
+in one message, as a `kiln worker` does. Prints, over the measured window: reports recorded per second (two per
+job: started, finished), Redis memory
 (the peak of used_memory), and how stale the workers' last_seen got (heartbeats every --heartbeat seconds: a
 staleness well past that means heartbeats waited behind reports).
 
     .venv/bin/python -m benchmarks.dispatcher_load --workers 50 --jobs 100000 --seconds 60
+    .venv/bin/python -m benchmarks.dispatcher_load --workers 50 --jobs 100000 --seconds 60 --batch-size 4
     # goals: 200 reports/s on PostgreSQL, Redis under 50 MB, heartbeats never delayed by report work
 
 Needs PostgreSQL (KILN_TEST_POSTGRES_URL, as the tests) and redis-server; starts moto's S3 server itself.
@@ -42,6 +45,7 @@ from schemas.messages import (
     Heartbeat,
     RenderMessage,
     Report,
+    Reports,
 )
 from schemas.tables import Job, Worker
 from tests.fleet_harness import running_fleet
@@ -63,7 +67,7 @@ class SimulatedWorker(threading.Thread):
         self.render_seconds, self.heartbeat = render_seconds, heartbeat
         self.redis = Redis.from_url(broker_url)
         self.done = 0
-        self.current: str | None = None
+        self.current: list[str] = []
         self.beat_at = 0.0
 
     def send(self, task: str, payload: dict[str, Any], queue: str) -> None:
@@ -71,7 +75,7 @@ class SimulatedWorker(threading.Thread):
 
     def beat(self) -> None:
         beat = Heartbeat(worker=self.name, device="simulated", vram_gb=24.0, queues=[self.queue], models=["tiny"],
-                         rendering=[self.current] if self.current else [])
+                         rendering=self.current)
         self.send(HEARTBEAT_TASK, beat.model_dump(mode="json"), self.beats_to)
         self.beat_at = time.monotonic()
 
@@ -85,20 +89,24 @@ class SimulatedWorker(threading.Thread):
                 continue
             envelope = json.loads(popped[1])
             args, _, _ = json.loads(b64decode(envelope["body"]))  # Celery's message protocol 2: (args, kwargs, embed)
-            (message,) = RenderMessage.model_validate(args[0]).tasks
-            job = message.job
-            self.current = job.job_id
-            self.send(REPORT_TASK, Report(kind="started", job_id=job.job_id, attempt=job.attempt,
-                                          worker=self.name).model_dump(mode="json"), REPORTS_QUEUE)
-            time.sleep(self.render_seconds)
-            uri = SignedUpload(message.upload, 10, 30).put(job.output_key, PNG, job.job_id)
-            result = RenderResult(job_id=job.job_id, attempt=job.attempt, ok=True, worker=self.name,
-                                  seconds=self.render_seconds, uri=uri, sha256=hashlib.sha256(PNG).hexdigest(),
-                                  md5=hashlib.md5(PNG).hexdigest(), bytes=len(PNG), plan="simulated")
-            self.current = None
-            self.send(REPORT_TASK, Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=self.name,
-                                          result=result).model_dump(mode="json"), REPORTS_QUEUE)
-            self.done += 1
+            tasks = RenderMessage.model_validate(args[0]).tasks
+            self.current = [t.job.job_id for t in tasks]
+            self.send(REPORT_TASK, Reports(reports=[Report(kind="started", job_id=t.job.job_id, attempt=t.job.attempt,
+                                                           worker=self.name) for t in tasks]).model_dump(mode="json"),
+                      REPORTS_QUEUE)
+            time.sleep(self.render_seconds * len(tasks))
+            finished = []
+            for t in tasks:
+                job = t.job
+                uri = SignedUpload(t.upload, 10, 30).put(job.output_key, PNG, job.job_id)
+                result = RenderResult(job_id=job.job_id, attempt=job.attempt, ok=True, worker=self.name,
+                                      seconds=self.render_seconds, uri=uri, sha256=hashlib.sha256(PNG).hexdigest(),
+                                      md5=hashlib.md5(PNG).hexdigest(), bytes=len(PNG), plan="simulated")
+                finished.append(Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=self.name,
+                                       result=result))
+            self.current = []
+            self.send(REPORT_TASK, Reports(reports=finished).model_dump(mode="json"), REPORTS_QUEUE)
+            self.done += len(tasks)
 
 
 def main() -> None:
@@ -108,6 +116,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=60, help="the measured window")
     parser.add_argument("--render-seconds", type=float, default=0.2, help="each simulated render")
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between a worker's heartbeats")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="the dispatcher's KILN_BATCH_SIZE: jobs per render message, and per report message")
     parser.add_argument("--heartbeats-with-reports", action="store_true",
                         help="send heartbeats into the reports queue, as workers before 2026-11-28 did: to compare")
     args = parser.parse_args()
@@ -127,7 +137,8 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
     with fleet.engine.connect() as conn:
         queues = conn.scalars(select(Job.queue).distinct()).all()
     assert len(queues) == 1 and queues[0], queues
-    dispatcher = psutil.Process(fleet.dispatcher(KILN_WORKER_TIMEOUT_SECONDS=str(max(8.0, 4 * args.heartbeat))).pid)
+    dispatcher = psutil.Process(fleet.dispatcher(KILN_WORKER_TIMEOUT_SECONDS=str(max(8.0, 4 * args.heartbeat)),
+                                                 KILN_BATCH_SIZE=str(args.batch_size)).pid)
     app = make_app(fleet.env["KILN_BROKER_URL"])
     stop = threading.Event()
     beats_to = REPORTS_QUEUE if args.heartbeats_with_reports else HEARTBEATS_QUEUE
@@ -159,7 +170,8 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
         w.join(timeout=5)
     sent = sum(w.done for w in workers)
     stale.sort()
-    print(f"{args.workers} simulated workers, {args.render_seconds} s per simulated render, heartbeats every "
+    print(f"{args.workers} simulated workers, {args.render_seconds} s per simulated render, "
+          f"{args.batch_size} job{'s' * (args.batch_size > 1)} per message, heartbeats every "
           f"{args.heartbeat} s, {window:.0f} s measured, PostgreSQL, Redis and moto on loopback:")
     print(f"  reports recorded: {2 * recorded / window:.0f} per second ({recorded / window:.0f} jobs/s; the workers "
           f"finished {sent} jobs in all) (goal: 200)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Collection
+from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -190,21 +191,38 @@ def _rows(session: Session, chosen: list[tuple[Job, str]]) -> dict[tuple[str, st
     return {(link.job_id, batch.id): (link, batch) for link, batch in rows if (link.job_id, batch.id) in wanted}
 
 
-def receive_report(sessions: sessionmaker[Session], report: Report, clock: Callable[[], datetime], policy: Policy,
-                   bucket: Bucket, record: Callable[[Report, StoredObject | None], str] | None = None) -> str:
-    """Record a report in full: a finished job is touched first and its upload checked outside any transaction,
-    so a slow storage answer holds no row lock and the reaper leaves the job be meanwhile; then recorded, by
-    `record(report, stored)` when given (the dispatcher's group commit, dispatcher.recorder), else in a
-    transaction of its own."""
-    stored = None
-    if report.kind == "finished" and report.result and report.result.ok:
+def receive_reports(sessions: sessionmaker[Session], reports: list[Report], clock: Callable[[], datetime],
+                    policy: Policy, bucket: Bucket,
+                    submit: Callable[[Report, StoredObject | None], Future[str]] | None = None) -> list[Future[str]]:
+    """Record reports in full: finished jobs are touched first (one transaction) and their uploads checked outside
+    any transaction, so a slow storage answer holds no row lock and the reaper leaves the jobs be meanwhile; then
+    each is recorded, by `submit(report, stored)` when given (the dispatcher's group commit, dispatcher.recorder),
+    else in a transaction of its own. Returns each report's outcome (or what recording it raised) as a future;
+    raises StorageError, or the database's error, when the uploads cannot be checked."""
+    finished = [r for r in reports if r.kind == "finished" and r.result and r.result.ok]
+    stored: dict[tuple[str, int], StoredObject | None] = {}
+    if finished:
         with sessions.begin() as session:
-            key = touch(session, report, clock())
-        stored = bucket.stat(key) if key else None
-    if record is not None:
-        return record(report, stored)
-    with sessions.begin() as session:
-        return record_report(session, report, clock(), policy, bucket, stored)
+            keys = {(r.job_id, r.attempt): touch(session, r, clock()) for r in finished}
+        stored = {job: bucket.stat(key) if key else None for job, key in keys.items()}
+    if submit is not None:
+        return [submit(r, stored.get((r.job_id, r.attempt))) for r in reports]
+    answers = []
+    for r in reports:
+        answer: Future[str] = Future()
+        try:
+            with sessions.begin() as session:
+                answer.set_result(record_report(session, r, clock(), policy, bucket, stored.get((r.job_id, r.attempt))))
+        except Exception as exc:
+            answer.set_exception(exc)
+        answers.append(answer)
+    return answers
+
+
+def receive_report(sessions: sessionmaker[Session], report: Report, clock: Callable[[], datetime], policy: Policy,
+                   bucket: Bucket) -> str:
+    """Record one report in full (`receive_reports`, in a transaction of its own); returns what happened."""
+    return receive_reports(sessions, [report], clock, policy, bucket)[0].result()
 
 
 class Held(NamedTuple):

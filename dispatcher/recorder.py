@@ -39,11 +39,15 @@ class GroupRecorder(Generic[T]):
 
     def __call__(self, item: T) -> str:
         """Record `item` (waits for its group's commit); returns its outcome or raises what recording it raised."""
+        return self.submit(item).result()
+
+    def submit(self, item: T) -> Future[str]:
+        """Hand `item` over for recording: the future holds its outcome, or what recording it raised."""
         if self._thread is None:
             raise RuntimeError("the recorder is not started")
         answer: Future[str] = Future()
         self.waiting.put((item, answer))
-        return answer.result()
+        return answer
 
     def start(self) -> GroupRecorder[T]:
         """Start recording on a thread of its own."""

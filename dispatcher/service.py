@@ -31,6 +31,7 @@ from schemas.messages import (
     Heartbeat,
     Report,
     on_the_wire,
+    reports_in,
     waiting_key,
 )
 from schemas.settings import KilnSettings
@@ -74,27 +75,38 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     @app.task(name=REPORT_TASK, bind=True, acks_late=True, max_retries=REPORT_RETRIES)
     def report(task: Any, payload: dict[str, Any]) -> None:
         try:
-            message = Report.model_validate(payload)
+            reports = reports_in(payload)
         except ValidationError as exc:
             log.error("dropped a malformed report: %s", exc.errors()[0]["msg"])
             return
-        try:
-            outcome = fleet.receive_report(sessions, message, clock, policy, bucket,
-                                           lambda report, stored: recorder((report, stored)))
-        except StaleStateError as exc:  # lost a race with the reaper: the job is someone else's now
-            outcome = f"stale ({exc})"
+        problem: Exception | None = None
+        try:  # every report of the message into the recorder at once: they may share its next transaction
+            answers = fleet.receive_reports(sessions, reports, clock, policy, bucket,
+                                            lambda report, stored: recorder.submit((report, stored)))
         except (StorageError, *DATABASE_AWAY) as exc:
-            # Storage cannot verify the upload, or the database is away: keep the report (a new message, so
-            # heartbeats and other reports go on meanwhile) and keep the job from looking abandoned.
-            log.warning("job %s attempt %d: cannot record the report yet (%s); again in %g s", message.job_id,
-                        message.attempt, _why(exc), REPORT_RETRY_SECONDS)
+            answers, problem = [], exc
+        for message, answer in zip(reports, answers, strict=False):
+            try:
+                outcome = answer.result()
+            except StaleStateError as exc:  # lost a race with the reaper: the job is someone else's now
+                outcome = f"stale ({exc})"
+            except (StorageError, *DATABASE_AWAY) as exc:
+                problem = exc
+                continue
+            log.info("job %s attempt %d on %s: %s", message.job_id, message.attempt, message.worker, outcome)
+        if problem is not None:
+            # Storage cannot verify an upload, or the database is away: keep the reports (a new message, so
+            # heartbeats and other reports go on meanwhile) and keep their jobs from looking abandoned. Those
+            # recorded already are recorded again as no change (each is a compare-and-set).
+            log.warning("%s: cannot record the report yet (%s); again in %g s", ", ".join(
+                f"job {m.job_id} attempt {m.attempt}" for m in reports), _why(problem), REPORT_RETRY_SECONDS)
             try:
                 with sessions.begin() as session:
-                    fleet.touch(session, message, clock())
+                    for message in reports:
+                        fleet.touch(session, message, clock())
             except DATABASE_AWAY:
                 pass
             raise task.retry(countdown=REPORT_RETRY_SECONDS) from None
-        log.info("job %s attempt %d on %s: %s", message.job_id, message.attempt, message.worker, outcome)
         taken.set()  # a worker took a message (or is done with one): its queue has room, top it up now
 
     @app.task(name=HEARTBEAT_TASK)

@@ -46,7 +46,8 @@ class Upload(BaseModel):
 # Raised whenever a message's shape changes, so that a dispatcher and workers of different Kiln versions say so
 # instead of dropping each other's messages: 2 = the render parameters nested in the job (schemas.params), reference
 # images and LoRAs fetched by content through signed links; 3 = a render message carries several jobs of one shape
-# (RenderMessage), and heartbeats name every job a worker holds (rendering, storing).
+# (RenderMessage), reports travel in groups (Reports), and heartbeats name every job a worker holds (rendering,
+# storing).
 # A message or heartbeat without the field comes from a Kiln before protocol numbers: protocol 1 (`on_the_wire`).
 PROTOCOL = 3
 UNNUMBERED = 1
@@ -93,6 +94,22 @@ class Report(BaseModel):
     attempt: int
     worker: str
     result: RenderResult | None = None
+
+
+class Reports(BaseModel):
+    """A worker's reports on the jobs of one render message, in one broker message: the dispatcher's cost is per
+    broker message as much as per report."""
+
+    protocol: int = PROTOCOL
+    reports: list[Report] = Field(min_length=1)
+
+
+def reports_in(payload: Any) -> list[Report]:
+    """The reports a report message carries: several (protocol 3), or one (a worker before it, whose last reports
+    may still be queued when the fleet is upgraded). Raises pydantic's ValidationError for anything else."""
+    if isinstance(payload, dict) and "reports" in payload:
+        return Reports.model_validate(payload).reports
+    return [Report.model_validate(payload)]
 
 
 class Heartbeat(BaseModel):

@@ -50,7 +50,8 @@ class KilnSettings(BaseSettings):
     message_ttl_seconds: float = Field(900.0, gt=0, description="a render message unclaimed this long is "
                                                                   "dropped and the job republished")
     max_attempts: int = Field(3, ge=1, le=20, description="attempts before a job is dead")
-    job_time_limit_seconds: float = Field(1800.0, gt=0, description="a worker kills a render message (all its jobs) running longer")
+    job_time_limit_seconds: float = Field(1800.0, gt=0,
+                                          description="a worker kills a render message (all its jobs) running longer")
     retry_base_seconds: float = Field(10.0, ge=0, description="backoff before retry n is base * 2**(n-1)")
     storage_timeout_seconds: float = Field(30.0, gt=0, description="an S3 request with no answer this long is "
                                                                      "given up and tried again")

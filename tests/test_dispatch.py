@@ -15,6 +15,7 @@ from typing import Any
 
 import boto3
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 
 from dispatcher import fleet, store
@@ -23,7 +24,17 @@ from dispatcher.expand import Options, expand
 from dispatcher.reader import parse_manifest
 from dispatcher.recorder import GroupRecorder
 from schemas.job import JobStatus, RenderResult
-from schemas.messages import PROTOCOL, Heartbeat, RenderMessage, RenderTask, Report, on_the_wire, unwanted_key
+from schemas.messages import (
+    PROTOCOL,
+    Heartbeat,
+    RenderMessage,
+    RenderTask,
+    Report,
+    Reports,
+    on_the_wire,
+    reports_in,
+    unwanted_key,
+)
 from schemas.tables import Attempt, Batch, Job, Output, Worker
 from tests.services import s3_server
 from worker.upload import SignedUpload
@@ -204,14 +215,16 @@ def test_reports_waiting_together_are_recorded_in_one_transaction_and_one_failur
         return fleet.record_report(session, item[0], T0, POLICY, bucket, item[1])
 
     recorder = GroupRecorder[tuple[Report, Any]](sessions, record).start()
+
+    def receive(job_id: str) -> str:  # what a consumer thread of the dispatcher does with one report
+        return fleet.receive_reports(sessions, [Report(kind="started", job_id=job_id, attempt=1, worker="w1")],
+                                     lambda: T0, POLICY, bucket, lambda r, stored: recorder.submit((r, stored)))[0] \
+            .result()
+
     with ThreadPoolExecutor(len(job_ids)) as pool:
-        first = pool.submit(fleet.receive_report, sessions, Report(kind="started", job_id=job_ids[0], attempt=1,
-                                                                   worker="w1"), lambda: T0, POLICY, bucket,
-                            lambda r, stored: recorder((r, stored)))
+        first = pool.submit(receive, job_ids[0])
         assert entered.wait(timeout=30)  # the first report is in the recorder's hands
-        rest = [pool.submit(fleet.receive_report, sessions, Report(kind="started", job_id=job_id, attempt=1,
-                                                                   worker="w1"), lambda: T0, POLICY, bucket,
-                            lambda r, stored: recorder((r, stored))) for job_id in job_ids[1:]]
+        rest = [pool.submit(receive, job_id) for job_id in job_ids[1:]]
         while recorder.waiting.qsize() < len(rest):
             time.sleep(0.01)
         busy.set()
@@ -419,6 +432,25 @@ def test_a_worker_holding_several_jobs_keeps_each_one_its_heartbeats_name(databa
         fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[], rendering=[b]), later)
         assert fleet.reap(s, later, POLICY) == 1  # a is neither rendering nor storing, and unreported: given back
     assert job_row(sessions, a).status is JobStatus.QUEUED and job_row(sessions, b).status is JobStatus.RUNNING
+
+
+def test_a_message_of_reports_records_each_and_a_single_report_of_an_older_worker_still_counts(
+        database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\nb,y\nc,z\n")
+    broker = Broker()
+    batched(sessions, bucket, broker, 3)
+    tasks = broker.take_message().tasks
+    started = Reports(reports=[Report(kind="started", job_id=t.job.job_id, attempt=1, worker="w1") for t in tasks])
+    finished = Reports(reports=[render(t, "w1", f"png {t.job.row_id}".encode()) for t in tasks[:2]])
+    for payload in (started.model_dump(mode="json"), finished.model_dump(mode="json")):
+        answers = fleet.receive_reports(sessions, reports_in(payload), lambda: T0, POLICY, bucket)
+        assert all(a.result() in ("started", "succeeded") for a in answers)
+    last = render(tasks[2], "w1")
+    assert reports_in(last.model_dump(mode="json")) == [last]  # a report alone, as workers before protocol 3 sent
+    assert report(sessions, bucket, last) == "succeeded"
+    assert all(job_row(sessions, t.job.job_id).status is JobStatus.SUCCEEDED for t in tasks)
+    with pytest.raises(ValidationError):
+        reports_in({"reports": []})
 
 
 def test_paused_batches_wait_and_priorities_go_first(database_url: str, bucket: Bucket) -> None:

@@ -32,6 +32,7 @@ from schemas.messages import (
     RenderMessage,
     RenderTask,
     Report,
+    Reports,
     model_sheet_key,
     on_the_wire,
     protocol_problem,
@@ -161,8 +162,13 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
 
     def send(task: str, payload: dict[str, Any], expires: float | None = None) -> None:
         queue = HEARTBEATS_QUEUE if task == HEARTBEAT_TASK else REPORTS_QUEUE
+        kinds = sorted({r["kind"] for r in payload["reports"]}) if "reports" in payload else ["heartbeat"]
         app.send_task(task, args=[payload], queue=queue, expires=expires,
-                      argsrepr=f"{payload.get('kind', 'heartbeat')} from {name}")
+                      argsrepr=f"{'/'.join(kinds)} from {name}")
+
+    def report(reports: list[Report]) -> None:
+        """A message's reports, in one broker message."""
+        send(REPORT_TASK, Reports(reports=reports).model_dump(mode="json"))
 
     def heartbeat_forever() -> None:
         while True:
@@ -205,17 +211,17 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
             # untouched, for a worker that can render it (no attempt is started, so none is counted).
             raise Reject(f"this worker no longer serves {model}", requeue=True)
         state.update(rendering=[one.job.job_id for one in tasks], step=0, steps=tasks[0].job.params.steps)
-        for one in tasks:
-            send(REPORT_TASK, Report(kind="started", job_id=one.job.job_id, attempt=one.job.attempt, worker=name)
-                 .model_dump(mode="json"))
+        report([Report(kind="started", job_id=one.job.job_id, attempt=one.job.attempt, worker=name)
+                for one in tasks])
         stopped: list[str] = []
 
-        def finished(result: RenderResult) -> None:  # once its image is stored: on the writer thread
-            if result.error_kind == "worker" and not stopped:  # this worker cannot serve the model: stop taking it
+        def finished(results: list[RenderResult]) -> None:  # once their images are stored: on the writer thread
+            if any(r.error_kind == "worker" for r in results) and not stopped:  # it cannot serve the model: stop
                 stopped.append(model)
-                _stop_taking(model, result, state, renderer["local"], news_out)
-            send(REPORT_TASK, Report(kind="finished", job_id=result.job_id, attempt=result.attempt, worker=name,
-                                     result=result).model_dump(mode="json"))
+                _stop_taking(model, next(r for r in results if r.error_kind == "worker"), state, renderer["local"],
+                             news_out)
+            report([Report(kind="finished", job_id=r.job_id, attempt=r.attempt, worker=name, result=r)
+                    for r in results])
 
         # Returns once the images are rendered: the message is acknowledged and the next one rendered while these
         # upload. A worker that dies before the uploads and reports has its jobs taken back and rendered again.
@@ -270,29 +276,31 @@ def _stop_taking(model: str, result: RenderResult, state: WorkerState, local: Lo
 
 def _render(tasks: list[RenderTask], settings: KilnSettings, name: str, state: WorkerState,
             renderer: dict[str, Any], wanted: Callable[[RenderTask], bool],
-            finished: Callable[[RenderResult], None]) -> None:
-    """Render a message's jobs (one shape) together; `finished` hears each one's result once its image is stored
+            finished: Callable[[list[RenderResult]], None]) -> None:
+    """Render a message's jobs (one shape) together; `finished` hears their results once their images are stored
     (on the writer thread)."""
     if "local" not in renderer:
         renderer["local"] = LocalRenderer(settings, name, card=state.card)
     local: LocalRenderer = renderer["local"]
     started = time.perf_counter()
     jobs: list[JobSpec] = []
+    unfetched: list[RenderResult] = []
     for task in tasks:
         try:
             jobs.append(_with_files(task, settings))
         except RenderError as exc:  # this job's files cannot be had: it fails alone
             job = task.job
-            finished(RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,
-                                  error=str(exc), error_kind=exc.kind))
+            unfetched.append(RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,
+                                          error=str(exc), error_kind=exc.kind))
+    if unfetched:
+        finished(unfetched)
     if not jobs:
         state.update(rendering=[], step=None, steps=None)
         return
 
     def then(results: list[RenderResult]) -> None:
         try:
-            for result in results:
-                finished(result)
+            finished(results)
         finally:
             state.stored([job.job_id for job in jobs])
 
