@@ -137,10 +137,14 @@ def _message_size(session: Session, queue: str, now: datetime, most: int, consum
 
 def _messages(chosen: list[tuple[Job, str]], size: int) -> list[list[tuple[Job, str]]]:
     """The chosen jobs as render messages of one shape and at most `size` jobs, in the order they were chosen
-    (a message goes out where its first job stood)."""
+    (a message goes out where its first job stood). A job tried before goes alone: if it kills its worker's
+    process every time, it costs no other job an attempt more than once."""
     groups: dict[str, list[list[tuple[Job, str]]]] = {}
     out: list[list[tuple[Job, str]]] = []
     for job, batch_id in chosen:
+        if job.attempts:
+            out.append([(job, batch_id)])
+            continue
         open_ = groups.setdefault(job.shape, [])
         if not open_ or len(open_[-1]) >= size:
             open_.append([])

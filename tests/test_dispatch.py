@@ -434,6 +434,19 @@ def test_a_worker_holding_several_jobs_keeps_each_one_its_heartbeats_name(databa
     assert job_row(sessions, a).status is JobStatus.QUEUED and job_row(sessions, b).status is JobStatus.RUNNING
 
 
+def test_jobs_tried_before_go_out_alone_so_a_job_that_kills_its_worker_costs_its_mates_once(
+        database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\nb,y\nc,z\n")
+    broker = Broker()
+    assert batched(sessions, bucket, broker, 3) == [["a", "b", "c"]]
+    for task in broker.take_message().tasks:
+        report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1"))
+    later = T0 + timedelta(seconds=61)  # w1 never beat again: one of them killed it, all three are lost
+    with sessions.begin() as s:
+        assert fleet.reap(s, later, POLICY) == 3
+    assert batched(sessions, bucket, broker, 3, later) == [["a"], ["b"], ["c"]]
+
+
 def test_a_message_of_reports_records_each_and_a_single_report_of_an_older_worker_still_counts(
         database_url: str, bucket: Bucket) -> None:
     sessions = setup(database_url, "id,prompt\na,x\nb,y\nc,z\n")
