@@ -1,6 +1,6 @@
 """Benchmark: what recording one report costs the dispatcher's database code, alone on the machine. For a batch of
 N jobs, records a started and a finished report of each (the bucket's answer for each upload given, as the
-dispatcher's consumer threads pass it on) with `dispatcher.fleet.record_report`, in transactions of G reports
+dispatcher's consumer threads pass it on) with `dispatcher.fleet.record_reports`, in transactions of G reports
 (G = 1: one transaction each, as before group commit; the dispatcher's recorder takes every report waiting, up to
 64), and prints the CPU time and wall time per report.
 
@@ -52,8 +52,7 @@ def measure(url: str, jobs: int, group: int) -> tuple[float, float]:
     cpu, wall = time.process_time(), time.perf_counter()
     for start in range(0, len(reports), group):
         with sessions.begin() as session:
-            outcomes = [fleet.record_report(session, report, T0, POLICY, bucket, stored)
-                        for report, stored in reports[start:start + group]]
+            outcomes = fleet.record_reports(session, reports[start:start + group], T0, POLICY, bucket)
             assert all(o in ("started", "succeeded") for o in outcomes), outcomes
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     sessions.kw["bind"].dispose()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import and_, bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import store
@@ -19,7 +19,7 @@ from dispatcher.bucket import Bucket, StoredObject
 from dispatcher.lifecycle import RetryPolicy
 from schemas.capacity import job_queue, model_key, queue_model_key, queue_tier, why_unfit
 from schemas.errors import KilnError, StaleStateError
-from schemas.job import JobStatus, RenderResult
+from schemas.job import JobStatus, RenderResult, check_transition
 from schemas.messages import Heartbeat, RenderMessage, RenderTask, Report, protocol_problem, unwanted_key
 from schemas.models import resolve_model
 from schemas.params import RenderParams
@@ -243,32 +243,79 @@ def record_report(session: Session, report: Report, now: datetime, policy: Polic
                   stored: StoredObject | None = None) -> str:
     """Record a worker's report; returns what happened, for the log. Late and duplicate reports change nothing.
     `stored` is what the bucket holds at the job's output key, looked up before this transaction
-    (`receive_report`)."""
+    (`receive_reports`)."""
+    return record_reports(session, [(report, stored)], now, policy, bucket)[0]
+
+
+def record_reports(session: Session, items: list[tuple[Report, StoredObject | None]], now: datetime, policy: Policy,
+                   bucket: Bucket) -> list[str]:
+    """Record reports (each with what the bucket holds at its job's output key) in this transaction, in a few
+    statements for all of them: their jobs' rows read and locked in one (in id order, as `reap` locks them), and
+    their writes held back and made one statement per kind (`_Writes`). Returns what happened to each. Raises
+    StaleStateError if a job moved under a write; recorded one at a time, each then says for itself."""
+    held: dict[str, Held | None] = dict(_lock(session, sorted({report.job_id for report, _ in items})))
+    writes = _Writes()
+    outcomes = []
+    for report, stored in items:
+        if report.job_id in writes.jobs:  # a second report on one job waits for the first one's writes
+            writes.flush(session)
+        job = held.get(report.job_id) or _lock(session, [report.job_id]).get(report.job_id)
+        if job is None:
+            outcomes.append("unknown job")
+            continue
+        outcome, held[job.id] = _record(session, job, report, now, policy, bucket, stored, writes)
+        outcomes.append(outcome)
+    writes.flush(session)
+    return outcomes
+
+
+def _lock(session: Session, job_ids: list[str]) -> dict[str, Held]:
     jobs = store.JOBS.c
-    row = session.execute(select(jobs.id, jobs.status, jobs.attempts, jobs.worker, jobs.output_key)
-                          .where(jobs.id == report.job_id).with_for_update()).first()
-    if row is None:
-        return "unknown job"
-    job = Held(*row)
+    rows = session.execute(select(jobs.id, jobs.status, jobs.attempts, jobs.worker, jobs.output_key)
+                           .where(jobs.id.in_(job_ids)).order_by(jobs.id).with_for_update())
+    return {row[0]: Held(*row) for row in rows}
+
+
+def _record(session: Session, job: Held, report: Report, now: datetime, policy: Policy, bucket: Bucket,
+            stored: StoredObject | None, writes: _Writes) -> tuple[str, Held | None]:
+    """One report's outcome and its job as it is after it (None: read it again), its writes added to `writes`."""
+    started = False
     if job.status is JobStatus.QUEUED and job.attempts == report.attempt - 1:
-        job = _start(session, job, report, now)  # a started report may arrive late, or not at all
+        job, started = _start(job, report, now, writes), True  # a started report may arrive late, or not at all
     elif (job.status is JobStatus.CANCELLED and job.attempts == report.attempt - 1 and report.result is not None
           and report.result.ok and stored is not None and stored.job_id == job.id):
         # Cancelled while its message was in flight, and its image landed before the worker could hear: the image
         # is kept and recorded, so that no stored image is without its row.
-        job = _start(session, job, report, now)
+        job, started = _start(job, report, now, writes), True
     elif report.kind == "started":
-        return f"stale start (job is {job.status.value}, attempt {job.attempts})"
+        return f"stale start (job is {job.status.value}, attempt {job.attempts})", job
     if report.kind == "started":
-        return "started"
+        return "started", job
+    if started:  # a finished report on a job it started just now: the start's writes first
+        writes.flush(session)
     if job.attempts == report.attempt and job.worker == report.worker and job.status is not JobStatus.RUNNING:
-        return f"already recorded (job is {job.status.value})"  # delivered again after a commit we never heard of
+        return f"already recorded (job is {job.status.value})", job  # delivered again after a commit we never heard of
     if job.status is not JobStatus.RUNNING or job.attempts != report.attempt or job.worker != report.worker:
-        return f"stale result (job is {job.status.value}, attempt {job.attempts}, worker {job.worker})"
+        return f"stale result (job is {job.status.value}, attempt {job.attempts}, worker {job.worker})", job
     assert report.result is not None, "a finished report carries its result"
-    if report.result.ok:
-        return _succeed(session, job, report.result, now, policy, bucket, stored)
-    return _fail(session, job, report.result, now, policy)
+    result = report.result
+    if result.ok and stored is not None and stored.job_id == job.id:
+        own = result.md5 == stored.md5  # False: an earlier attempt's upload of this same job stood
+        writes.move(job, JobStatus.SUCCEEDED, now, error=None)
+        writes.finish_attempt(job, "succeeded", now, seconds=result.seconds, plan=result.plan)
+        writes.add_output(job.id, dict(key=job.output_key, uri=bucket.uri(job.output_key),
+                                       sha256=result.sha256 if own else None, md5=stored.md5, bytes=stored.size,
+                                       worker=result.worker, seconds=result.seconds, plan=result.plan,
+                                       created_at=now))
+        return ("succeeded" if own else "succeeded (an earlier attempt's upload stood)"), \
+            job._replace(status=JobStatus.SUCCEEDED)
+    if result.ok:
+        result = result.model_copy(update={"ok": False, "error_kind": "error", "error": (
+            "the worker reported an upload that is not in the bucket")} if stored is None else {
+            "ok": False, "error_kind": "bad_input", "error": str(KeyTakenError(bucket.uri(job.output_key),
+                                                                             stored.job_id))})
+    writes.flush(session)  # failing reads the job's attempts (the lifecycle's charge): what is held back, first
+    return _fail(session, job, result, now, policy), None
 
 
 def touch(session: Session, report: Report, now: datetime) -> str | None:
@@ -279,29 +326,69 @@ def touch(session: Session, report: Report, now: datetime) -> str | None:
     return session.scalar(select(Job.output_key).where(Job.id == report.job_id))
 
 
-def _start(session: Session, job: Held, report: Report, now: datetime) -> Held:
-    store.move(session, job.id, job.status, JobStatus.RUNNING, job.attempts, now, attempts=report.attempt,
-               worker=report.worker, reported_at=None)
-    store.start_attempt(session, job.id, report.attempt, report.worker, now)
+def _start(job: Held, report: Report, now: datetime, writes: _Writes) -> Held:
+    writes.move(job, JobStatus.RUNNING, now, attempts=report.attempt, worker=report.worker, reported_at=None)
+    writes.start_attempt(job.id, report.attempt, report.worker, now)
     return job._replace(status=JobStatus.RUNNING, attempts=report.attempt, worker=report.worker)
 
 
-def _succeed(session: Session, job: Held, result: RenderResult, now: datetime, policy: Policy, bucket: Bucket,
-             stored: StoredObject | None) -> str:
-    if stored is None:
-        return _fail(session, job, result.model_copy(update={
-            "ok": False, "error": "the worker reported an upload that is not in the bucket", "error_kind": "error"}),
-            now, policy)
-    if stored.job_id != job.id:
-        return _fail(session, job, result.model_copy(update={
-            "ok": False, "error_kind": "bad_input",
-            "error": str(KeyTakenError(bucket.uri(job.output_key), stored.job_id))}), now, policy)
-    own = result.md5 == stored.md5  # False: an earlier attempt's upload of this same job stood
-    store.move(session, job.id, JobStatus.RUNNING, JobStatus.SUCCEEDED, job.attempts, now, error=None)
-    store.finish_attempt(session, job.id, job.attempts, "succeeded", now, seconds=result.seconds, plan=result.plan)
-    store.add_output(session, job.id, result, now, uri=bucket.uri(job.output_key), key=job.output_key,
-                     md5=stored.md5, size=stored.size, sha256=result.sha256 if own else None)
-    return "succeeded" if own else "succeeded (an earlier attempt's upload stood)"
+class _Writes:
+    """What recording a group of reports writes, held back and then made one statement per kind and shape
+    (executemany): the jobs' compare-and-set moves, new attempts, finished attempts, outputs. A job appears at most
+    once between two flushes (`record_reports` flushes before a second report on it), so the order of the kinds
+    within a flush does not matter."""
+
+    def __init__(self) -> None:
+        self.jobs: set[str] = set()
+        self.moves: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        self.started: list[dict[str, Any]] = []
+        self.finished: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+        self.outputs: dict[str, dict[str, Any]] = {}
+
+    def move(self, job: Held, target: JobStatus, now: datetime, **values: Any) -> None:
+        """`store.move`, held back."""
+        check_transition(job.status, target)
+        self.jobs.add(job.id)
+        values = {"status": target, "updated_at": now, **values}
+        self.moves.setdefault(tuple(values), []).append(
+            {"_id": job.id, "_status": job.status, "_attempts": job.attempts, **values})
+
+    def start_attempt(self, job_id: str, number: int, worker: str, now: datetime) -> None:
+        """`store.start_attempt`, held back."""
+        self.started.append(dict(job_id=job_id, number=number, worker=worker, status="running", started_at=now))
+
+    def finish_attempt(self, job: Held, status: str, now: datetime, **values: Any) -> None:
+        """`store.finish_attempt`, held back."""
+        values = {"status": status, "finished_at": now, **values}
+        self.finished.setdefault(tuple(values), []).append({"_id": job.id, "_number": job.attempts, **values})
+
+    def add_output(self, job_id: str, values: dict[str, Any]) -> None:
+        """`store.add_output`, held back."""
+        self.outputs[job_id] = values
+
+    def flush(self, session: Session) -> None:
+        """Make the writes held back; raises StaleStateError if a job was not where it was read."""
+        jobs, attempts = store.JOBS.c, store.ATTEMPTS.c
+        for names, rows in self.moves.items():
+            done = session.execute(update(store.JOBS).where(
+                jobs.id == bindparam("_id"), jobs.status == bindparam("_status"),
+                jobs.attempts == bindparam("_attempts")).values({n: bindparam(n) for n in names}), rows)
+            moved: int = done.rowcount  # type: ignore[attr-defined]
+            if moved != len(rows):
+                raise StaleStateError(f"{len(rows) - moved} of jobs {', '.join(r['_id'] for r in rows)} moved "
+                                      "meanwhile")
+        if self.started:
+            session.execute(insert(store.ATTEMPTS), self.started)
+        for names, rows in self.finished.items():
+            session.execute(update(store.ATTEMPTS).where(
+                attempts.job_id == bindparam("_id"), attempts.number == bindparam("_number"),
+                attempts.status == "running").values({n: bindparam(n) for n in names}), rows)
+        if self.outputs:
+            session.execute(insert(store.OUTPUTS), [
+                {"job_id": job_id, **first, **values}
+                for job_id, first in store.first_batches(session, list(self.outputs)).items()
+                for values in [self.outputs[job_id]]])
+        self.__init__()  # type: ignore[misc]
 
 
 def _fail(session: Session, held: Held, result: RenderResult, now: datetime, policy: Policy) -> str:

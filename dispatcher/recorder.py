@@ -24,9 +24,9 @@ T = TypeVar("T")
 
 
 class GroupRecorder(Generic[T]):
-    """Records items with `record(session, item) -> outcome`, as many to a transaction as are waiting."""
+    """Records items with `record(session, items) -> their outcomes`, as many to a transaction as are waiting."""
 
-    def __init__(self, sessions: sessionmaker[Session], record: Callable[[Session, T], str],
+    def __init__(self, sessions: sessionmaker[Session], record: Callable[[Session, list[T]], list[str]],
                  away: tuple[type[Exception], ...] = (), group: int = GROUP,
                  order: Callable[[T], str] | None = None) -> None:
         """`away`: the exceptions that mean the database is away (no use recording the group's items singly).
@@ -77,7 +77,7 @@ class GroupRecorder(Generic[T]):
     def _record(self, group: list[tuple[T, Future[str]]]) -> None:
         try:
             with self.sessions.begin() as session:
-                outcomes = [self.record(session, item) for item, _ in group]
+                outcomes = self.record(session, [item for item, _ in group])
         except Exception as exc:
             if len(group) == 1 or isinstance(exc, self.away):
                 for _, answer in group:

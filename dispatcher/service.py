@@ -69,7 +69,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     # answer came waits up to 5 ms for the GIL behind busy threads, and the recorder's groups queue up behind it.
     sys.setswitchinterval(SWITCH_SECONDS)
     recorder = GroupRecorder[tuple[Report, StoredObject | None]](
-        sessions, lambda session, item: fleet.record_report(session, item[0], clock(), policy, bucket, item[1]),
+        sessions, lambda session, items: fleet.record_reports(session, items, clock(), policy, bucket),
         away=DATABASE_AWAY, order=lambda item: item[0].job_id).start()  # jobs' rows locked in id order, as reap
 
     @app.task(name=REPORT_TASK, bind=True, acks_late=True, max_retries=REPORT_RETRIES)

@@ -281,14 +281,23 @@ def start_attempt(session: Session, job_id: str, number: int, worker: str, now: 
 def add_output(session: Session, job_id: str, result: RenderResult, now: datetime, *, uri: str, key: str,
                md5: str | None, size: int | None, sha256: str | None) -> None:
     """The one output row of a succeeded job, under the first batch that asked for it."""
-    first = session.execute(select(BatchJob.batch_id, BatchJob.manifest_row, Batch.manifest)
-                            .join(Batch, Batch.id == BatchJob.batch_id)
-                            .where(BatchJob.job_id == job_id).order_by(Batch.created_at).limit(1)).first()
-    assert first is not None, f"job {job_id} belongs to no batch"
     session.execute(insert(OUTPUTS).values(
-        job_id=job_id, batch_id=first.batch_id, manifest=first.manifest, manifest_row=first.manifest_row, key=key,
-        uri=uri, sha256=sha256, md5=md5, bytes=size, worker=result.worker, seconds=result.seconds, plan=result.plan,
-        created_at=now))
+        job_id=job_id, **first_batches(session, [job_id])[job_id], key=key, uri=uri, sha256=sha256, md5=md5,
+        bytes=size, worker=result.worker, seconds=result.seconds, plan=result.plan, created_at=now))
+
+
+def first_batches(session: Session, job_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """For each job, the batch that asked for it first, as its output row names it: batch_id, manifest and
+    manifest_row (one query for all of them)."""
+    found: dict[str, dict[str, Any]] = {}
+    for job_id, batch_id, row, manifest in session.execute(
+            select(BatchJob.job_id, BatchJob.batch_id, BatchJob.manifest_row, Batch.manifest)
+            .join(Batch, Batch.id == BatchJob.batch_id).where(BatchJob.job_id.in_(job_ids))
+            .order_by(Batch.created_at)):
+        found.setdefault(job_id, {"batch_id": batch_id, "manifest": manifest, "manifest_row": row})
+    missing = set(job_ids) - set(found)
+    assert not missing, f"jobs {sorted(missing)} belong to no batch"
+    return found
 
 
 def record_result(session: Session, spec: JobSpec, result: RenderResult, now: datetime,

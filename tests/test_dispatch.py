@@ -16,7 +16,7 @@ from typing import Any
 import boto3
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 from dispatcher import fleet, store
 from dispatcher.bucket import Bucket
@@ -197,6 +197,11 @@ def test_a_job_succeeds_once_with_its_verified_object_and_late_reports_change_no
     assert bucket.stat("b1/a.png").md5 == output.md5  # type: ignore[union-attr]  # the late upload got 412
 
 
+def each(record: Any) -> Any:
+    """A group recorder's function that records its items one by one with `record(session, item)`."""
+    return lambda session, items: [record(session, item) for item in items]
+
+
 def test_reports_waiting_together_are_recorded_in_one_transaction_and_one_failure_costs_no_other(
         database_url: str, bucket: Bucket) -> None:
     """Group commit (dispatcher.recorder): while the recorder is busy, reports queue up and are then recorded in
@@ -214,7 +219,7 @@ def test_reports_waiting_together_are_recorded_in_one_transaction_and_one_failur
             raise ValueError("a report this dispatcher cannot record")
         return fleet.record_report(session, item[0], T0, POLICY, bucket, item[1])
 
-    recorder = GroupRecorder[tuple[Report, Any]](sessions, record).start()
+    recorder = GroupRecorder[tuple[Report, Any]](sessions, each(record)).start()
 
     def receive(job_id: str) -> str:  # what a consumer thread of the dispatcher does with one report
         return fleet.receive_reports(sessions, [Report(kind="started", job_id=job_id, attempt=1, worker="w1")],
@@ -247,7 +252,7 @@ def test_reports_waiting_together_are_recorded_in_one_transaction_and_one_failur
         seen.append(item[0].job_id)
         return record(session, item)
 
-    recorder = GroupRecorder[tuple[Report, Any]](sessions, noting, order=lambda item: item[0].job_id).start()
+    recorder = GroupRecorder[tuple[Report, Any]](sessions, each(noting), order=lambda item: item[0].job_id).start()
     entered.clear()
     busy.clear()
     with ThreadPoolExecutor(4) as pool:
@@ -432,6 +437,64 @@ def test_a_worker_holding_several_jobs_keeps_each_one_its_heartbeats_name(databa
         fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[], rendering=[b]), later)
         assert fleet.reap(s, later, POLICY) == 1  # a is neither rendering nor storing, and unreported: given back
     assert job_row(sessions, a).status is JobStatus.QUEUED and job_row(sessions, b).status is JobStatus.RUNNING
+
+
+def test_a_group_of_reports_is_recorded_in_a_few_statements_for_all(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\n" + "".join(f"j{i},p{i}\n" for i in range(8)))
+    broker = Broker()
+    batched(sessions, bucket, broker, 8)
+    tasks = broker.take_message().tasks
+    statements: list[str] = []
+    engine = sessions.kw["bind"]
+    listen = lambda conn, cursor, statement, *rest: statements.append(statement.split()[0])  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        with sessions.begin() as s:
+            started = [(Report(kind="started", job_id=t.job.job_id, attempt=1, worker="w1"), None) for t in tasks]
+            assert fleet.record_reports(s, started, T0, POLICY, bucket) == ["started"] * 8
+        assert statements[-3:] == ["SELECT", "UPDATE", "INSERT"]  # locked, moved, attempts begun: for all eight
+        statements.clear()
+        finished = [render(t, "w1", f"png {t.job.row_id}".encode()) for t in tasks]
+        with sessions.begin() as s:
+            items = [(r, bucket.stat(t.job.output_key)) for r, t in zip(finished, tasks, strict=True)]
+            assert fleet.record_reports(s, items, T0, POLICY, bucket) == ["succeeded"] * 8
+        assert [w for w in statements if w != "BEGIN"] == ["SELECT", "UPDATE", "UPDATE", "SELECT", "INSERT"]
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    with sessions.begin() as s:
+        rows = s.execute(select(Output.job_id, Output.batch_id, Output.manifest_row, Output.md5)).all()
+        attempts = s.execute(select(Attempt.status, func.count()).group_by(Attempt.status)).all()
+    assert sorted((batch, row) for _, batch, row, _ in rows) == [("b1", i + 1) for i in range(8)]
+    assert {md5 for *_, md5 in rows} == {hashlib.md5(f"png j{i}".encode()).hexdigest() for i in range(8)}
+    assert attempts == [("succeeded", 8)]
+
+
+def test_a_group_mixing_reports_on_one_job_records_each_as_it_would_alone(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\nb,y\nc,z\nd,w\n")
+    broker = Broker()
+    batched(sessions, bucket, broker, 4)
+    a, b, c, d = broker.take_message().tasks
+    done_a, done_b = render(a, "w1"), render(b, "w1", b"\x89PNG b")
+    items = [(Report(kind="started", job_id=a.job.job_id, attempt=1, worker="w1"), None),
+             (done_a, bucket.stat(a.job.output_key)),  # the same job again, in the same group
+             (done_b, bucket.stat(b.job.output_key)),  # its started report never came: started and finished at once
+             (Report(kind="started", job_id=c.job.job_id, attempt=1, worker="w1"), None),
+             (Report(kind="started", job_id=c.job.job_id, attempt=1, worker="w2"), None),  # a stale duplicate
+             (failed(d, "w1", "error"), None),  # failed before its start was recorded
+             (Report(kind="started", job_id="nope", attempt=1, worker="w1"), None)]
+    with sessions.begin() as s:
+        outcomes = fleet.record_reports(s, items, T0, POLICY, bucket)
+    assert outcomes == ["started", "succeeded", "succeeded", "started", "stale start (job is running, attempt 1)",
+                        "failed, retry in 10 s", "unknown job"]
+    assert [job_row(sessions, t.job.job_id).status for t in (a, b, c, d)] == [
+        JobStatus.SUCCEEDED, JobStatus.SUCCEEDED, JobStatus.RUNNING, JobStatus.QUEUED]
+    with sessions.begin() as s:  # the job moved on before its result came: nothing is written for it
+        s.execute(update(Job).where(Job.id == c.job.job_id).values(attempts=2))
+    with sessions.begin() as s:
+        assert fleet.record_reports(s, [(render(c, "w1"), bucket.stat(c.job.output_key)),
+                                        (Report(kind="started", job_id=c.job.job_id, attempt=3, worker="w2"), None)],
+                                    T0, POLICY, bucket) == [
+            "stale result (job is running, attempt 2, worker w1)", "stale start (job is running, attempt 2)"]
 
 
 def test_jobs_tried_before_go_out_alone_so_a_job_that_kills_its_worker_costs_its_mates_once(
