@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.capacity import model_key
 from schemas.job import JobSpec, RenderResult
@@ -84,6 +84,13 @@ class RenderMessage(BaseModel):
 
     protocol: int = PROTOCOL
     tasks: list[RenderTask] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _one_shape(self) -> RenderMessage:
+        shapes = {task.job.params.shape for task in self.tasks}
+        if len(shapes) > 1:
+            raise ValueError(f"a render message mixes {len(shapes)} shapes; its jobs must share one pipeline call")
+        return self
 
 
 class Report(BaseModel):

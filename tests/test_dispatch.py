@@ -409,6 +409,9 @@ def test_jobs_of_one_shape_go_out_together_and_a_message_never_mixes_shapes(data
     assert [t.job.params.seed for t in first.tasks] == [0, 1, 2, 3]  # each job its own seed, upload and token
     assert len({t.upload.url for t in first.tasks}) == 4 and len({t.token for t in first.tasks}) == 1
     assert first.protocol == PROTOCOL
+    mixed = {**broker.sent[0][1], "tasks": broker.sent[0][1]["tasks"] + broker.sent[2][1]["tasks"]}
+    with pytest.raises(ValidationError, match="mixes 2 shapes"):  # what a worker refuses, never renders
+        RenderMessage.model_validate(mixed)
 
 
 def test_messages_shrink_so_that_every_worker_on_a_queue_gets_work(database_url: str, bucket: Bucket) -> None:
