@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, bindparam, func, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import store
@@ -130,8 +130,9 @@ def _message_size(session: Session, queue: str, now: datetime, most: int, consum
     keep every consumer busy otherwise (ten jobs and three workers: messages of four, not one of eight)."""
     if most == 1:
         return 1
-    due = session.scalar(select(func.count()).select_from(Job).where(
-        Job.status == JobStatus.QUEUED, Job.queue == queue, store.due(now))) or 0
+    # Counted up to what fills every consumer's message: a 100,000-job queue is not counted on every top-up.
+    due = session.scalar(select(func.count()).select_from(select(Job.id).where(
+        Job.status == JobStatus.QUEUED, Job.queue == queue, store.due(now)).limit(most * consumers).subquery())) or 0
     return max(1, min(most, -(-due // consumers)))
 
 
@@ -368,21 +369,12 @@ class _Writes:
 
     def flush(self, session: Session) -> None:
         """Make the writes held back; raises StaleStateError if a job was not where it was read."""
-        jobs, attempts = store.JOBS.c, store.ATTEMPTS.c
-        for names, rows in self.moves.items():
-            done = session.execute(update(store.JOBS).where(
-                jobs.id == bindparam("_id"), jobs.status == bindparam("_status"),
-                jobs.attempts == bindparam("_attempts")).values({n: bindparam(n) for n in names}), rows)
-            moved: int = done.rowcount  # type: ignore[attr-defined]
-            if moved != len(rows):
-                raise StaleStateError(f"{len(rows) - moved} of jobs {', '.join(r['_id'] for r in rows)} moved "
-                                      "meanwhile")
+        for rows in self.moves.values():
+            store.move_all(session, rows)
         if self.started:
             session.execute(insert(store.ATTEMPTS), self.started)
-        for names, rows in self.finished.items():
-            session.execute(update(store.ATTEMPTS).where(
-                attempts.job_id == bindparam("_id"), attempts.number == bindparam("_number"),
-                attempts.status == "running").values({n: bindparam(n) for n in names}), rows)
+        for rows in self.finished.values():
+            store.finish_attempts(session, rows)
         if self.outputs:
             session.execute(insert(store.OUTPUTS), [
                 {"job_id": job_id, **first, **values}
@@ -435,7 +427,7 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
     rows = session.execute(select(Job.id, Job.attempts, Job.worker, silent, overdue, Worker.rendering, Worker.storing)
                            .outerjoin(Worker, Worker.name == Job.worker)
                            .where(Job.status == JobStatus.RUNNING, Job.updated_at < cutoff, unreported)
-                           .order_by(Job.id)).all()  # rows locked in id order, as the recorder's groups lock them
+                           .order_by(Job.id)).all()  # each locked below in id order, as the recorder's groups are
     # Whether the worker's heartbeats still name the job (the lists are JSON: compared here, not in SQL). Only jobs
     # running longer than the worker timeout are read: a few per worker.
     lost = [(job_id, attempt, worker, was_silent, was_overdue)

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, Table, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import Engine, Table, bindparam, create_engine, event, func, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -206,12 +206,25 @@ def move(session: Session, job_id: str, current: JobStatus, target: JobStatus, a
           **values: Any) -> None:
     """Compare-and-set one job's status; raise StaleStateError when someone else moved it first."""
     check_transition(current, target)
+    move_all(session, [{"_id": job_id, "_status": current, "_attempts": attempt, "status": target, "updated_at": now,
+                        **values}])
+
+
+def move_all(session: Session, rows: list[dict[str, Any]]) -> None:
+    """Compare-and-set jobs in one statement (executemany): each row names its job (`_id`), the status and
+    attempt it was read at (`_status`, `_attempts`) and its new values, under the same names in every row. Raise
+    StaleStateError when any of them was moved by someone else first. Transitions are checked by the caller."""
     jobs = JOBS.c
-    result = session.execute(
-        update(JOBS).where(jobs.id == job_id, jobs.status == current, jobs.attempts == attempt)
-        .values(status=target, updated_at=now, **values))
-    if result.rowcount != 1:  # type: ignore[attr-defined]
-        raise StaleStateError(f"job {job_id} is no longer {current} at attempt {attempt}")
+    names = [name for name in rows[0] if not name.startswith("_")]
+    done = session.execute(update(JOBS).where(
+        jobs.id == bindparam("_id"), jobs.status == bindparam("_status"), jobs.attempts == bindparam("_attempts"))
+        .values({name: bindparam(name) for name in names}), rows)
+    moved: int = done.rowcount  # type: ignore[attr-defined]
+    if moved != len(rows):
+        if len(rows) == 1:
+            row = rows[0]
+            raise StaleStateError(f"job {row['_id']} is no longer {row['_status']} at attempt {row['_attempts']}")
+        raise StaleStateError(f"{len(rows) - moved} of jobs {', '.join(r['_id'] for r in rows)} moved meanwhile")
 
 
 def due(now: datetime) -> Any:
@@ -396,10 +409,17 @@ def release(session: Session, job_id: str, attempt: int, now: datetime, reason: 
 
 
 def finish_attempt(session: Session, job_id: str, number: int, status: str, now: datetime, **values: Any) -> None:
+    finish_attempts(session, [{"_id": job_id, "_number": number, "status": status, "finished_at": now, **values}])
+
+
+def finish_attempts(session: Session, rows: list[dict[str, Any]]) -> None:
+    """End running attempts in one statement (executemany): each row names its job (`_id`) and attempt
+    (`_number`) and the values the attempt gets, under the same names in every row."""
     attempts = ATTEMPTS.c
-    session.execute(update(ATTEMPTS).where(attempts.job_id == job_id, attempts.number == number,
-                                           attempts.status == "running")
-                    .values(status=status, finished_at=now, **values))
+    names = [name for name in rows[0] if not name.startswith("_")]
+    session.execute(update(ATTEMPTS).where(
+        attempts.job_id == bindparam("_id"), attempts.number == bindparam("_number"), attempts.status == "running")
+        .values({name: bindparam(name) for name in names}), rows)
 
 
 def running_jobs(session: Session) -> list[tuple[str, int, str | None, datetime | None]]:
