@@ -1,13 +1,14 @@
 """Benchmark: the dispatcher under a big fleet's load. A simulation of the workers, named as one: N simulated
 workers (threads of this process) take real render messages from the real Redis queue, upload a small PNG
 through each job's signed URL to the S3 test server, and send the real started/finished reports and heartbeats a
-`kiln worker` sends; what is measured is real: `kiln dispatcher` (its own process) recording them in PostgreSQL,
+`kiln worker` sends (through the worker's own outbox, so a started report rides with a finished one as it does
+on a worker); what is measured is real: `kiln dispatcher` (its own process) recording them in PostgreSQL,
 checking each upload in the bucket, and feeding the queue, with a 100,000-job batch recorded.
 
-With --batch-size N, the dispatcher puts N jobs in a render message and a simulated worker sends their N reports
-in one message, as a `kiln worker` does. Prints, over the measured window: reports recorded per second (two per
-job: started, finished), Redis memory
-(the peak of used_memory), and how stale the workers' last_seen got (heartbeats every --heartbeat seconds: a
+With --batch-size N, the dispatcher puts N jobs in a render message and a simulated worker sends their started
+and finished reports in one message, as a `kiln worker` does. Prints, over the measured window: reports recorded
+per second (two per job: started, finished), report messages the dispatcher consumed, Redis memory (the peak of
+used_memory), and how stale the workers' last_seen got (heartbeats every --heartbeat seconds: a
 staleness well past that means heartbeats waited behind reports).
 
     .venv/bin/python -m benchmarks.dispatcher_load --workers 50 --jobs 100000 --seconds 60
@@ -44,11 +45,13 @@ from schemas.messages import (
     REPORTS_QUEUE,
     Heartbeat,
     RenderMessage,
+    RenderTask,
     Report,
     Reports,
 )
 from schemas.tables import Job, Worker
 from tests.fleet_harness import running_fleet
+from worker.outbox import LINGER_SECONDS, Outbox
 from worker.upload import SignedUpload
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
@@ -56,11 +59,12 @@ PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
 
 
 class SimulatedWorker(threading.Thread):
-    """One simulated worker: pops a render message, reports it started, 'renders' for `render_seconds`, uploads
-    a PNG through the job's signed URL, reports it finished; a heartbeat every `heartbeat` seconds."""
+    """One simulated worker: pops a render message, reports it started, 'renders' for `render_seconds` a job while
+    the last message's jobs upload a PNG each through their signed URLs and are reported finished (a worker's
+    writer thread); a heartbeat every `heartbeat` seconds."""
 
     def __init__(self, name: str, queue: str, broker_url: str, app: Any, render_seconds: float, heartbeat: float,
-                 stop: threading.Event, beats_to: str = HEARTBEATS_QUEUE) -> None:
+                 stop: threading.Event, beats_to: str = HEARTBEATS_QUEUE, linger: float = LINGER_SECONDS) -> None:
         super().__init__(name=name, daemon=True)
         self.beats_to = beats_to
         self.queue, self.app, self.stop = queue, app, stop
@@ -68,45 +72,62 @@ class SimulatedWorker(threading.Thread):
         self.redis = Redis.from_url(broker_url)
         self.done = 0
         self.current: list[str] = []
+        self.storing: list[str] = []
         self.beat_at = 0.0
+        self.messages = 0  # report messages sent
+        self.outbox = Outbox(self.report, linger)
+
+    def report(self, reports: list[Report]) -> None:
+        self.send(REPORT_TASK, Reports(reports=reports).model_dump(mode="json"), REPORTS_QUEUE)
+        self.messages += 1
 
     def send(self, task: str, payload: dict[str, Any], queue: str) -> None:
         self.app.send_task(task, args=[payload], queue=queue)
 
     def beat(self) -> None:
         beat = Heartbeat(worker=self.name, device="simulated", vram_gb=24.0, queues=[self.queue], models=["tiny"],
-                         rendering=self.current)
+                         rendering=self.current, storing=self.storing)
         self.send(HEARTBEAT_TASK, beat.model_dump(mode="json"), self.beats_to)
         self.beat_at = time.monotonic()
 
     def run(self) -> None:
         self.beat()
+        rendered: list[RenderTask] = []  # the last message's jobs: they upload while the next message renders
         while not self.stop.is_set():
             if time.monotonic() - self.beat_at >= self.heartbeat:
                 self.beat()
             popped = self.redis.brpop([self.queue], timeout=1)
             if popped is None:
+                rendered = self.store(rendered)  # nothing to render: the writer finishes the last message
                 continue
             envelope = json.loads(popped[1])
             args, _, _ = json.loads(b64decode(envelope["body"]))  # Celery's message protocol 2: (args, kwargs, embed)
             tasks = RenderMessage.model_validate(args[0]).tasks
             self.current = [t.job.job_id for t in tasks]
-            self.send(REPORT_TASK, Reports(reports=[Report(kind="started", job_id=t.job.job_id, attempt=t.job.attempt,
-                                                           worker=self.name) for t in tasks]).model_dump(mode="json"),
-                      REPORTS_QUEUE)
-            time.sleep(self.render_seconds * len(tasks))
-            finished = []
-            for t in tasks:
-                job = t.job
-                uri = SignedUpload(t.upload, 10, 30).put(job.output_key, PNG, job.job_id)
-                result = RenderResult(job_id=job.job_id, attempt=job.attempt, ok=True, worker=self.name,
-                                      seconds=self.render_seconds, uri=uri, sha256=hashlib.sha256(PNG).hexdigest(),
-                                      md5=hashlib.md5(PNG).hexdigest(), bytes=len(PNG), plan="simulated")
-                finished.append(Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=self.name,
-                                       result=result))
-            self.current = []
-            self.send(REPORT_TASK, Reports(reports=finished).model_dump(mode="json"), REPORTS_QUEUE)
-            self.done += len(tasks)
+            self.outbox.started([Report(kind="started", job_id=t.job.job_id, attempt=t.job.attempt, worker=self.name)
+                                 for t in tasks])
+            began = time.monotonic()
+            rendered = self.store(rendered)  # as a worker's writer thread does, during this message's render
+            time.sleep(max(0.0, self.render_seconds * len(tasks) - (time.monotonic() - began)))
+            self.current, self.storing, rendered = [], self.current, tasks
+        self.store(rendered)
+
+    def store(self, tasks: list[RenderTask]) -> list[RenderTask]:
+        """Upload the jobs' images and report them finished; returns what is left to store (nothing)."""
+        finished = []
+        for t in tasks:
+            job = t.job
+            uri = SignedUpload(t.upload, 10, 30).put(job.output_key, PNG, job.job_id)
+            result = RenderResult(job_id=job.job_id, attempt=job.attempt, ok=True, worker=self.name,
+                                  seconds=self.render_seconds, uri=uri, sha256=hashlib.sha256(PNG).hexdigest(),
+                                  md5=hashlib.md5(PNG).hexdigest(), bytes=len(PNG), plan="simulated")
+            finished.append(Report(kind="finished", job_id=job.job_id, attempt=job.attempt, worker=self.name,
+                                   result=result))
+        if finished:
+            self.outbox.finished(finished)
+        self.storing = []
+        self.done += len(tasks)
+        return []
 
 
 def main() -> None:
@@ -118,6 +139,8 @@ def main() -> None:
     parser.add_argument("--heartbeat", type=float, default=2.0, help="seconds between a worker's heartbeats")
     parser.add_argument("--batch-size", type=int, default=1,
                         help="the dispatcher's KILN_BATCH_SIZE: jobs per render message, and per report message")
+    parser.add_argument("--linger", type=float, default=LINGER_SECONDS,
+                        help="how long a started report waits for company (the worker's outbox); 0: alone, to compare")
     parser.add_argument("--heartbeats-with-reports", action="store_true",
                         help="send heartbeats into the reports queue, as workers before 2026-11-28 did: to compare")
     args = parser.parse_args()
@@ -143,7 +166,7 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
     stop = threading.Event()
     beats_to = REPORTS_QUEUE if args.heartbeats_with_reports else HEARTBEATS_QUEUE
     workers = [SimulatedWorker(f"sim-{i:02d}", queues[0], fleet.env["KILN_BROKER_URL"], app, args.render_seconds,
-                               args.heartbeat, stop, beats_to) for i in range(args.workers)]
+                               args.heartbeat, stop, beats_to, args.linger) for i in range(args.workers)]
     for w in workers:
         w.start()
     redis = Redis.from_url(fleet.env["KILN_BROKER_URL"])
@@ -154,6 +177,7 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
 
     time.sleep(10)  # warm-up: workers registered, the queue fed
     first, begin, cpu = succeeded(), time.monotonic(), _cpu(dispatcher)
+    messages = sum(w.messages for w in workers)
     memory, stale, backlog = [], [], []
     while time.monotonic() - begin < args.seconds:
         time.sleep(0.5)
@@ -165,6 +189,7 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
         stale += [(now - last).total_seconds() for _, last in seen if last is not None]
     recorded = succeeded() - first
     window, cpu = time.monotonic() - begin, _cpu(dispatcher) - cpu
+    messages = sum(w.messages for w in workers) - messages
     stop.set()
     for w in workers:
         w.join(timeout=5)
@@ -175,6 +200,8 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
           f"{args.heartbeat} s, {window:.0f} s measured, PostgreSQL, Redis and moto on loopback:")
     print(f"  reports recorded: {2 * recorded / window:.0f} per second ({recorded / window:.0f} jobs/s; the workers "
           f"finished {sent} jobs in all) (goal: 200)")
+    print(f"  report messages sent: {messages / window:.0f} per second, {2 * recorded / max(messages, 1):.1f} reports "
+          "each")
     print(f"  the dispatcher's own CPU: {1000 * cpu / max(2 * recorded, 1):.1f} ms per report, "
           f"{cpu / window:.2f} cores (one core would record {2 * recorded / max(cpu, 1e-9):.0f} reports per second)")
     print(f"  reports waiting in Redis: median {sorted(backlog)[len(backlog) // 2]}, max {max(backlog)}")

@@ -47,6 +47,7 @@ from schemas.storage import WithdrawnError
 # Imported here, before Celery forks the GPU process, so a replacement process (after a crash or a time limit)
 # starts rendering in a second instead of importing torch and diffusers again. CUDA is first touched in the child.
 from worker.device import advertised_card
+from worker.outbox import Outbox
 from worker.pipeline import weights_folder
 from worker.pull import pull_model
 from worker.render import LocalRenderer
@@ -167,8 +168,10 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
                       argsrepr=f"{'/'.join(kinds)} from {name}")
 
     def report(reports: list[Report]) -> None:
-        """A message's reports, in one broker message."""
+        """Reports, in one broker message."""
         send(REPORT_TASK, Reports(reports=reports).model_dump(mode="json"))
+
+    outbox = Outbox(report)
 
     def heartbeat_forever() -> None:
         while True:
@@ -211,8 +214,8 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
             # untouched, for a worker that can render it (no attempt is started, so none is counted).
             raise Reject(f"this worker no longer serves {model}", requeue=True)
         state.update(rendering=[one.job.job_id for one in tasks], step=0, steps=tasks[0].job.params.steps)
-        report([Report(kind="started", job_id=one.job.job_id, attempt=one.job.attempt, worker=name)
-                for one in tasks])
+        outbox.started([Report(kind="started", job_id=one.job.job_id, attempt=one.job.attempt, worker=name)
+                        for one in tasks])
         stopped: list[str] = []
 
         def finished(results: list[RenderResult]) -> None:  # once their images are stored: on the writer thread
@@ -220,8 +223,8 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
                 stopped.append(model)
                 _stop_taking(model, next(r for r in results if r.error_kind == "worker"), state, renderer["local"],
                              news_out)
-            report([Report(kind="finished", job_id=r.job_id, attempt=r.attempt, worker=name, result=r)
-                    for r in results])
+            outbox.finished([Report(kind="finished", job_id=r.job_id, attempt=r.attempt, worker=name, result=r)
+                             for r in results])
 
         # Returns once the images are rendered: the message is acknowledged and the next one rendered while these
         # upload. A worker that dies before the uploads and reports has its jobs taken back and rendered again.
@@ -233,6 +236,10 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
         budget = settings.upload_retry_seconds + settings.storage_timeout_seconds
         if local is not None and not local.writer.drain(budget):
             log.warning("stopped before the last image was stored: its job will be rendered again")
+        try:
+            outbox.flush()
+        except Exception as exc:  # the broker is away: the dispatcher learns from the finished reports, or reaps
+            log.warning("started reports not sent: %s", type(exc).__name__)
 
     return app, state, chooser
 

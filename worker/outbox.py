@@ -1,0 +1,69 @@
+"""A worker's reports on their way to the dispatcher, in fewer broker messages for the same news. A `finished`
+report goes at once and takes along every `started` report waiting; a `started` report waits up to `linger`
+seconds for that company. At one job a message the next job starts while the last one's image uploads, so its
+`started` rides with the last one's `finished`: one report message a job instead of two, and half the Celery
+tasks, transactions and queue top-ups on the dispatcher.
+
+A `started` report is the dispatcher's hint that a published job is running: one that comes late, or never
+(the worker switched off in the linger), is covered by the `finished` report, which starts the job when it must
+(dispatcher.fleet._record), and by the heartbeats, which name the jobs in hand."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from schemas.messages import Report
+
+log = logging.getLogger("kiln.worker")
+LINGER_SECONDS = 1.0  # the longest a started report waits: the dashboard shows a job running at most this late
+
+
+class Outbox:
+    """Reports batched for `send` (which puts a list of reports in one broker message). Thread-safe: the
+    renders add `started` reports, the writer thread `finished` ones; a daemon thread of its own sends the
+    `started` reports nobody took along (started when first needed, so a forked process starts its own)."""
+
+    def __init__(self, send: Callable[[list[Report]], None], linger: float = LINGER_SECONDS) -> None:
+        self._send, self.linger = send, linger
+        self._waiting: list[Report] = []
+        self._due = 0.0
+        self._changed = threading.Condition()
+        self._sending = threading.Lock()  # reports leave in the order they were taken out of the outbox
+        self._flusher: threading.Thread | None = None
+
+    def started(self, reports: list[Report]) -> None:
+        """Jobs started: told within `linger` seconds, sooner with the next finished report."""
+        with self._changed:
+            if not self._waiting:
+                self._due = time.monotonic() + self.linger
+            self._waiting.extend(reports)
+            if self._flusher is None or not self._flusher.is_alive():
+                self._flusher = threading.Thread(target=self._flush_forever, name="kiln-reports", daemon=True)
+                self._flusher.start()
+            self._changed.notify()
+
+    def finished(self, reports: list[Report]) -> None:
+        """Jobs finished: sent now, with the started reports waiting (in this thread: what sending raises, the
+        caller hears)."""
+        self.flush(reports)
+
+    def flush(self, more: list[Report] | None = None) -> None:
+        """Send what waits, and `more`, now (one message; none if there is nothing)."""
+        with self._sending:
+            with self._changed:
+                reports, self._waiting = [*self._waiting, *(more or [])], []
+            if reports:
+                self._send(reports)
+
+    def _flush_forever(self) -> None:
+        while True:
+            with self._changed:
+                while not self._waiting or time.monotonic() < self._due:
+                    self._changed.wait(self._due - time.monotonic() if self._waiting else None)
+            try:
+                self.flush()
+            except Exception as exc:  # the broker is away: the finished reports (or the heartbeats) tell it later
+                log.warning("started reports not sent: %s", type(exc).__name__)
