@@ -30,6 +30,11 @@ from schemas.tables import Batch, BatchJob, Job, Worker
 
 Publish = Callable[[str, dict[str, Any]], None]  # (queue, RenderTask payload)
 LOST_QUEUE_GRACE = timedelta(seconds=20)
+# How long a render queue must stay empty while the database says it holds published jobs before the broker is
+# taken to have lost them: a worker that took the last message says so in its started report, which comes a
+# moment later (a worker's outbox holds it up to a second; a busy dispatcher has reports queued).
+EMPTY_CONFIRM = timedelta(seconds=5)
+WARM_LOOKAHEAD = 1000  # jobs next in a queue's line among which a warm shape's go first (_next_jobs)
 REPORT_RETRY_SECONDS = 3.0  # a report that cannot be recorded yet is tried again this much later...
 REPORT_RETRIES = 1200  # ...for an hour; then it is dropped and the reaper gives the job back
 
@@ -66,7 +71,7 @@ def withdraw(session: Session, mark: Callable[[str], None]) -> int:
     jobs whose every batch is paused (published again on resume). A worker checks before rendering and before
     uploading (schemas.messages.unwanted_key)."""
     jobs = session.scalars(select(Job).where(Job.published_at.is_not(None), or_(
-        Job.status == JobStatus.CANCELLED, and_(Job.status == JobStatus.QUEUED, ~store.in_unpaused_batch())))).all()
+        Job.status == JobStatus.CANCELLED, and_(Job.status == JobStatus.QUEUED, Job.priority.is_(None))))).all()
     for job in jobs:
         assert job.published_at is not None
         mark(unwanted_key(job.id, token(job.published_at)))
@@ -80,13 +85,16 @@ def token(published_at: datetime) -> str:
 
 
 def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publish: Publish,
-         queue_depth: Callable[[str], int]) -> int:
-    """Top every render queue up to the backlog for each live worker consuming it (at least one backlog), from the
-    database; republish what the broker lost. Returns how many jobs went out (in fewer messages when they carry
-    several jobs of one shape)."""
+         queue_depth: Callable[[str], int], queues: Collection[str] | None = None,
+         empty_since: dict[str, datetime] | None = None) -> int:
+    """Top every render queue (`queues`, else every one with queued jobs: `queued_queues`) up to the backlog for
+    each live worker consuming it (at least one backlog), from the database; republish what the broker lost.
+    `empty_since` is the caller's memory across feeds of when each queue was first seen empty while holding
+    published jobs (EMPTY_CONFIRM); without it, one look decides. Returns how many jobs went out (in fewer
+    messages when they carry several jobs of one shape)."""
     published = 0
-    queues = session.scalars(select(Job.queue).where(Job.status == JobStatus.QUEUED, Job.queue.is_not(None))
-                             .distinct()).all()
+    if queues is None:
+        queues = queued_queues(session)
     live = session.execute(select(Worker.queues, Worker.warm_shape).where(
         Worker.last_seen >= now - policy.worker_timeout)).all()
     consumers = Counter(q for served, _ in live for q in served or [])
@@ -99,7 +107,13 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
     for queue in sorted(q for q in queues if q):
         waiting = _waiting(session, queue)
         stale = now - policy.message_ttl
-        lost = queue_depth(queue) == 0 and waiting > 0
+        empty = queue_depth(queue) == 0 and waiting > 0
+        seen = empty_since if empty_since is not None else {}
+        if empty:
+            seen.setdefault(queue, now)
+        else:
+            seen.pop(queue, None)
+        lost = empty and (empty_since is None or now - seen[queue] >= EMPTY_CONFIRM)
         # A message not taken within its TTL has expired on the broker; an empty queue that should hold
         # messages means the broker lost them (a Redis restart without AOF). Either way: publish again.
         session.execute(update(Job).where(
@@ -111,18 +125,25 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
         free = policy.backlog * size * max(1, consumers[queue]) - _waiting(session, queue)
         chosen = _next_jobs(session, queue, now, free, warm.get(queue, set())) if free > 0 else []
         rows = _rows(session, chosen)
-        for group in _messages(chosen, size):
+        for group in _messages([job for job in chosen if job.id in rows], size):  # not paused since it was chosen
             tasks = []
-            for job, batch_id in group:
-                spec = store.job_spec(job, *rows[(job.id, batch_id)], job.attempts + 1)
+            for job in group:
+                spec = store.job_spec(job, *rows[job.id], job.attempts + 1)
                 tasks.append(RenderTask(job=spec, upload=bucket.upload_for(job.id, job.output_key),
                                         reference_urls=bucket.reference_urls(spec), lora_urls=bucket.lora_urls(spec),
                                         token=token(now)))
             publish(queue, RenderMessage(tasks=tasks).model_dump(mode="json"))
-            for job, _ in group:
+            for job in group:
                 job.published_at = now
             published += len(group)
     return published
+
+
+def queued_queues(session: Session) -> list[str]:
+    """The render queues that have queued jobs (a scan of every queued job: the dispatcher looks once a tick, and
+    its top-ups between ticks reuse the answer)."""
+    return [q for q in session.scalars(select(Job.queue).where(Job.status == JobStatus.QUEUED, Job.queue.is_not(None))
+                                       .distinct()) if q]
 
 
 def _message_size(session: Session, queue: str, now: datetime, most: int, consumers: int) -> int:
@@ -136,21 +157,21 @@ def _message_size(session: Session, queue: str, now: datetime, most: int, consum
     return max(1, min(most, -(-due // consumers)))
 
 
-def _messages(chosen: list[tuple[Job, str]], size: int) -> list[list[tuple[Job, str]]]:
+def _messages(chosen: list[Job], size: int) -> list[list[Job]]:
     """The chosen jobs as render messages of one shape and at most `size` jobs, in the order they were chosen
     (a message goes out where its first job stood). A job tried before goes alone: if it kills its worker's
     process every time, it costs no other job an attempt more than once."""
-    groups: dict[str, list[list[tuple[Job, str]]]] = {}
-    out: list[list[tuple[Job, str]]] = []
-    for job, batch_id in chosen:
+    groups: dict[str, list[list[Job]]] = {}
+    out: list[list[Job]] = []
+    for job in chosen:
         if job.attempts:
-            out.append([(job, batch_id)])
+            out.append([job])
             continue
         open_ = groups.setdefault(job.shape, [])
         if not open_ or len(open_[-1]) >= size:
             open_.append([])
             out.append(open_[-1])
-        open_[-1].append((job, batch_id))
+        open_[-1].append(job)
     return out
 
 
@@ -159,7 +180,7 @@ def waiting(session: Session, now: datetime) -> dict[str, int]:
     waiting out a backoff): what a worker reads to decide whether to stay on its loaded model. Every queue a
     registered worker consumes is listed, zeros included."""
     rows = session.execute(select(Job.queue, func.count()).where(
-        Job.status == JobStatus.QUEUED, Job.queue.is_not(None), store.in_unpaused_batch(), store.due(now))
+        Job.status == JobStatus.QUEUED, Job.queue.is_not(None), Job.priority.is_not(None), store.due(now))
         .group_by(Job.queue))
     counts = {q: 0 for queues in session.scalars(select(Worker.queues)) for q in queues or []}
     counts.update({q: n for q, n in rows if q})
@@ -171,29 +192,32 @@ def _waiting(session: Session, queue: str) -> int:
         Job.status == JobStatus.QUEUED, Job.queue == queue, Job.published_at.is_not(None))) or 0
 
 
-def _next_jobs(session: Session, queue: str, now: datetime, limit: int,
-               warm: Collection[str] = ()) -> list[tuple[Job, str]]:
-    """The next publishable jobs of a queue: highest batch priority; then jobs of a shape a consumer rendered last
-    (its LoRAs stay applied: no unload and load between jobs); then oldest batch, then manifest order."""
-    query = (select(Job, func.min(BatchJob.batch_id)).join(BatchJob, BatchJob.job_id == Job.id)
-             .join(Batch, Batch.id == BatchJob.batch_id)
-             .where(Job.status == JobStatus.QUEUED, Job.queue == queue, Job.published_at.is_(None),
-                    store.due(now), Batch.paused.is_(False))
-             .group_by(Job.id)
-             .order_by(func.max(Batch.priority).desc(), *([Job.shape.not_in(sorted(warm))] if warm else []),
-                       func.min(Batch.created_at), func.min(BatchJob.position))
-             .limit(limit))
-    return [(job, batch_id) for job, batch_id in session.execute(query)]
+def _next_jobs(session: Session, queue: str, now: datetime, limit: int, warm: Collection[str] = ()) -> list[Job]:
+    """The next publishable jobs of a queue: highest batch priority, then oldest batch, then manifest order; and of
+    the next WARM_LOOKAHEAD in that line, those of a shape a consumer rendered last go first (its LoRAs stay
+    applied: no unload and load between jobs). A query reads the first entries of an index in that order
+    (ix_jobs_ready), so choosing costs the same with ten jobs queued or a million."""
+    ready = (Job.queue == queue, Job.status == JobStatus.QUEUED, Job.published_at.is_(None), Job.priority.is_not(None),
+             store.due(now))
+    line = (Job.priority.desc(), Job.ordinal)
+    if not warm:
+        return list(session.scalars(select(Job).where(*ready).order_by(*line).limit(limit)))
+    ahead = session.execute(select(Job.id, Job.shape, Job.priority).where(*ready).order_by(*line)
+                            .limit(max(limit, WARM_LOOKAHEAD))).all()
+    ids = [row.id for row in sorted(ahead, key=lambda row: (-row.priority, row.shape not in warm))[:limit]]  # stable
+    jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
+    return [jobs[job_id] for job_id in ids if job_id in jobs]
 
 
-def _rows(session: Session, chosen: list[tuple[Job, str]]) -> dict[tuple[str, str], tuple[BatchJob, Batch]]:
-    """The manifest row and batch of each chosen (job, batch id), in one query for all of them."""
+def _rows(session: Session, chosen: list[Job]) -> dict[str, tuple[BatchJob, Batch]]:
+    """Per chosen job, the manifest row and batch its message names: of the batches not paused that ask for it,
+    the one with the smallest id (in one query for all of them)."""
     if not chosen:
         return {}
-    wanted = {(job.id, batch_id) for job, batch_id in chosen}
     rows = session.execute(select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
-                           .where(BatchJob.job_id.in_([job.id for job, _ in chosen])))
-    return {(link.job_id, batch.id): (link, batch) for link, batch in rows if (link.job_id, batch.id) in wanted}
+                           .where(BatchJob.job_id.in_([job.id for job in chosen]), Batch.paused.is_(False))
+                           .order_by(Batch.id.desc()))
+    return {link.job_id: (link, batch) for link, batch in rows}  # the smallest id comes last, and stays
 
 
 def receive_reports(sessions: sessionmaker[Session], reports: list[Report], clock: Callable[[], datetime],

@@ -154,6 +154,8 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         worker faster than a tick's backlog never waits for the next message."""
         gate = StorageGate(bucket)
         chores_at = sheets_at = time.monotonic()
+        queues: list[str] = []  # the queues with queued jobs, as the last tick found them
+        empty_since: dict[str, datetime] = {}  # fleet.feed's memory of queues seen empty
         while True:
             if taken.wait(max(chores_at - time.monotonic(), 0)):
                 taken.clear()
@@ -161,7 +163,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                     try:
                         if gate.open():
                             with sessions.begin() as session:
-                                fleet.feed(session, clock(), policy, bucket, publish, depth)
+                                fleet.feed(session, clock(), policy, bucket, publish, depth, queues, empty_since)
                     except Exception as exc:  # the tick's full pass says more
                         log.debug("top-up failed: %s", exc)
                     time.sleep(FEED_GAP_SECONDS)
@@ -177,7 +179,8 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 published = 0
                 if gate.open():
                     with sessions.begin() as session:
-                        published = fleet.feed(session, clock(), policy, bucket, publish, depth)
+                        queues = fleet.queued_queues(session)
+                        published = fleet.feed(session, clock(), policy, bucket, publish, depth, queues, empty_since)
                 with sessions.begin() as session:
                     counts = fleet.waiting(session, clock())
                 tell_waiting(counts)

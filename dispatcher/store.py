@@ -10,7 +10,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
@@ -158,7 +158,8 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
                                           params.height, references=params.references)
             jobs.append(dict(id=planned.job_id, queue=queues[shape], min_vram_gb=0, budget_from=0,
                              output_key=planned.output_key, status=JobStatus.QUEUED, attempts=0, created_at=now,
-                             updated_at=now, **params.columns()))
+                             updated_at=now, priority=None if batch.paused else batch.priority or 0,
+                             ordinal=ordinal(batch.created_at or now, position), **params.columns()))
             new += 1
         elif job.status in REQUEUEABLE:
             requeue(session, job, now)
@@ -175,6 +176,8 @@ def record_batch(session: Session, batch: Batch, expansion: Expansion, now: date
     for table, rows in ((Job, jobs), (BatchJob, links)):  # jobs before the links that point at them
         for i in range(0, len(rows), BULK):
             session.execute(insert(table), rows[i:i + BULK])
+    for chunk in _chunks(list(existing)):  # asked for again, maybe at a higher priority, maybe paused elsewhere
+        reprioritize(session, chunk)
     return Recorded(batch.id, len(ids), new, requeued, done, active)
 
 
@@ -232,10 +235,20 @@ def due(now: datetime) -> Any:
     return or_(Job.not_before.is_(None), Job.not_before <= now)
 
 
-def in_unpaused_batch() -> Any:
-    """Jobs that some batch not paused asks for."""
-    return (select(BatchJob.job_id).join(Batch, Batch.id == BatchJob.batch_id)
-            .where(BatchJob.job_id == Job.id, Batch.paused.is_(False)).exists())
+def ordinal(batch_created_at: datetime, position: int) -> int:
+    """A new job's place in the order work was asked for (Job.ordinal): its batch's submission second, then its
+    position in the batch's manifest. A job asked for again keeps the place its first batch gave it."""
+    return int(batch_created_at.replace(tzinfo=UTC).timestamp()) << 32 | position
+
+
+def reprioritize(session: Session, job_ids: Iterable[str] | Any) -> None:
+    """Set the publishing priority of jobs (ids, or a select of them) from their batches: the highest priority of
+    those not paused, NULL when every one is paused (Job.priority). Called whenever a batch's priority or pause
+    changes, or a batch asks for jobs that exist already."""
+    asked = (select(func.max(Batch.priority)).join(BatchJob, BatchJob.batch_id == Batch.id)
+             .where(BatchJob.job_id == Job.id, Batch.paused.is_(False)).scalar_subquery())
+    session.execute(update(Job).where(Job.id.in_(job_ids)).values(priority=asked)
+                    .execution_options(synchronize_session=False))
 
 
 def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, batch_id: str | None = None,

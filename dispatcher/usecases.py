@@ -473,6 +473,7 @@ def retry(session: Session, batch_id: str, statuses: list[JobStatus], changes: d
                 raise ConfigError(f"--set: {made.model} at {made.width}x{made.height} fits no card Kiln knows")
             session.add(Job(id=new_id, queue=queue, min_vram_gb=0, status=JobStatus.QUEUED, attempts=0,
                             created_at=now, updated_at=now, retry_of=job.id, output_key=job.output_key,
+                            priority=job.priority, ordinal=job.ordinal,
                             **made.columns()))
             session.flush()
         elif twin.status in REQUEUEABLE:
@@ -480,6 +481,8 @@ def retry(session: Session, batch_id: str, statuses: list[JobStatus], changes: d
         session.execute(update(BatchJob).where(BatchJob.batch_id == found.id, BatchJob.job_id == job.id)
                         .values(job_id=new_id))
         replaced += 1
+    if replaced:  # the new jobs, or twins asked for by other batches too
+        store.reprioritize(session, select(BatchJob.job_id).where(BatchJob.batch_id == found.id))
     if requeued or replaced:
         found.finished_at = None  # it has work again: batch.finished comes once more when that is done
     return Retried(found.id, requeued, replaced)
@@ -506,6 +509,8 @@ def pause(session: Session, batch_id: str, paused: bool) -> BatchChange:
     does not bring cancelled jobs back: `cancelled` says how many stay so."""
     found = find(session, batch_id)
     found.paused = paused
+    session.flush()
+    store.reprioritize(session, select(BatchJob.job_id).where(BatchJob.batch_id == found.id))
     return BatchChange(found, 0 if paused else store.batch_counts(session, found.id)["cancelled"])
 
 
@@ -513,6 +518,8 @@ def set_priority(session: Session, batch_id: str, priority: int) -> BatchChange:
     """Set a batch's priority: higher batches are published first."""
     found = find(session, batch_id)
     found.priority = priority
+    session.flush()
+    store.reprioritize(session, select(BatchJob.job_id).where(BatchJob.batch_id == found.id))
     return BatchChange(found)
 
 

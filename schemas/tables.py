@@ -96,8 +96,20 @@ class Job(Base):
     not_before: Mapped[datetime | None] = mapped_column(Timestamp)
     # `kiln retry --set`: the job this one was made from, with changed parameters (its lineage)
     retry_of: Mapped[str | None] = mapped_column(String(32))
+    # The order the feeder publishes in, kept on the row so that choosing the next jobs is an index scan however
+    # many are queued (dispatcher.store.ranked): the highest priority of the job's batches not paused (NULL: every
+    # batch of it is paused), then its place in the order work was asked for (its first batch's submission second,
+    # then its manifest position: store.ordinal).
+    priority: Mapped[int | None] = mapped_column(Integer)
+    ordinal: Mapped[int | None] = mapped_column(BigInteger)
 
-    __table_args__ = (Index("ix_jobs_status_model", "status", "model"),)
+    __table_args__ = (
+        Index("ix_jobs_status_model", "status", "model"),
+        # the next jobs of a queue in publishing order; a queue's published jobs, counted (a backlog per worker)
+        Index("ix_jobs_ready", "queue", "status", priority.desc(), "ordinal"),
+        Index("ix_jobs_published", "queue", "status", postgresql_where=published_at.is_not(None),
+              sqlite_where=published_at.is_not(None)),
+    )
 
 
 class BatchJob(Base):

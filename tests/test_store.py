@@ -268,3 +268,39 @@ def test_migration_0004_moves_an_older_databases_jobs_to_their_models_queue(data
     with engine.begin() as conn:
         assert conn.scalar(text("SELECT queue FROM jobs")) == "kiln.render.vram16"
     engine.dispose()
+
+
+def test_migration_0011_gives_older_jobs_the_publishing_order_new_ones_get(database_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import create_engine, text
+
+    sessions = store.open_database(database_url)
+    with sessions.begin() as s:  # b2 asks for b and c again, later, at a higher priority; b3 is paused
+        for batch_id, created, priority, paused, rows in (
+                ("b1", T0, 2, False, "id,prompt\na,x\nb,y\nc,z\n"),
+                ("b2", T0 + timedelta(minutes=5, microseconds=700_000), 5, False, "id,prompt\nb,y\nc,z\nd,w\n"),
+                ("b3", T0 + timedelta(hours=1), 9, True, "id,prompt\nd,w\ne,v\n")):
+            store.record_batch(s, Batch(id=batch_id, name="b", manifest="m.csv", manifest_sha256="0" * 64,
+                                        created_at=created, priority=priority, paused=paused), expansion(rows), T0)
+    with sessions.begin() as s:
+        recorded = {row.id: (row.priority, row.ordinal) for row in s.execute(select(Job.id, Job.priority, Job.ordinal))}
+    with sessions() as s:
+        prompts = {j.id: j.prompt for j in s.scalars(select(Job))}
+    assert {prompts[j]: p for j, (p, _) in recorded.items()} == {"x": 2, "y": 5, "z": 5, "w": 5, "v": None}
+    assert sorted(recorded, key=lambda j: recorded[j][1]) == sorted(prompts, key=lambda j: "xyzwv".index(prompts[j]))
+    engine = create_engine(database_url)
+
+    def migrate(step, revision: str) -> None:  # type: ignore[no-untyped-def]
+        with engine.begin() as conn:
+            config = Config()
+            config.set_main_option("script_location", str(store.MIGRATIONS))
+            config.attributes["connection"] = conn
+            step(config, revision)
+
+    migrate(command.downgrade, "0010")
+    migrate(command.upgrade, "head")
+    with engine.begin() as conn:
+        assert {row[0]: (row[1], row[2]) for row in conn.execute(text("SELECT id, priority, ordinal FROM jobs"))} \
+            == recorded
+    engine.dispose()
