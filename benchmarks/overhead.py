@@ -88,7 +88,9 @@ def main() -> None:
         from worker.tiny import ensure_tiny
 
         ensure_tiny(cache)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_")}
+        # PYTHONDONTWRITEBYTECODE (set on some CI machines) makes every process compile again the modules pip left
+        # uncompiled: a user's Python caches them, so both sides run with caches here
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KILN_") and k != "PYTHONDONTWRITEBYTECODE"}
         env |= {"KILN_CACHE_DIR": str(cache), "KILN_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
         kiln_env = env | {"KILN_BATCH_SIZE": str(args.batch_size)}
         source = manifest(tmp, args.jobs)
@@ -144,11 +146,16 @@ def fleet_run(work: Path, source: Path, cache: Path, batch_size: int = 1) -> tup
         with running_fleet(work, f"{POSTGRES_URL}?options=-csearch_path%3D{schema}", cache) as fleet:
             fleet.dispatcher(KILN_BATCH_SIZE=str(batch_size))
             jobs = len(source.read_text().splitlines()) - 1
+            before = _cpu_by_process()
             started = time.perf_counter()  # the worker starts as the loop does: a new process, nothing loaded
             fleet.worker("w1", 16, models="tiny")
             fleet.kiln("submit", str(source), "--model", "tiny")
             fleet.wait_until(lambda: fleet.count(Job.status == "succeeded") == jobs, 3600, "the batch to finish")
             wall = time.perf_counter() - started
+            used = {name: seconds - before.get(name, 0.0) for name, seconds in _cpu_by_process().items()}
+            print("  CPU per job over the run: " + ", ".join(
+                f"{name} {1000 * seconds / jobs:.1f} ms" for name, seconds in sorted(used.items(), key=lambda x: -x[1])
+                if seconds > 0.05), flush=True)
             with fleet.engine.connect() as conn:
                 inside = conn.scalar(select(func.sum(Attempt.seconds))) or 0.0
                 first = conn.scalar(select(func.min(Attempt.started_at)))
@@ -159,6 +166,23 @@ def fleet_run(work: Path, source: Path, cache: Path, batch_size: int = 1) -> tup
     finally:
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+
+
+def _cpu_by_process() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by the fleet's processes, by kind: the worker (with its GPU
+    process), the dispatcher, PostgreSQL's backends, Redis and moto."""
+    import psutil
+
+    kinds = {"kiln worker": "worker", "kiln dispatcher": "dispatcher", "postgres": "PostgreSQL",
+             "redis-server": "Redis", "moto_server": "moto"}
+    used: dict[str, float] = {}
+    for process in psutil.process_iter(["cmdline", "cpu_times"]):
+        line = " ".join(process.info["cmdline"] or [])
+        kind = next((k for needle, k in kinds.items() if needle in line), None)
+        times = process.info["cpu_times"]
+        if kind and times is not None:
+            used[kind] = used.get(kind, 0.0) + times.user + times.system
+    return used
 
 
 if __name__ == "__main__":
