@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime, timedelta
@@ -378,16 +378,22 @@ def test_jobs_of_silent_workers_go_back_to_the_queue(database_url: str, bucket: 
     assert statuses == ["lost", "succeeded"]
 
 
-def test_a_lost_or_expired_message_is_published_again(database_url: str, bucket: Bucket) -> None:
-    sessions = setup(database_url, "id,prompt\na,x\n")
-    broker = Broker()
-    empty_since: dict[str, datetime] = {}  # the dispatcher's memory across feeds
+def feeder(sessions, bucket: Bucket, broker: Broker) -> Callable[[timedelta], int]:  # type: ignore[no-untyped-def]
+    """feed(T0 + later) as the dispatcher's loop does it, remembering across feeds which queues it saw empty."""
+    empty_since: dict[str, datetime] = {}
 
     def fed(later: timedelta) -> int:
         with sessions.begin() as s:
             return fleet.feed(s, T0 + later, POLICY, bucket, broker.publish, lambda q: broker.depth.get(q, 0),
                               None, empty_since)
 
+    return fed
+
+
+def test_a_lost_or_expired_message_is_published_again(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    fed = feeder(sessions, bucket, broker)
     assert fed(timedelta(0)) == 1
     broker.depth.clear()  # a worker took it (its started report not in yet), or Redis restarted without persistence
     assert fed(timedelta(seconds=30)) == 0  # empty for the first time: maybe a started report on its way
@@ -402,13 +408,7 @@ def test_a_queue_emptied_by_a_worker_whose_started_report_comes_late_is_not_publ
         database_url: str, bucket: Bucket) -> None:
     sessions = setup(database_url, "id,prompt\na,x\n")
     broker = Broker()
-    empty_since: dict[str, datetime] = {}
-
-    def fed(later: timedelta) -> int:
-        with sessions.begin() as s:
-            return fleet.feed(s, T0 + later, POLICY, bucket, broker.publish, lambda q: broker.depth.get(q, 0),
-                              None, empty_since)
-
+    fed = feeder(sessions, bucket, broker)
     assert fed(timedelta(0)) == 1
     task = broker.take()  # taken a minute later, as busy workers do
     assert fed(timedelta(seconds=60)) == 0

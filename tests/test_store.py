@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import select
+from sqlalchemy import Engine, create_engine, select, text
 
 from dispatcher import store
 from dispatcher.expand import Options, expand
@@ -238,20 +241,21 @@ def test_a_submit_racing_another_for_the_same_new_jobs_links_them_instead_of_fai
         assert store.batch_counts(s, "b1")["queued"] == 3
 
 
-def test_migration_0004_moves_an_older_databases_jobs_to_their_models_queue(database_url: str) -> None:
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine, text
-
-    engine = create_engine(database_url)
-
-    def migrate(step, revision: str) -> None:  # type: ignore[no-untyped-def]
+def migrator(engine: Engine) -> Callable[[Callable[[Config, str], None], str], None]:
+    """migrate(command.upgrade or command.downgrade, revision) on `engine`'s database."""
+    def migrate(step: Callable[[Config, str], None], revision: str) -> None:
         with engine.begin() as conn:
             config = Config()
             config.set_main_option("script_location", str(store.MIGRATIONS))
             config.attributes["connection"] = conn
             step(config, revision)
 
+    return migrate
+
+
+def test_migration_0004_moves_an_older_databases_jobs_to_their_models_queue(database_url: str) -> None:
+    engine = create_engine(database_url)
+    migrate = migrator(engine)
     migrate(command.upgrade, "0003")
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO jobs (id, queue, min_vram_gb, model, prompt, width, height, steps, guidance, "
@@ -271,10 +275,6 @@ def test_migration_0004_moves_an_older_databases_jobs_to_their_models_queue(data
 
 
 def test_migration_0011_gives_older_jobs_the_publishing_order_new_ones_get(database_url: str) -> None:
-    from alembic import command
-    from alembic.config import Config
-    from sqlalchemy import create_engine, text
-
     sessions = store.open_database(database_url)
     with sessions.begin() as s:  # b2 asks for b and c again, later, at a higher priority; b3 is paused
         for batch_id, created, priority, paused, rows in (
@@ -290,14 +290,7 @@ def test_migration_0011_gives_older_jobs_the_publishing_order_new_ones_get(datab
     assert {prompts[j]: p for j, (p, _) in recorded.items()} == {"x": 2, "y": 5, "z": 5, "w": 5, "v": None}
     assert sorted(recorded, key=lambda j: recorded[j][1]) == sorted(prompts, key=lambda j: "xyzwv".index(prompts[j]))
     engine = create_engine(database_url)
-
-    def migrate(step, revision: str) -> None:  # type: ignore[no-untyped-def]
-        with engine.begin() as conn:
-            config = Config()
-            config.set_main_option("script_location", str(store.MIGRATIONS))
-            config.attributes["connection"] = conn
-            step(config, revision)
-
+    migrate = migrator(engine)
     migrate(command.downgrade, "0010")
     migrate(command.upgrade, "head")
     with engine.begin() as conn:
