@@ -104,6 +104,9 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
         for q in served or []:
             if shape:
                 warm.setdefault(q, set()).add(shape)
+    if empty_since is not None:
+        for gone in set(empty_since) - set(queues):  # no queued jobs now: what was seen of it is over
+            del empty_since[gone]
     for queue in sorted(q for q in queues if q):
         waiting = _waiting(session, queue)
         stale = now - policy.message_ttl

@@ -378,14 +378,15 @@ def test_jobs_of_silent_workers_go_back_to_the_queue(database_url: str, bucket: 
     assert statuses == ["lost", "succeeded"]
 
 
-def feeder(sessions, bucket: Bucket, broker: Broker) -> Callable[[timedelta], int]:  # type: ignore[no-untyped-def]
-    """feed(T0 + later) as the dispatcher's loop does it, remembering across feeds which queues it saw empty."""
+def feeder(sessions, bucket: Bucket, broker: Broker) -> Callable[..., int]:  # type: ignore[no-untyped-def]
+    """fed(later, queues=None): feed at T0 + later as the dispatcher's loop does, remembering across feeds which
+    queues it saw empty."""
     empty_since: dict[str, datetime] = {}
 
-    def fed(later: timedelta) -> int:
+    def fed(later: timedelta, queues: list[str] | None = None) -> int:
         with sessions.begin() as s:
             return fleet.feed(s, T0 + later, POLICY, bucket, broker.publish, lambda q: broker.depth.get(q, 0),
-                              None, empty_since)
+                              queues, empty_since)
 
     return fed
 
@@ -412,8 +413,12 @@ def test_a_queue_emptied_by_a_worker_whose_started_report_comes_late_is_not_publ
     assert fed(timedelta(0)) == 1
     task = broker.take()  # taken a minute later, as busy workers do
     assert fed(timedelta(seconds=60)) == 0
+    # A feed that does not look at the queue (its tick found no queued jobs there) forgets what was seen of it:
+    # seen empty again, it waits its 5 s afresh
+    assert fed(timedelta(seconds=61), queues=[]) == 0
+    assert fed(timedelta(seconds=70)) == 0
     report(sessions, bucket, Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1"))
-    assert fed(timedelta(seconds=66)) == 0 and broker.sent == []
+    assert fed(timedelta(seconds=76)) == 0 and broker.sent == []
 
 
 def batched(sessions, bucket: Bucket, broker: Broker, jobs: int, now: datetime = T0) -> list[list[str]]:  # type: ignore[no-untyped-def]
