@@ -251,6 +251,13 @@ def reprioritize(session: Session, job_ids: Iterable[str] | Any) -> None:
                     .execution_options(synchronize_session=False))
 
 
+def reprioritize_batch(session: Session, batch_id: str) -> None:
+    """`reprioritize` every job a batch asks for, after a change to the batch (its pause, its priority, its jobs)
+    pending in the session."""
+    session.flush()
+    reprioritize(session, select(BatchJob.job_id).where(BatchJob.batch_id == batch_id))
+
+
 def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, batch_id: str | None = None,
           limit: int = 1, prefer_model: str | None = None, prefer_shape: str | None = None,
           skip_models: Iterable[str] = ()) -> list[JobSpec]:

@@ -482,7 +482,7 @@ def retry(session: Session, batch_id: str, statuses: list[JobStatus], changes: d
                         .values(job_id=new_id))
         replaced += 1
     if replaced:  # the new jobs, or twins asked for by other batches too
-        store.reprioritize(session, select(BatchJob.job_id).where(BatchJob.batch_id == found.id))
+        store.reprioritize_batch(session, found.id)
     if requeued or replaced:
         found.finished_at = None  # it has work again: batch.finished comes once more when that is done
     return Retried(found.id, requeued, replaced)
@@ -509,8 +509,7 @@ def pause(session: Session, batch_id: str, paused: bool) -> BatchChange:
     does not bring cancelled jobs back: `cancelled` says how many stay so."""
     found = find(session, batch_id)
     found.paused = paused
-    session.flush()
-    store.reprioritize(session, select(BatchJob.job_id).where(BatchJob.batch_id == found.id))
+    store.reprioritize_batch(session, found.id)
     return BatchChange(found, 0 if paused else store.batch_counts(session, found.id)["cancelled"])
 
 
@@ -518,8 +517,7 @@ def set_priority(session: Session, batch_id: str, priority: int) -> BatchChange:
     """Set a batch's priority: higher batches are published first."""
     found = find(session, batch_id)
     found.priority = priority
-    session.flush()
-    store.reprioritize(session, select(BatchJob.job_id).where(BatchJob.batch_id == found.id))
+    store.reprioritize_batch(session, found.id)
     return BatchChange(found)
 
 

@@ -97,7 +97,7 @@ class Job(Base):
     # `kiln retry --set`: the job this one was made from, with changed parameters (its lineage)
     retry_of: Mapped[str | None] = mapped_column(String(32))
     # The order the feeder publishes in, kept on the row so that choosing the next jobs is an index scan however
-    # many are queued (dispatcher.store.ranked): the highest priority of the job's batches not paused (NULL: every
+    # many are queued (dispatcher.fleet._next_jobs): the highest priority of the job's batches not paused (NULL: every
     # batch of it is paused), then its place in the order work was asked for (its first batch's submission second,
     # then its manifest position: store.ordinal).
     priority: Mapped[int | None] = mapped_column(Integer)

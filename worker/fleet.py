@@ -236,10 +236,7 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
         budget = settings.upload_retry_seconds + settings.storage_timeout_seconds
         if local is not None and not local.writer.drain(budget):
             log.warning("stopped before the last image was stored: its job will be rendered again")
-        try:
-            outbox.flush()
-        except Exception as exc:  # the broker is away: the dispatcher learns from the finished reports, or reaps
-            log.warning("started reports not sent: %s", type(exc).__name__)
+        outbox.send_waiting()
 
     return app, state, chooser
 

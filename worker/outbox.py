@@ -58,12 +58,17 @@ class Outbox:
             if reports:
                 self._send(reports)
 
+    def send_waiting(self) -> None:
+        """Send the started reports waiting, now; if the broker is away, say so and drop them (the finished
+        reports, or the heartbeats, tell the dispatcher later)."""
+        try:
+            self.flush()
+        except Exception as exc:
+            log.warning("started reports not sent: %s", type(exc).__name__)
+
     def _flush_forever(self) -> None:
         while True:
             with self._changed:
                 while not self._waiting or time.monotonic() < self._due:
                     self._changed.wait(self._due - time.monotonic() if self._waiting else None)
-            try:
-                self.flush()
-            except Exception as exc:  # the broker is away: the finished reports (or the heartbeats) tell it later
-                log.warning("started reports not sent: %s", type(exc).__name__)
+            self.send_waiting()

@@ -25,7 +25,7 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column('ordinal', sa.BigInteger(), nullable=True))
     seconds = ("CAST(FLOOR(EXTRACT(EPOCH FROM b.created_at)) AS BIGINT)" if op.get_bind().dialect.name == "postgresql"
                else "CAST(strftime('%s', b.created_at) AS INTEGER)")
-    # as dispatcher.store.ordinal and store.ready_priority compute them
+    # as dispatcher.store.ordinal and store.reprioritize compute them
     op.execute("UPDATE jobs SET "
                "priority = (SELECT max(b.priority) FROM batch_jobs bj JOIN batches b ON b.id = bj.batch_id "
                "WHERE bj.job_id = jobs.id AND NOT b.paused), "
