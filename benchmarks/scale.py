@@ -78,7 +78,38 @@ def main() -> None:
                                env, tmp)
                 print(f"{'':>9}   submit on {name:10}: {wall:6.1f} s, {mb:5.0f} MB peak; recording "
                       f"{wall - dry:6.1f} s, {1000 * (wall - dry) / rows:.2f} s per 1,000 jobs", flush=True)
+                print(f"{'':>9}   claim on {name:11}: {claim_ms(url):6.1f} ms per job (median of {CLAIMS}, "
+                      "as `kiln render` takes them)", flush=True)
     print(f"(this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
+
+
+CLAIMS = 40
+
+
+def claim_ms(url: str) -> float:
+    """Median milliseconds per claim of one job of the batch just recorded, as the embedded runner claims them
+    (dispatcher.runner.run_batch: its batch, the loaded model and warm shape first), in this process."""
+    import statistics
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from dispatcher import store
+    from dispatcher.runner import LEASE
+    from schemas.tables import Batch
+
+    sessions = store.open_database(url)
+    with sessions() as session:
+        batch_id = session.execute(select(Batch.id)).scalar_one()
+    times, shape, model = [], None, None
+    for _ in range(CLAIMS):
+        started = time.perf_counter()
+        with sessions.begin() as session:
+            [spec] = store.claim(session, "bench", datetime.now(UTC), LEASE, batch_id=batch_id,
+                                 prefer_model=model, prefer_shape=shape)
+        times.append(1000 * (time.perf_counter() - started))
+        model, shape = spec.params.model, spec.params.shape
+    return statistics.median(times)
 
 
 def postgres_schema() -> str:

@@ -263,39 +263,56 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
           skip_models: Iterable[str] = ()) -> list[JobSpec]:
     """Take up to `limit` queued jobs of one shape (RenderParams.shape: all but prompt and seed alike) for
     `worker`, marking them running with a lease: jobs of batches not paused whose retry backoff is over, of
-    models not in `skip_models`. Concurrent claimers skip each other's rows."""
-    query = (select(Job, BatchJob, Batch).join(BatchJob, BatchJob.job_id == Job.id)
-             .join(Batch, Batch.id == BatchJob.batch_id)
-             .where(Job.status == JobStatus.QUEUED, due(now), Batch.paused.is_(False)))
+    models not in `skip_models`, in the order work was asked for (Job.ordinal), the warm shape's first and then
+    the loaded model's. Concurrent claimers skip each other's rows.
+
+    A claim of the warm shape walks ix_jobs_claim (status, model, shape, ordinal) from its first entry, so it
+    costs the same however many jobs are queued; only a change of shape or model sorts the queued jobs."""
+    if batch_id is not None and session.scalar(select(Batch.paused).where(Batch.id == batch_id)):
+        return []
+    # priority is NULL exactly when every batch of the job is paused (store.reprioritize)
+    query = select(Job).where(Job.status == JobStatus.QUEUED, due(now), Job.priority.is_not(None))
     if skip_models:
         query = query.where(Job.model.not_in(list(skip_models)))
-    if batch_id:
-        query = query.where(BatchJob.batch_id == batch_id)
-    order: list[Any] = [BatchJob.position]
-    if prefer_model:
-        order.insert(0, Job.model != prefer_model)  # the loaded model's jobs first: no reload
-    if prefer_shape:
-        order.insert(0, Job.shape != prefer_shape)  # and of those, the shape last rendered: its LoRAs stay on
-    first = session.execute(query.order_by(*order).limit(1).with_for_update(skip_locked=True, of=Job)).first()
-    if first is None:
+    if batch_id is not None:
+        query = query.where(select(BatchJob.job_id).where(
+            BatchJob.batch_id == batch_id, BatchJob.job_id == Job.id).exists())
+
+    def take(where: Any, n: int) -> list[Job]:
+        return list(session.scalars(query.where(*where).order_by(Job.ordinal).limit(n)
+                                    .with_for_update(skip_locked=True)))
+
+    warm = [Job.model == prefer_model] if prefer_model else []
+    jobs = take([*warm, Job.shape == prefer_shape], limit) if prefer_shape else []
+    if not jobs:  # the warm shape is done: the loaded model's next job leads, or else the next job of all
+        jobs = (take(warm, 1) if warm else []) or take([], 1)
+        if jobs and limit > 1:
+            lead = jobs[0]
+            jobs += take([Job.model == lead.model, Job.shape == lead.shape, Job.id != lead.id], limit - 1)
+    if not jobs:
         return []
-    lead: Job = first[0]
-    rows = [first]
-    if limit > 1:
-        same = query.where(Job.id != lead.id, Job.shape == lead.shape)
-        rows += session.execute(same.order_by(*order).limit(limit - 1).with_for_update(skip_locked=True, of=Job))
+    links = _rows_of(session, [job.id for job in jobs], batch_id)
     specs = []
-    seen: set[str] = set()
-    for job, link, batch in rows:
-        if job.id in seen:  # a job in two batches appears once per batch
-            continue
-        seen.add(job.id)
+    for job in jobs:
+        link, batch = links[job.id]
         attempt = job.attempts + 1
         move(session, job.id, JobStatus.QUEUED, JobStatus.RUNNING, job.attempts, now, attempts=attempt,
-              worker=worker, lease_until=now + lease)
+             worker=worker, lease_until=now + lease)
         start_attempt(session, job.id, attempt, worker, now)
         specs.append(job_spec(job, link, batch, attempt))
     return specs
+
+
+def _rows_of(session: Session, job_ids: list[str], batch_id: str | None) -> dict[str, tuple[BatchJob, Batch]]:
+    """For each job, the row that asked for it: of `batch_id` when given, else of its first batch not paused."""
+    query = (select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
+             .where(BatchJob.job_id.in_(job_ids)).order_by(Batch.paused, Batch.created_at))
+    if batch_id is not None:
+        query = query.where(BatchJob.batch_id == batch_id)
+    links: dict[str, tuple[BatchJob, Batch]] = {}
+    for link, batch in session.execute(query).tuples():
+        links.setdefault(link.job_id, (link, batch))
+    return links
 
 
 def job_spec(job: Job, link: BatchJob, batch: Batch, attempt: int) -> JobSpec:

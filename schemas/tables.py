@@ -104,7 +104,8 @@ class Job(Base):
     ordinal: Mapped[int | None] = mapped_column(BigInteger)
 
     __table_args__ = (
-        Index("ix_jobs_status_model", "status", "model"),
+        # an embedded run's next job of the warm shape, in order (dispatcher.store.claim); jobs counted by status
+        Index("ix_jobs_claim", "status", "model", "shape", "ordinal"),
         # the next jobs of a queue in publishing order; a queue's published jobs, counted (a backlog per worker)
         Index("ix_jobs_ready", "queue", "status", priority.desc(), "ordinal"),
         Index("ix_jobs_published", "queue", "status", postgresql_where=published_at.is_not(None),

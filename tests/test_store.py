@@ -12,7 +12,7 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import Engine, create_engine, select, text
+from sqlalchemy import Engine, create_engine, event, select, text
 
 from dispatcher import store
 from dispatcher.expand import Options, expand
@@ -141,6 +141,53 @@ def test_claim_batches_jobs_of_one_shape_in_manifest_order(database_url: str) ->
         second = store.claim(s, "w1", T0, LEASE, limit=3)
     assert [j.row_id for j in first] == ["a", "c", "d"]
     assert [j.row_id for j in second] == ["b"]
+
+
+def test_claim_takes_the_warm_shape_first_then_the_order_and_nothing_of_a_paused_batch(database_url: str) -> None:
+    sessions = store.open_database(database_url)
+    record(sessions, rows="id,prompt,width\na,x,512\nb,y,768\nc,z,512\nd,w,768\n")
+    record(sessions, "b2", rows="id,prompt\ne,v\n")
+    with sessions.begin() as s:
+        [a] = store.claim(s, "w1", T0, LEASE, batch_id="b1")
+        assert a.row_id == "a"  # nothing warm yet: the first in the manifest
+        taken = []
+        for _ in range(3):  # the warm shape while it lasts, then the next in the manifest, which becomes warm
+            [spec] = store.claim(s, "w1", T0, LEASE, batch_id="b1", prefer_model="tiny", prefer_shape=a.params.shape)
+            taken.append(spec.row_id)
+            a = spec
+        assert taken == ["c", "b", "d"]
+        s.get_one(Batch, "b1").paused = True
+        store.reprioritize_batch(s, "b1")
+        assert store.claim(s, "w1", T0, LEASE, batch_id="b1") == []
+        [e] = store.claim(s, "w1", T0, LEASE)  # of all batches: only b2's job is not paused
+        assert (e.row_id, e.batch_id) == ("e", "b2")
+
+
+def test_a_claim_of_the_warm_shape_reads_its_order_from_an_index(database_url: str) -> None:
+    """What keeps `kiln render` of 100,000 jobs claiming in milliseconds (benchmarks/scale.py prints it): the
+    warm shape's next jobs come from ix_jobs_claim in order, with no sort of the queued jobs. Sorting is made
+    as costly as the database allows, so a plan that needs one shows it even on a small table."""
+    sessions = store.open_database(database_url)
+    record(sessions, rows="id,prompt\na,x\nb,y\nc,z\n")
+    statements: list[tuple[str, object]] = []
+    with sessions.begin() as s:
+        [first] = store.claim(s, "w1", T0, LEASE, batch_id="b1")
+        engine = s.get_bind()
+        listen = lambda conn, cursor, sql, params, context, many: statements.append((sql, params))  # noqa: E731
+        event.listen(engine, "before_cursor_execute", listen)
+        try:
+            store.claim(s, "w1", T0, LEASE, batch_id="b1", prefer_model="tiny", prefer_shape=first.params.shape)
+        finally:
+            event.remove(engine, "before_cursor_execute", listen)
+        sql, params = next((sql, params) for sql, params in statements if "ORDER BY" in sql)
+        if engine.dialect.name == "postgresql":
+            s.execute(text("SET LOCAL enable_sort = off"))
+            s.execute(text("SET LOCAL enable_seqscan = off"))
+            plan = "\n".join(row[0] for row in s.connection().exec_driver_sql(f"EXPLAIN {sql}", params))
+            assert "ix_jobs_claim" in plan and "Sort" not in plan, plan
+        else:
+            plan = "\n".join(row[-1] for row in s.connection().exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}", params))
+            assert "ix_jobs_claim" in plan and "TEMP B-TREE" not in plan, plan
 
 
 def test_concurrent_claimers_never_get_the_same_job(database_url: str) -> None:
