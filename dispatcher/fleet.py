@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
-from sqlalchemy import and_, func, insert, or_, select, update
+from sqlalchemy import and_, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import store
@@ -84,34 +84,46 @@ def token(published_at: datetime) -> str:
     return published_at.isoformat()
 
 
-def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publish: Publish,
-         queue_depth: Callable[[str], int], queues: Collection[str] | None = None,
-         empty_since: dict[str, datetime] | None = None) -> int:
-    """Top every render queue (`queues`, else every one with queued jobs: `queued_queues`) up to the backlog for
-    each live worker consuming it (at least one backlog), from the database; republish what the broker lost.
-    `empty_since` is the caller's memory across feeds of when each queue was first seen empty while holding
-    published jobs (EMPTY_CONFIRM); without it, one look decides. Returns how many jobs went out (in fewer
-    messages when they carry several jobs of one shape)."""
-    published = 0
-    if queues is None:
-        queues = queued_queues(session)
+class Outlook(NamedTuple):
+    """What feeding reads once a tick and the top-ups between ticks reuse: the render queues with queued jobs,
+    the live consumers of each, and the shapes they rendered last (their LoRAs are on: those jobs go first)."""
+
+    queues: list[str]
+    consumers: Counter[str]
+    warm: dict[str, set[str]]
+
+
+def look(session: Session, now: datetime, policy: Policy, queues: list[str] | None = None) -> Outlook:
+    """The outlook for feeding now: `queues`, else every queue with queued jobs (`queued_queues`), and the workers
+    that beat within the worker timeout."""
     live = session.execute(select(Worker.queues, Worker.warm_shape).where(
         Worker.last_seen >= now - policy.worker_timeout)).all()
-    consumers = Counter(q for served, _ in live for q in served or [])
-    # Per queue, the shapes its workers rendered last (their LoRAs are on): those jobs go out first.
     warm: dict[str, set[str]] = {}
     for served, shape in live:
         for q in served or []:
             if shape:
                 warm.setdefault(q, set()).add(shape)
+    return Outlook(queued_queues(session) if queues is None else queues,
+                   Counter(q for served, _ in live for q in served or []), warm)
+
+
+def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publish: Publish,
+         queue_depth: Callable[[str], int], outlook: Outlook | None = None,
+         empty_since: dict[str, datetime] | None = None) -> int:
+    """The tick's feed: republish what the broker lost or let expire, then top every queue of the outlook (by
+    default, `look` now) up (`top_up`). `empty_since` is the caller's memory across feeds of when each queue was
+    first seen empty while holding published jobs (EMPTY_CONFIRM); without it, one look decides. Returns how
+    many jobs went out (in fewer messages when they carry several jobs of one shape)."""
+    if outlook is None:
+        outlook = look(session, now, policy)
     if empty_since is not None:
-        for gone in set(empty_since) - set(queues):  # no queued jobs now: what was seen of it is over
+        for gone in set(empty_since) - set(outlook.queues):  # no queued jobs now: what was seen of it is over
             del empty_since[gone]
-    for queue in sorted(q for q in queues if q):
-        waiting = _waiting(session, queue)
-        stale = now - policy.message_ttl
-        empty = queue_depth(queue) == 0 and waiting > 0
-        seen = empty_since if empty_since is not None else {}
+    seen = empty_since if empty_since is not None else {}
+    waiting: dict[str, int] = {}
+    for queue in sorted(q for q in outlook.queues if q):
+        waiting[queue] = _waiting(session, queue)
+        empty = queue_depth(queue) == 0 and waiting[queue] > 0
         if empty:
             seen.setdefault(queue, now)
         else:
@@ -119,14 +131,28 @@ def feed(session: Session, now: datetime, policy: Policy, bucket: Bucket, publis
         lost = empty and (empty_since is None or now - seen[queue] >= EMPTY_CONFIRM)
         # A message not taken within its TTL has expired on the broker; an empty queue that should hold
         # messages means the broker lost them (a Redis restart without AOF). Either way: publish again.
-        session.execute(update(Job).where(
+        again = session.execute(update(Job).where(
             Job.status == JobStatus.QUEUED, Job.queue == queue, Job.published_at.is_not(None),
-            Job.published_at < (now - LOST_QUEUE_GRACE if lost else stale)).values(published_at=None))
+            Job.published_at < (now - LOST_QUEUE_GRACE if lost else now - policy.message_ttl))
+            .values(published_at=None).execution_options(synchronize_session=False))
+        waiting[queue] -= again.rowcount  # type: ignore[attr-defined]
+    return top_up(session, now, policy, bucket, publish, outlook, waiting)
+
+
+def top_up(session: Session, now: datetime, policy: Policy, bucket: Bucket, publish: Publish, outlook: Outlook,
+           waiting: dict[str, int] | None = None) -> int:
+    """Top every queue of the outlook up to the backlog for each live worker consuming it (at least one backlog),
+    from the database, given how many published jobs each holds (`waiting`; counted here when not given): what
+    the dispatcher does between ticks, whenever a worker took a message. Returns how many jobs went out."""
+    published = 0
+    for queue in sorted(q for q in outlook.queues if q):
+        consumers = max(1, outlook.consumers[queue])
         # One backlog per consumer: fifty workers on one queue drain a fixed few messages faster than reports
         # arrive to top it up. Bounded all the same: Redis holds a few messages per worker, not the batch.
-        size = _message_size(session, queue, now, policy.message_jobs, max(1, consumers[queue]))
-        free = policy.backlog * size * max(1, consumers[queue]) - _waiting(session, queue)
-        chosen = _next_jobs(session, queue, now, free, warm.get(queue, set())) if free > 0 else []
+        size = _message_size(session, queue, now, policy.message_jobs, consumers)
+        free = policy.backlog * size * consumers - (
+            waiting[queue] if waiting is not None and queue in waiting else _waiting(session, queue))
+        chosen = _next_jobs(session, queue, now, free, outlook.warm.get(queue, set())) if free > 0 else []
         rows = _rows(session, chosen)
         for group in _messages([job for job in chosen if job.id in rows], size):  # not paused since it was chosen
             tasks = []
@@ -235,7 +261,7 @@ def receive_reports(sessions: sessionmaker[Session], reports: list[Report], cloc
     stored: dict[tuple[str, int], StoredObject | None] = {}
     if finished:
         with sessions.begin() as session:
-            keys = {(r.job_id, r.attempt): touch(session, r, clock()) for r in finished}
+            keys = touch(session, finished, clock())
         stored = {job: bucket.stat(key) if key else None for job, key in keys.items()}
     if submit is not None:
         return [submit(r, stored.get((r.job_id, r.attempt))) for r in reports]
@@ -346,12 +372,20 @@ def _record(session: Session, job: Held, report: Report, now: datetime, policy: 
     return _fail(session, job, result, now, policy), None
 
 
-def touch(session: Session, report: Report, now: datetime) -> str | None:
-    """Note that a running job's report is in hand but not yet recorded, so the reaper leaves the job be while
-    its upload is checked; returns the job's output key (None for a job this database does not know)."""
-    session.execute(update(Job).where(Job.id == report.job_id, Job.status == JobStatus.RUNNING,
-                                      Job.attempts == report.attempt).values(updated_at=now, reported_at=now))
-    return session.scalar(select(Job.output_key).where(Job.id == report.job_id))
+def touch(session: Session, reports: list[Report], now: datetime) -> dict[tuple[str, int], str | None]:
+    """Note that running jobs' reports are in hand but not yet recorded, so the reaper leaves the jobs be while
+    their uploads are checked (one statement for all of them); returns each report's (job id, attempt) with its
+    job's output key (None for a job this database does not know)."""
+    jobs = store.JOBS.c
+    keys: dict[str, str | None] = {job_id: key for job_id, key in session.execute(
+        update(store.JOBS).where(tuple_(jobs.id, jobs.attempts).in_([(r.job_id, r.attempt) for r in reports]),
+                                 jobs.status == JobStatus.RUNNING)
+        .values(updated_at=now, reported_at=now).returning(jobs.id, jobs.output_key))}
+    others = {r.job_id for r in reports} - set(keys)  # not running at that attempt: recording says what it is
+    if others:
+        keys.update((job_id, key) for job_id, key in session.execute(
+            select(jobs.id, jobs.output_key).where(jobs.id.in_(others))))
+    return {(r.job_id, r.attempt): keys.get(r.job_id) for r in reports}
 
 
 def _start(job: Held, report: Report, now: datetime, writes: _Writes) -> Held:

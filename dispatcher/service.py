@@ -7,6 +7,7 @@ import logging
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -102,8 +103,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 f"job {m.job_id} attempt {m.attempt}" for m in reports), _why(problem), REPORT_RETRY_SECONDS)
             try:
                 with sessions.begin() as session:
-                    for message in reports:
-                        fleet.touch(session, message, clock())
+                    fleet.touch(session, reports, clock())
             except DATABASE_AWAY:
                 pass
             raise task.retry(countdown=REPORT_RETRY_SECONDS) from None
@@ -154,7 +154,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         worker faster than a tick's backlog never waits for the next message."""
         gate = StorageGate(bucket)
         chores_at = sheets_at = time.monotonic()
-        queues: list[str] = []  # the queues with queued jobs, as the last tick found them
+        outlook = fleet.Outlook([], Counter(), {})  # the queues and their consumers, as the last tick found them
         empty_since: dict[str, datetime] = {}  # fleet.feed's memory of queues seen empty
         while True:
             if taken.wait(max(chores_at - time.monotonic(), 0)):
@@ -163,7 +163,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                     try:
                         if gate.open():
                             with sessions.begin() as session:
-                                fleet.feed(session, clock(), policy, bucket, publish, depth, queues, empty_since)
+                                fleet.top_up(session, clock(), policy, bucket, publish, outlook)
                     except Exception as exc:  # the tick's full pass says more
                         log.debug("top-up failed: %s", exc)
                     time.sleep(FEED_GAP_SECONDS)
@@ -179,8 +179,8 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 published = 0
                 if gate.open():
                     with sessions.begin() as session:
-                        queues = fleet.queued_queues(session)
-                        published = fleet.feed(session, clock(), policy, bucket, publish, depth, queues, empty_since)
+                        outlook = fleet.look(session, clock(), policy)
+                        published = fleet.feed(session, clock(), policy, bucket, publish, depth, outlook, empty_since)
                 with sessions.begin() as session:
                     counts = fleet.waiting(session, clock())
                 tell_waiting(counts)

@@ -386,7 +386,7 @@ def feeder(sessions, bucket: Bucket, broker: Broker) -> Callable[..., int]:  # t
     def fed(later: timedelta, queues: list[str] | None = None) -> int:
         with sessions.begin() as s:
             return fleet.feed(s, T0 + later, POLICY, bucket, broker.publish, lambda q: broker.depth.get(q, 0),
-                              queues, empty_since)
+                              fleet.look(s, T0 + later, POLICY, queues), empty_since)
 
     return fed
 
@@ -707,7 +707,9 @@ def test_a_job_whose_report_is_in_hand_is_not_reaped_while_the_report_waits(data
     finished = render(task, "w1")
     reaped = []
     with sessions.begin() as s:
-        fleet.touch(s, finished, T0)  # the report arrived; storage has not confirmed the upload yet
+        # the report arrived (with one on a job this database does not know); storage has not confirmed the upload
+        stray = Report(kind="finished", job_id="0" * 32, attempt=1, worker="w1")
+        assert fleet.touch(s, [finished, stray], T0) == {(task.job.job_id, 1): task.job.output_key, ("0" * 32, 1): None}
     for now in (T0 + timedelta(minutes=5), T0 + POLICY.report_hold + timedelta(seconds=61)):
         with sessions.begin() as s:  # the worker lives and is done with the job
             fleet.record_heartbeat(s, Heartbeat(worker="w1", device="cpu", vram_gb=8, queues=[]), now)
