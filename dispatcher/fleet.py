@@ -34,6 +34,8 @@ LOST_QUEUE_GRACE = timedelta(seconds=20)
 # taken to have lost them: a worker that took the last message says so in its started report, which comes a
 # moment later (a worker's outbox holds it up to a second; a busy dispatcher has reports queued).
 EMPTY_CONFIRM = timedelta(seconds=5)
+WAITING_COUNTED = 1000  # a queue's waiting jobs are counted up to this many (waiting): a tick's count is a few
+# index entries however many are queued
 WARM_LOOKAHEAD = 1000  # jobs next in a queue's line among which a warm shape's go first (_next_jobs)
 REPORT_RETRY_SECONDS = 3.0  # a report that cannot be recorded yet is tried again this much later...
 REPORT_RETRIES = 1200  # ...for an hour; then it is dropped and the reaper gives the job back
@@ -169,10 +171,15 @@ def top_up(session: Session, now: datetime, policy: Policy, bucket: Bucket, publ
 
 
 def queued_queues(session: Session) -> list[str]:
-    """The render queues that have queued jobs (a scan of every queued job: the dispatcher looks once a tick, and
-    its top-ups between ticks reuse the answer)."""
-    return [q for q in session.scalars(select(Job.queue).where(Job.status == JobStatus.QUEUED, Job.queue.is_not(None))
-                                       .distinct()) if q]
+    """The render queues that have queued jobs. A skip scan of ix_jobs_ready: the next queue name after the last,
+    then whether it has a queued job, each an index lookup, so it costs the same with ten jobs queued or a
+    million (a DISTINCT read every queued job: 39 ms at 100,000 on PostgreSQL, once a tick)."""
+    jobs = store.JOBS.c
+    names = select(func.min(jobs.queue).label("queue")).cte("names", recursive=True)
+    names = names.union_all(select(select(func.min(jobs.queue)).where(jobs.queue > names.c.queue).scalar_subquery())
+                            .where(names.c.queue.is_not(None)))
+    queued = select(jobs.id).where(jobs.queue == names.c.queue, jobs.status == JobStatus.QUEUED).exists()
+    return sorted(q for q in session.scalars(select(names.c.queue).where(names.c.queue.is_not(None), queued)) if q)
 
 
 def _message_size(session: Session, queue: str, now: datetime, most: int, consumers: int) -> int:
@@ -204,15 +211,16 @@ def _messages(chosen: list[Job], size: int) -> list[list[Job]]:
     return out
 
 
-def waiting(session: Session, now: datetime) -> dict[str, int]:
+def waiting(session: Session, now: datetime, queues: Collection[str] | None = None) -> dict[str, int]:
     """How many jobs each render queue has that a worker could take now (published or not; not paused, not
-    waiting out a backoff): what a worker reads to decide whether to stay on its loaded model. Every queue a
-    registered worker consumes is listed, zeros included."""
-    rows = session.execute(select(Job.queue, func.count()).where(
-        Job.status == JobStatus.QUEUED, Job.queue.is_not(None), Job.priority.is_not(None), store.due(now))
-        .group_by(Job.queue))
-    counts = {q: 0 for queues in session.scalars(select(Worker.queues)) for q in queues or []}
-    counts.update({q: n for q, n in rows if q})
+    waiting out a backoff), counted up to WAITING_COUNTED: what a worker reads to decide whether to stay on its
+    loaded model (it asks only whether work waits). Every queue a registered worker consumes is listed, zeros
+    included. `queues`: those with queued jobs, when the caller knows (`queued_queues`)."""
+    counts = {q: 0 for served in session.scalars(select(Worker.queues)) for q in served or []}
+    for queue in queued_queues(session) if queues is None else queues:
+        counts[queue] = session.scalar(select(func.count()).select_from(select(Job.id).where(
+            Job.queue == queue, Job.status == JobStatus.QUEUED, Job.priority.is_not(None), store.due(now))
+            .limit(WAITING_COUNTED).subquery())) or 0
     return counts
 
 

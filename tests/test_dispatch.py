@@ -633,6 +633,21 @@ def test_status_names_jobs_that_no_registered_worker_fits(database_url: str, buc
                                                      "the largest worker takes 8 GB work")]
 
 
+def test_the_tick_finds_the_queues_with_queued_jobs_and_counts_waiting_work_up_to_a_cap(
+        database_url: str, bucket: Bucket, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = "id,prompt,model\nbig,x,klein-9b\n" + "".join(f"s{i},y,klein-4b\n" for i in range(3))
+    sessions = setup(database_url, rows)
+    monkeypatch.setattr(fleet, "WAITING_COUNTED", 2)
+    small, big = "kiln.render.klein-4b.vram8", "kiln.render.klein-9b.vram16"
+    with sessions.begin() as s:
+        fleet.record_heartbeat(s, Heartbeat(worker="w24", device="cuda", vram_gb=24, queues=[small, big, "k.x"]), T0)
+        assert fleet.queued_queues(s) == [small, big]
+        assert fleet.waiting(s, T0) == {small: 2, big: 1, "k.x": 0}  # 3 small jobs wait: "at least 2" is enough
+        s.execute(update(Job).where(Job.model == "klein-9b").values(status=JobStatus.SUCCEEDED))
+        assert fleet.queued_queues(s) == [small]
+        assert fleet.waiting(s, T0) == {small: 2, big: 0, "k.x": 0}
+
+
 def test_a_workers_fault_sends_the_job_to_another_worker_uncharged_and_status_says_who_has_the_model(
         database_url: str, bucket: Bucket) -> None:
     sessions = setup(database_url, "id,prompt,model\na,x,klein-4b\nb,y,klein-9b\n")
