@@ -335,10 +335,9 @@ def status(batch: str | None, watch: bool, database_url: str | None, as_json: bo
     for g in found.failures:
         rows = f"row {g.row_id}" if g.count == 1 else f"{g.count} rows (first: {g.row_id})"
         out.print(f"  [red]{g.status}[/] {rows}: {g.error}", highlight=False)
-    for row_id, why in found.unfit[:10]:
-        out.print(f"  [yellow]waiting, fits no online worker[/] row {row_id}: {why}", highlight=False)
-    if len(found.unfit) > 10:
-        out.print(f"  ... and {len(found.unfit) - 10} more jobs that fit no online worker")
+    for u in found.unfit:
+        rows = f"row {u.row_id}" if u.count == 1 else f"{u.count} rows (first: {u.row_id})"
+        out.print(f"  [yellow]waiting, fits no online worker[/] {rows}: {u.reason}", highlight=False)
 
 
 def _watch(sessions: sessionmaker[Session], batch: str, settings: KilnSettings, as_json: bool) -> None:

@@ -527,37 +527,56 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
     return reaped
 
 
-def unfit_jobs(session: Session, batch_id: str, live_since: datetime | None = None) -> list[tuple[str, str]]:
-    """(row id, reason) for a batch's queued jobs that no worker (heard from since `live_since`, when given) can
-    take: no worker has the model's weights, or none of those that have them has a card big enough."""
+def unfit_jobs(session: Session, batch_id: str, live_since: datetime | None = None) -> list[tuple[str, int, str]]:
+    """A batch's queued jobs that no worker (heard from since `live_since`, when given) can take, grouped by why:
+    (reason, how many, the first such row id), the largest groups first. Why: no worker has the model's weights,
+    or none of those that have them has a card big enough. Jobs are grouped in SQL by what decides the answer
+    (model, queue, size, whether they have reference images) and each group is explained by its first job, so
+    a 100,000-job batch costs one grouped scan, not 100,000 rows in Python."""
     served: dict[str, list[int]] = {}
     live = [] if live_since is None else [Worker.last_seen >= live_since]
     for queues in session.scalars(select(Worker.queues).where(*live)):
         for q in queues or []:
             served.setdefault(queue_model_key(q), []).append(queue_tier(q))
-    unserved = _unserved_reasons(session, live)
-    rows = session.execute(select(BatchJob.row_id, Job).join(Job, BatchJob.job_id == Job.id).where(
-        BatchJob.batch_id == batch_id, Job.status == JobStatus.QUEUED))
-    out = []
     largest = max((t for tiers in served.values() for t in tiers), default=None)
-    for row_id, job in rows:
-        tiers = served.get(model_key(job.model))
-        tier = queue_tier(job.queue) if job.queue else None
-        if tiers and tier is not None and max(tiers) >= tier:
-            continue
-        try:
-            profile = resolve_model(job.model).profile
-        except KilnError:
-            out.append((row_id, f"{job.model} is not a model this dispatcher knows"))
-            continue
-        if not tiers and largest is not None and tier is not None and largest >= tier:
-            why = "; ".join(f"{w}: {reason}" for w, reason in unserved.get(job.model, []))
-            out.append((row_id, f"no worker has {job.model}: start one with `kiln worker --models {job.model}`"
-                                + (f" ({why})" if why else "")))
-            continue
-        shape = Shape.of(job.width, job.height, 1, RenderParams.of_row(job).references)
-        out.append((row_id, why_unfit(profile, shape, max(tiers) if tiers else largest)))
-    return out
+    first = func.min(BatchJob.position)
+    groups = session.execute(
+        select(Job.model, Job.queue, func.count(), first).join(Job, BatchJob.job_id == Job.id)
+        .where(BatchJob.batch_id == batch_id, Job.status == JobStatus.QUEUED)
+        .group_by(Job.model, Job.queue, Job.width, Job.height, Job.reference.is_(None))).all()
+    unfit = [(n, position) for model, queue, n, position in groups
+             if not (served.get(model_key(model)) and queue and max(served[model_key(model)]) >= queue_tier(queue))]
+    if not unfit:
+        return []
+    unserved = _unserved_reasons(session, live)
+    firsts = {position: (row_id, job) for position, row_id, job in session.execute(
+        select(BatchJob.position, BatchJob.row_id, Job).join(Job, BatchJob.job_id == Job.id)
+        .where(BatchJob.batch_id == batch_id, BatchJob.position.in_([position for _, position in unfit])))}
+    found: dict[str, tuple[int, int, str]] = {}  # reason -> (how many, first position, its row id)
+    for n, position in unfit:
+        row_id, job = firsts[position]
+        why = _why_unfit(job, served, largest, unserved)
+        count, at, first_row = found.get(why, (0, position, row_id))
+        found[why] = (count + n, *min((at, first_row), (position, row_id)))
+    return [(why, n, row_id) for why, (n, _, row_id) in sorted(found.items(), key=lambda i: (-i[1][0], i[1][1]))]
+
+
+def _why_unfit(job: Job, served: dict[str, list[int]], largest: int | None,
+               unserved: dict[str, list[tuple[str, str]]]) -> str:
+    """Why no live worker takes `job`: those serving its model (by model key: `served`, their tiers) or all of
+    them (`largest`) and what workers said of models they do not serve (`unserved`)."""
+    tiers = served.get(model_key(job.model))
+    tier = queue_tier(job.queue) if job.queue else None
+    try:
+        profile = resolve_model(job.model).profile
+    except KilnError:
+        return f"{job.model} is not a model this dispatcher knows"
+    if not tiers and largest is not None and tier is not None and largest >= tier:
+        why = "; ".join(f"{w}: {reason}" for w, reason in unserved.get(job.model, []))
+        return f"no worker has {job.model}: start one with `kiln worker --models {job.model}`" + (
+            f" ({why})" if why else "")
+    shape = Shape.of(job.width, job.height, 1, RenderParams.of_row(job).references)
+    return why_unfit(profile, shape, max(tiers) if tiers else largest)
 
 
 def _unserved_reasons(session: Session, live: list[Any]) -> dict[str, list[tuple[str, str]]]:

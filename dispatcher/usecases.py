@@ -348,18 +348,31 @@ class FailureGroup:
 
 
 @dataclass(frozen=True)
+class UnfitGroup:
+    """A batch's queued jobs that no live worker can take, for one reason."""
+
+    reason: str
+    count: int
+    row_id: str  # the first such row, to look at
+
+    def as_json(self) -> dict[str, Any]:
+        """For --json."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class BatchStatus:
     """Where one batch stands."""
 
     batch: Batch
     counts: dict[str, int]
     failures: list[FailureGroup] = field(default_factory=list)  # the largest groups first (store.batch_failures)
-    unfit: list[tuple[str, str]] = field(default_factory=list)  # (row id, why no live worker can take it)
+    unfit: list[UnfitGroup] = field(default_factory=list)  # why no live worker can take them, largest first
 
     def detail_json(self, progress: BatchProgress) -> dict[str, Any]:
         """One batch in full, with its progress: `kiln status BATCH --json` and the dashboard's API."""
         return self.as_json() | {"progress": progress.as_json(), "failures": [g.as_json() for g in self.failures],
-                                 "unfit": [{"row_id": r, "reason": why} for r, why in self.unfit]}
+                                 "unfit": [g.as_json() for g in self.unfit]}
 
     def as_json(self) -> dict[str, Any]:
         """For --json."""
@@ -378,7 +391,7 @@ def batch_status(session: Session, batch_id: str, now: datetime, timeout: timede
     found = find(session, batch_id)
     return BatchStatus(found, store.batch_counts(session, found.id),
                        [FailureGroup(*g) for g in store.batch_failures(session, found.id)],
-                       fleet.unfit_jobs(session, found.id, live_since=now - timeout))
+                       [UnfitGroup(*g) for g in fleet.unfit_jobs(session, found.id, live_since=now - timeout)])
 
 
 @dataclass(frozen=True)

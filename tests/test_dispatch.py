@@ -624,13 +624,15 @@ def test_a_key_holding_another_jobs_image_is_not_overwritten(database_url: str, 
     assert "already holds the image of job" in (error or "")
 
 
-def test_status_names_jobs_that_no_registered_worker_fits(database_url: str, bucket: Bucket) -> None:
-    sessions = setup(database_url, "id,prompt,model\nbig,x,klein-9b\nsmall,y,klein-4b\n")
+def test_status_names_jobs_that_no_registered_worker_fits_grouped_by_why(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt,model,width,height\nwide,w,klein-9b,1024,1072\nsmall,y,klein-4b,1024,1024\n"
+                                   "big,x,klein-9b,1024,1024\nbig2,z,klein-9b,1024,1024\n")
     with sessions.begin() as s:
         fleet.record_heartbeat(s, Heartbeat(worker="w8", device="cuda", vram_gb=8,
                                             queues=["kiln.render.klein-4b.vram8"]), T0)
-        assert fleet.unfit_jobs(s, "b1") == [("big", "needs a 16 GB card for klein-9b at 1.05 MP; "
-                                                     "the largest worker takes 8 GB work")]
+        assert fleet.unfit_jobs(s, "b1") == [  # the largest group first, each with its first row
+            ("needs a 16 GB card for klein-9b at 1.05 MP; the largest worker takes 8 GB work", 2, "big"),
+            ("needs a 16 GB card for klein-9b at 1.10 MP; the largest worker takes 8 GB work", 1, "wide")]
 
 
 def test_the_tick_finds_the_queues_with_queued_jobs_and_counts_waiting_work_up_to_a_cap(
@@ -663,8 +665,8 @@ def test_a_workers_fault_sends_the_job_to_another_worker_uncharged_and_status_sa
                                             unserved={"klein-4b": "its weights are corrupt"}), T0)
         fleet.record_heartbeat(s, Heartbeat(worker="w2", device="cuda", vram_gb=16, models=["klein-9b"],
                                             queues=["kiln.render.klein-9b.vram16"]), T0)
-        assert fleet.unfit_jobs(s, "b1") == [("a", "no worker has klein-4b: start one with `kiln worker --models "
-                                                   "klein-4b` (w1: its weights are corrupt)")]
+        assert fleet.unfit_jobs(s, "b1") == [("no worker has klein-4b: start one with `kiln worker --models "
+                                              "klein-4b` (w1: its weights are corrupt)", 1, "a")]
         assert fleet.waiting(s, T0)["kiln.render.klein-4b.vram8"] == 1  # at once, no backoff
     feed(sessions, bucket, broker)
     again = broker.take()

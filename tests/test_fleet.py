@@ -104,8 +104,8 @@ def test_jobs_that_no_worker_fits_are_named_in_status(fleet: Fleet) -> None:
     fleet.worker("w8", 8)
     fleet.wait_until(lambda: bool(json.loads(fleet.kiln("workers", "--json"))), 60, "the worker's first heartbeat")
     status = json.loads(fleet.kiln("status", batch_id, "--json"))
-    assert status["unfit"] == [{"row_id": "big", "reason": "needs a 16 GB card for klein-9b at 1.05 MP; "
-                                                           "the largest worker takes 8 GB work"}]
+    assert status["unfit"] == [{"row_id": "big", "count": 1, "reason": "needs a 16 GB card for klein-9b at 1.05 MP; "
+                                                                         "the largest worker takes 8 GB work"}]
 
 
 def _aws() -> dict[str, str]:
