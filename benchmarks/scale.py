@@ -22,6 +22,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 COLUMNS = "id,Title,Vendor,Color,prompt,seed\n"
 
@@ -78,12 +79,44 @@ def main() -> None:
                                env, tmp)
                 print(f"{'':>9}   submit on {name:10}: {wall:6.1f} s, {mb:5.0f} MB peak; recording "
                       f"{wall - dry:6.1f} s, {1000 * (wall - dry) / rows:.2f} s per 1,000 jobs", flush=True)
+                print(f"{'':>9}   tick on {name:12}: " + ", ".join(
+                    f"{chore} {ms:.1f} ms" for chore, ms in tick_ms(url).items()) + " (the dispatcher's chores, "
+                      "each once a second; medians)", flush=True)
                 print(f"{'':>9}   claim on {name:11}: {claim_ms(url):6.1f} ms per job (median of {CLAIMS}, "
                       "as `kiln render` takes them)", flush=True)
     print(f"(this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB)")
 
 
 CLAIMS = 40
+
+
+def tick_ms(url: str, times: int = 10) -> dict[str, float]:
+    """Median milliseconds of each chore of the dispatcher's once-a-second tick (dispatcher.service.serve) with
+    the batch just recorded queued, each in its own transaction as the tick runs it; no workers, nothing to
+    publish to (the feed itself is `benchmarks.dispatcher_load`'s)."""
+    import statistics
+    from datetime import UTC, datetime, timedelta
+
+    from dispatcher import fleet, store
+
+    sessions = store.open_database(url)
+    policy = fleet.Policy(backlog=2, message_ttl=timedelta(minutes=15), worker_timeout=timedelta(seconds=30),
+                          max_attempts=3, retry_base=timedelta(seconds=10))
+    now = datetime.now(UTC).replace(tzinfo=None)
+    chores: dict[str, Any] = {
+        "reap": lambda s: fleet.reap(s, now, policy), "withdraw": lambda s: fleet.withdraw(s, lambda key: None),
+        "outlook": lambda s: fleet.look(s, now, policy), "waiting": lambda s: fleet.waiting(s, now),
+        "finish_batches": lambda s: store.finish_batches(s, now)}
+    found = {}
+    for name, chore in chores.items():
+        spent = []
+        for _ in range(times):
+            started = time.perf_counter()
+            with sessions.begin() as session:
+                chore(session)
+            spent.append(1000 * (time.perf_counter() - started))
+        found[name] = statistics.median(spent)
+    return found
 
 
 def claim_ms(url: str) -> float:

@@ -398,7 +398,7 @@ def touch(session: Session, reports: list[Report], now: datetime) -> dict[tuple[
 
 def _start(job: Held, report: Report, now: datetime, writes: _Writes) -> Held:
     writes.move(job, JobStatus.RUNNING, now, attempts=report.attempt, worker=report.worker, reported_at=None)
-    writes.start_attempt(job.id, report.attempt, report.worker, now)
+    writes.start_attempt(job.id, report.attempt, report.worker, now - timedelta(seconds=report.held))
     return job._replace(status=JobStatus.RUNNING, attempts=report.attempt, worker=report.worker)
 
 

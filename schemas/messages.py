@@ -101,6 +101,9 @@ class Report(BaseModel):
     attempt: int
     worker: str
     result: RenderResult | None = None
+    # seconds the worker held it before sending (a started report waits in its outbox for company): the
+    # dispatcher dates the attempt's start that much earlier, on its own clock
+    held: float = Field(default=0.0, ge=0)
 
 
 class Reports(BaseModel):

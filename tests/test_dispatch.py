@@ -197,6 +197,18 @@ def test_a_job_succeeds_once_with_its_verified_object_and_late_reports_change_no
     assert bucket.stat("b1/a.png").md5 == output.md5  # type: ignore[union-attr]  # the late upload got 412
 
 
+def test_an_attempt_starts_when_the_worker_started_it_not_when_its_held_report_came(
+        database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    broker = Broker()
+    feed(sessions, bucket, broker)
+    task = broker.take()
+    held = Report(kind="started", job_id=task.job.job_id, attempt=1, worker="w1", held=0.8)  # in the outbox
+    assert report(sessions, bucket, held, T0 + timedelta(seconds=5)) == "started"
+    with sessions.begin() as s:
+        assert s.scalar(select(Attempt.started_at)) == T0 + timedelta(seconds=4.2)
+
+
 def each(record: Any) -> Any:
     """A group recorder's function that records its items one by one with `record(session, item)`."""
     return lambda session, items: [record(session, item) for item in items]
@@ -625,8 +637,8 @@ def test_a_key_holding_another_jobs_image_is_not_overwritten(database_url: str, 
 
 
 def test_status_names_jobs_that_no_registered_worker_fits_grouped_by_why(database_url: str, bucket: Bucket) -> None:
-    sessions = setup(database_url, "id,prompt,model,width,height\nwide,w,klein-9b,1024,1072\nsmall,y,klein-4b,1024,1024\n"
-                                   "big,x,klein-9b,1024,1024\nbig2,z,klein-9b,1024,1024\n")
+    sessions = setup(database_url, "id,prompt,model,width,height\nwide,w,klein-9b,1024,1072\n"
+                                   "small,y,klein-4b,1024,1024\nbig,x,klein-9b,1024,1024\nbig2,z,klein-9b,1024,1024\n")
     with sessions.begin() as s:
         fleet.record_heartbeat(s, Heartbeat(worker="w8", device="cuda", vram_gb=8,
                                             queues=["kiln.render.klein-4b.vram8"]), T0)

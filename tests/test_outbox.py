@@ -78,3 +78,13 @@ def test_flushing_an_empty_outbox_sends_nothing() -> None:
     sent = Sent()
     Outbox(sent).flush()
     assert sent.messages == []
+
+
+def test_a_report_says_how_long_it_was_held_so_the_start_is_dated_when_it_happened() -> None:
+    reports: list[Report] = []
+    outbox = Outbox(reports.extend, linger=30)
+    outbox.started([started("a")])
+    time.sleep(0.2)
+    outbox.finished([finished("z")])
+    [(a, held), (z, sent_at_once)] = [(r.job_id, r.held) for r in reports]
+    assert (a, z, sent_at_once) == ("a", "z", 0.0) and 0.2 <= held < 5

@@ -58,7 +58,8 @@ def test_status_counts_only_online_workers_as_able_to_take_work(database_url: st
         later = usecases.batch_status(s, "b", T0 + timedelta(minutes=5), TIMEOUT)  # a unique prefix will do
         with pytest.raises(KilnError, match="no batch 'nope'"):
             usecases.batch_status(s, "nope", T0, TIMEOUT)
-    assert later.unfit == [usecases.UnfitGroup("needs a 16 GB card for klein-9b at 1.05 MP; no worker is online", 1, "big")]
+    assert later.unfit == [usecases.UnfitGroup("needs a 16 GB card for klein-9b at 1.05 MP; no worker is online", 1,
+                                               "big")]
     assert (later.as_json()["paused"], later.as_json()["priority"], later.counts["queued"]) == (True, 3, 1)
 
 

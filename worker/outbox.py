@@ -28,7 +28,7 @@ class Outbox:
 
     def __init__(self, send: Callable[[list[Report]], None], linger: float = LINGER_SECONDS) -> None:
         self._send, self.linger = send, linger
-        self._waiting: list[Report] = []
+        self._waiting: list[tuple[Report, float]] = []  # with when it came (time.monotonic)
         self._due = 0.0
         self._changed = threading.Condition()
         self._sending = threading.Lock()  # reports leave in the order they were taken out of the outbox
@@ -37,9 +37,10 @@ class Outbox:
     def started(self, reports: list[Report]) -> None:
         """Jobs started: told within `linger` seconds, sooner with the next finished report."""
         with self._changed:
+            now = time.monotonic()
             if not self._waiting:
-                self._due = time.monotonic() + self.linger
-            self._waiting.extend(reports)
+                self._due = now + self.linger
+            self._waiting.extend((report, now) for report in reports)
             if self._flusher is None or not self._flusher.is_alive():
                 self._flusher = threading.Thread(target=self._flush_forever, name="kiln-reports", daemon=True)
                 self._flusher.start()
@@ -51,10 +52,14 @@ class Outbox:
         self.flush(reports)
 
     def flush(self, more: list[Report] | None = None) -> None:
-        """Send what waits, and `more`, now (one message; none if there is nothing)."""
+        """Send what waits (each saying how long it was held), and `more`, now (one message; none if there is
+        nothing)."""
         with self._sending:
             with self._changed:
-                reports, self._waiting = [*self._waiting, *(more or [])], []
+                now = time.monotonic()
+                reports = [report.model_copy(update={"held": round(now - came, 3)}) for report, came in self._waiting]
+                reports += more or []
+                self._waiting = []
             if reports:
                 self._send(reports)
 
