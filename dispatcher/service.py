@@ -182,7 +182,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                         outlook = fleet.look(session, clock(), policy)
                         published = fleet.feed(session, clock(), policy, bucket, publish, depth, outlook, empty_since)
                 with sessions.begin() as session:
-                    counts = fleet.waiting(session, clock(), outlook.queues)
+                    counts = fleet.waiting(session, clock())
                 tell_waiting(counts)
                 with sessions.begin() as session:
                     store.finish_batches(session, clock())
