@@ -178,7 +178,10 @@ def queued_queues(session: Session) -> list[str]:
     names = select(func.min(jobs.queue).label("queue")).cte("names", recursive=True)
     names = names.union_all(select(select(func.min(jobs.queue)).where(jobs.queue > names.c.queue).scalar_subquery())
                             .where(names.c.queue.is_not(None)))
-    queued = select(jobs.id).where(jobs.queue == names.c.queue, jobs.status == JobStatus.QUEUED).exists()
+    # a correlated LIMIT 1, not EXISTS: PostgreSQL makes an EXISTS a hash of every queued job when the table is
+    # not analyzed yet (a batch just recorded)
+    queued = (select(jobs.id).where(jobs.queue == names.c.queue, jobs.status == JobStatus.QUEUED).limit(1)
+              .scalar_subquery().is_not(None))
     return sorted(q for q in session.scalars(select(names.c.queue).where(names.c.queue.is_not(None), queued)) if q)
 
 
