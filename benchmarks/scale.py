@@ -95,13 +95,13 @@ def tick_ms(url: str, times: int = 10) -> dict[str, float]:
     the batch just recorded queued, each in its own transaction as the tick runs it; no workers, nothing to
     publish to (the feed itself is `benchmarks.dispatcher_load`'s)."""
     import statistics
-    from datetime import UTC, datetime, timedelta
+    from datetime import UTC, datetime
 
     from dispatcher import fleet, store
+    from schemas.settings import load_settings
 
     sessions = store.open_database(url)
-    policy = fleet.Policy(backlog=2, message_ttl=timedelta(minutes=15), worker_timeout=timedelta(seconds=30),
-                          max_attempts=3, retry_base=timedelta(seconds=10))
+    policy = fleet.Policy.from_settings(load_settings())
     now = datetime.now(UTC).replace(tzinfo=None)
     chores: dict[str, Any] = {
         "reap": lambda s: fleet.reap(s, now, policy), "withdraw": lambda s: fleet.withdraw(s, lambda key: None),

@@ -26,7 +26,7 @@ from schemas.params import RenderParams
 from schemas.plan import Shape
 from schemas.settings import KilnSettings
 from schemas.storage import KeyTakenError
-from schemas.tables import Batch, BatchJob, Job, Worker
+from schemas.tables import BatchJob, Job, Worker
 
 Publish = Callable[[str, dict[str, Any]], None]  # (queue, RenderTask payload)
 LOST_QUEUE_GRACE = timedelta(seconds=20)
@@ -153,9 +153,9 @@ def top_up(session: Session, now: datetime, policy: Policy, bucket: Bucket, publ
         # arrive to top it up. Bounded all the same: Redis holds a few messages per worker, not the batch.
         size = _message_size(session, queue, now, policy.message_jobs, consumers)
         free = policy.backlog * size * consumers - (
-            waiting[queue] if waiting is not None and queue in waiting else _waiting(session, queue))
+            waiting[queue] if waiting is not None else _waiting(session, queue))
         chosen = _next_jobs(session, queue, now, free, outlook.warm.get(queue, set())) if free > 0 else []
-        rows = _rows(session, chosen)
+        rows = store.batch_rows(session, [job.id for job in chosen]) if chosen else {}
         for group in _messages([job for job in chosen if job.id in rows], size):  # not paused since it was chosen
             tasks = []
             for job in group:
@@ -214,13 +214,13 @@ def _messages(chosen: list[Job], size: int) -> list[list[Job]]:
     return out
 
 
-def waiting(session: Session, now: datetime, queues: Collection[str] | None = None) -> dict[str, int]:
+def waiting(session: Session, now: datetime) -> dict[str, int]:
     """How many jobs each render queue has that a worker could take now (published or not; not paused, not
     waiting out a backoff), counted up to WAITING_COUNTED: what a worker reads to decide whether to stay on its
     loaded model (it asks only whether work waits). Every queue a registered worker consumes is listed, zeros
-    included. `queues`: those with queued jobs, when the caller knows (`queued_queues`)."""
+    included."""
     counts = {q: 0 for served in session.scalars(select(Worker.queues)) for q in served or []}
-    for queue in queued_queues(session) if queues is None else queues:
+    for queue in queued_queues(session):
         counts[queue] = session.scalar(select(func.count()).select_from(select(Job.id).where(
             Job.queue == queue, Job.status == JobStatus.QUEUED, Job.priority.is_not(None), store.due(now))
             .limit(WAITING_COUNTED).subquery())) or 0
@@ -247,17 +247,6 @@ def _next_jobs(session: Session, queue: str, now: datetime, limit: int, warm: Co
     ids = [row.id for row in sorted(ahead, key=lambda row: (-row.priority, row.shape not in warm))[:limit]]  # stable
     jobs = {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(ids)))}
     return [jobs[job_id] for job_id in ids if job_id in jobs]
-
-
-def _rows(session: Session, chosen: list[Job]) -> dict[str, tuple[BatchJob, Batch]]:
-    """Per chosen job, the manifest row and batch its message names: of the batches not paused that ask for it,
-    the one with the smallest id (in one query for all of them)."""
-    if not chosen:
-        return {}
-    rows = session.execute(select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
-                           .where(BatchJob.job_id.in_([job.id for job in chosen]), Batch.paused.is_(False))
-                           .order_by(Batch.id.desc()))
-    return {link.job_id: (link, batch) for link, batch in rows}  # the smallest id comes last, and stays
 
 
 def receive_reports(sessions: sessionmaker[Session], reports: list[Report], clock: Callable[[], datetime],

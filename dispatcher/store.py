@@ -291,10 +291,12 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
             jobs += take([Job.model == lead.model, Job.shape == lead.shape, Job.id != lead.id], limit - 1)
     if not jobs:
         return []
-    links = _rows_of(session, [job.id for job in jobs], batch_id)
+    rows = batch_rows(session, [job.id for job in jobs], batch_id)
     specs = []
     for job in jobs:
-        link, batch = links[job.id]
+        if job.id not in rows:  # its batches were paused since the jobs were read: it stays queued
+            continue
+        link, batch = rows[job.id]
         attempt = job.attempts + 1
         move(session, job.id, JobStatus.QUEUED, JobStatus.RUNNING, job.attempts, now, attempts=attempt,
              worker=worker, lease_until=now + lease)
@@ -303,16 +305,16 @@ def claim(session: Session, worker: str, now: datetime, lease: timedelta, *, bat
     return specs
 
 
-def _rows_of(session: Session, job_ids: list[str], batch_id: str | None) -> dict[str, tuple[BatchJob, Batch]]:
-    """For each job, the row that asked for it: of `batch_id` when given, else of its first batch not paused."""
+def batch_rows(session: Session, job_ids: list[str], batch_id: str | None = None
+               ) -> dict[str, tuple[BatchJob, Batch]]:
+    """Per job, the manifest row and batch a worker is handed it as: of the batches not paused that ask for it
+    (only `batch_id`, when given), the one with the smallest id, in one query for all of them. A job whose every
+    such batch is paused is left out."""
     query = (select(BatchJob, Batch).join(Batch, Batch.id == BatchJob.batch_id)
-             .where(BatchJob.job_id.in_(job_ids)).order_by(Batch.paused, Batch.created_at))
+             .where(BatchJob.job_id.in_(job_ids), Batch.paused.is_(False)).order_by(Batch.id.desc()))
     if batch_id is not None:
         query = query.where(BatchJob.batch_id == batch_id)
-    links: dict[str, tuple[BatchJob, Batch]] = {}
-    for link, batch in session.execute(query).tuples():
-        links.setdefault(link.job_id, (link, batch))
-    return links
+    return {link.job_id: (link, batch) for link, batch in session.execute(query).tuples()}  # the smallest id stays
 
 
 def job_spec(job: Job, link: BatchJob, batch: Batch, attempt: int) -> JobSpec:

@@ -602,7 +602,7 @@ def test_a_job_two_batches_ask_for_goes_out_at_the_higher_priority_of_those_not_
             queue = s.scalar(select(Job.queue).limit(1))
             assert queue is not None
             return [s.get_one(BatchJob, (batch, job.id)).row_id for job in fleet._next_jobs(s, queue, T0, 10)
-                    for batch in [fleet._rows(s, [job])[job.id][1].id]]
+                    for batch in [store.batch_rows(s, [job.id])[job.id][1].id]]
 
     assert order() == ["a", "b", "c", "d"]  # oldest batch first, in manifest order; b keeps its first place
     with sessions.begin() as s:
