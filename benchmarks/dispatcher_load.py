@@ -39,8 +39,6 @@ from benchmarks.scale import postgres_schema
 from schemas.broker import make_app
 from schemas.job import JobStatus, RenderResult
 from schemas.messages import (
-    HEARTBEAT_TASK,
-    HEARTBEATS_QUEUE,
     REPORT_TASK,
     REPORTS_QUEUE,
     Heartbeat,
@@ -51,7 +49,7 @@ from schemas.messages import (
 )
 from schemas.tables import Job, Worker
 from tests.fleet_harness import running_fleet
-from worker.outbox import LINGER_SECONDS, Outbox
+from worker.outbox import LINGER_SECONDS, Outbox, send_heartbeat
 from worker.upload import SignedUpload
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
@@ -64,9 +62,8 @@ class SimulatedWorker(threading.Thread):
     writer thread); a heartbeat every `heartbeat` seconds."""
 
     def __init__(self, name: str, queue: str, broker_url: str, app: Any, render_seconds: float, heartbeat: float,
-                 stop: threading.Event, beats_to: str = HEARTBEATS_QUEUE, linger: float = LINGER_SECONDS) -> None:
+                 stop: threading.Event, linger: float = LINGER_SECONDS) -> None:
         super().__init__(name=name, daemon=True)
-        self.beats_to = beats_to
         self.queue, self.app, self.stop = queue, app, stop
         self.render_seconds, self.heartbeat = render_seconds, heartbeat
         self.redis = Redis.from_url(broker_url)
@@ -78,16 +75,13 @@ class SimulatedWorker(threading.Thread):
         self.outbox = Outbox(self.report, linger)
 
     def report(self, reports: list[Report]) -> None:
-        self.send(REPORT_TASK, Reports(reports=reports).model_dump(mode="json"), REPORTS_QUEUE)
+        self.app.send_task(REPORT_TASK, args=[Reports(reports=reports).model_dump(mode="json")], queue=REPORTS_QUEUE)
         self.messages += 1
-
-    def send(self, task: str, payload: dict[str, Any], queue: str) -> None:
-        self.app.send_task(task, args=[payload], queue=queue)
 
     def beat(self) -> None:
         beat = Heartbeat(worker=self.name, device="simulated", vram_gb=24.0, queues=[self.queue], models=["tiny"],
                          rendering=self.current, storing=self.storing)
-        self.send(HEARTBEAT_TASK, beat.model_dump(mode="json"), self.beats_to)
+        send_heartbeat(self.redis, beat)
         self.beat_at = time.monotonic()
 
     def run(self) -> None:
@@ -141,8 +135,6 @@ def main() -> None:
                         help="the dispatcher's KILN_BATCH_SIZE: jobs per render message, and per report message")
     parser.add_argument("--linger", type=float, default=LINGER_SECONDS,
                         help="how long a started report waits for company (the worker's outbox); 0: alone, to compare")
-    parser.add_argument("--heartbeats-with-reports", action="store_true",
-                        help="send heartbeats into the reports queue, as workers before 2026-11-28 did: to compare")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -164,9 +156,8 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
                                                  KILN_BATCH_SIZE=str(args.batch_size)).pid)
     app = make_app(fleet.env["KILN_BROKER_URL"])
     stop = threading.Event()
-    beats_to = REPORTS_QUEUE if args.heartbeats_with_reports else HEARTBEATS_QUEUE
     workers = [SimulatedWorker(f"sim-{i:02d}", queues[0], fleet.env["KILN_BROKER_URL"], app, args.render_seconds,
-                               args.heartbeat, stop, beats_to, args.linger) for i in range(args.workers)]
+                               args.heartbeat, stop, args.linger) for i in range(args.workers)]
     for w in workers:
         w.start()
     redis = Redis.from_url(fleet.env["KILN_BROKER_URL"])

@@ -458,6 +458,12 @@ def _fail(session: Session, held: Held, result: RenderResult, now: datetime, pol
     return store.record_failure(session, held.id, held.attempts, result, now, policy.retry, bigger_card)[1]
 
 
+def record_heartbeats(session: Session, beats: list[tuple[Heartbeat, datetime]]) -> None:
+    """Record heartbeats, each with when it came (dispatcher.heartbeats)."""
+    for beat, seen in beats:
+        record_heartbeat(session, beat, seen)
+
+
 def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
     """Register a worker or refresh what it is doing."""
     seen = session.execute(update(Worker).where(Worker.name == beat.worker).values(

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from dispatcher import fleet, store, usecases, webhooks
 from dispatcher.bucket import Bucket, StoredObject
 from dispatcher.fleet import REPORT_RETRIES, REPORT_RETRY_SECONDS
+from dispatcher.heartbeats import HeartbeatStream
 from dispatcher.recorder import GroupRecorder
 from schemas.broker import make_app
 from schemas.errors import ConfigError, StaleStateError, StorageError
@@ -29,9 +30,8 @@ from schemas.messages import (
     RENDER_TASK,
     REPORT_TASK,
     REPORTS_QUEUE,
-    Heartbeat,
     Report,
-    on_the_wire,
+    heartbeat_in,
     reports_in,
     waiting_key,
 )
@@ -110,9 +110,9 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         taken.set()  # a worker took a message (or is done with one): its queue has room, top it up now
 
     @app.task(name=HEARTBEAT_TASK)
-    def heartbeat(payload: dict[str, Any]) -> None:
+    def heartbeat(payload: dict[str, Any]) -> None:  # a worker before protocol 4: shown, with why it cannot work
         try:
-            beat = Heartbeat.model_validate({**payload, "protocol": on_the_wire(payload)})
+            beat = heartbeat_in(payload)
         except ValidationError:
             log.error("dropped a malformed heartbeat")
             return
@@ -156,6 +156,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         chores_at = sheets_at = time.monotonic()
         outlook = fleet.Outlook([], Counter(), {})  # the queues and their consumers, as the last tick found them
         empty_since: dict[str, datetime] = {}  # fleet.feed's memory of queues seen empty
+        heartbeats = HeartbeatStream(broker, policy.worker_timeout)
         while True:
             if taken.wait(max(chores_at - time.monotonic(), 0)):
                 taken.clear()
@@ -170,6 +171,12 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                     continue
             chores_at = time.monotonic() + TICK_SECONDS
             try:
+                # The heartbeats first, then the reaper: it judges each worker by its latest. While the broker
+                # cannot be read, nothing is reaped (workers cannot be heard), and the tick is tried again.
+                beats = heartbeats.latest(clock())
+                with sessions.begin() as session:
+                    fleet.record_heartbeats(session, beats)
+                heartbeats.recorded()
                 with sessions.begin() as session:
                     reaped = fleet.reap(session, clock(), policy)
                 with sessions.begin() as session:
@@ -221,8 +228,8 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         start_http_server(settings.metrics_port, registry=registry(
             sessions, clock, timedelta(seconds=settings.worker_timeout_seconds)))
         log.info("Prometheus metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
-    # Threads: a report waiting on a slow storage answer must not hold up the heartbeats behind it (a worker
-    # whose heartbeats wait looks silent, and loses its job). Heartbeats' own queue first: taken before reports.
+    # Threads: a report waiting on a slow storage answer must not hold up the others. The heartbeats queue of
+    # workers before protocol 4 first, as they expect.
     app.worker_main(["worker", "--pool", "threads", "--concurrency", str(CONSUMERS), "-Q",
                      f"{HEARTBEATS_QUEUE},{REPORTS_QUEUE}",
                      "-n", "kiln-dispatcher@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])

@@ -14,9 +14,15 @@ RENDER_TASK = "kiln.render"
 REPORT_TASK = "kiln.report"
 HEARTBEAT_TASK = "kiln.heartbeat"
 REPORTS_QUEUE = "kiln.reports"
-# Heartbeats travel apart from reports, and the dispatcher takes them first (the broker's queue order is
-# "priority"): a backlog of reports never makes a living worker look silent. Under kiln.reports*, which a
-# worker's Redis account may write.
+# Heartbeats are no broker messages: a worker adds each to a Redis stream, and the dispatcher reads every one that
+# came since its last tick in one command, records each worker's latest in one transaction, and dates it by the
+# stream's own clock (an entry's id is the Redis time it was added). A backlog of reports never makes a living worker
+# look silent, a late tick dates every heartbeat right, and a fleet's heartbeats cost the dispatcher no Celery task
+# or transaction each. The stream keeps about HEARTBEATS_KEPT entries (each a few hundred bytes).
+HEARTBEATS_STREAM = "kiln.heartbeats"
+HEARTBEATS_KEPT = 10_000
+# Where workers before protocol 4 sent their heartbeats, as Celery tasks; the dispatcher still records them there,
+# so that an old worker shows up with the version problem that keeps it from working (`kiln workers`).
 HEARTBEATS_QUEUE = "kiln.reports.heartbeats"
 UNWANTED_PREFIX = "kiln.render.unwanted."  # under kiln.render.*, which a worker's Redis account may read
 
@@ -47,9 +53,9 @@ class Upload(BaseModel):
 # instead of dropping each other's messages: 2 = the render parameters nested in the job (schemas.params), reference
 # images and LoRAs fetched by content through signed links; 3 = a render message carries several jobs of one shape
 # (RenderMessage), reports travel in groups (Reports), and heartbeats name every job a worker holds (rendering,
-# storing).
+# storing); 4 = heartbeats go to a Redis stream (HEARTBEATS_STREAM), not the broker's queue.
 # A message or heartbeat without the field comes from a Kiln before protocol numbers: protocol 1 (`on_the_wire`).
-PROTOCOL = 3
+PROTOCOL = 4
 UNNUMBERED = 1
 
 
@@ -143,6 +149,14 @@ class Heartbeat(BaseModel):
     step: int | None = None
     steps: int | None = None
     seconds_per_image: float | None = None
+
+
+def heartbeat_in(payload: Any) -> Heartbeat:
+    """A heartbeat as received (a stream entry's JSON, or an older worker's Celery task), with the protocol it was
+    written in. Raises pydantic's ValidationError for anything else."""
+    if not isinstance(payload, dict):
+        return Heartbeat.model_validate(payload)
+    return Heartbeat.model_validate({**payload, "protocol": on_the_wire(payload)})
 
 
 def model_sheet_key(model: str) -> str:

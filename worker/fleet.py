@@ -22,8 +22,6 @@ from schemas.capacity import TIER_FLOOR_GIB, model_key, queue_model_key
 from schemas.errors import ConfigError, RenderError
 from schemas.job import JobSpec, RenderResult
 from schemas.messages import (
-    HEARTBEAT_TASK,
-    HEARTBEATS_QUEUE,
     RENDER_TASK,
     REPORT_TASK,
     REPORTS_QUEUE,
@@ -47,7 +45,7 @@ from schemas.storage import WithdrawnError
 # Imported here, before Celery forks the GPU process, so a replacement process (after a crash or a time limit)
 # starts rendering in a second instead of importing torch and diffusers again. CUDA is first touched in the child.
 from worker.device import advertised_card
-from worker.outbox import Outbox
+from worker.outbox import Outbox, send_heartbeat
 from worker.pipeline import weights_folder
 from worker.pull import pull_model
 from worker.render import LocalRenderer
@@ -161,25 +159,21 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
         except redis.RedisError:
             return True
 
-    def send(task: str, payload: dict[str, Any], expires: float | None = None) -> None:
-        queue = HEARTBEATS_QUEUE if task == HEARTBEAT_TASK else REPORTS_QUEUE
-        kinds = sorted({r["kind"] for r in payload["reports"]}) if "reports" in payload else ["heartbeat"]
-        app.send_task(task, args=[payload], queue=queue, expires=expires,
-                      argsrepr=f"{'/'.join(kinds)} from {name}")
-
     def report(reports: list[Report]) -> None:
         """Reports, in one broker message."""
-        send(REPORT_TASK, Reports(reports=reports).model_dump(mode="json"))
+        kinds = "/".join(sorted({r.kind for r in reports}))
+        app.send_task(REPORT_TASK, args=[Reports(reports=reports).model_dump(mode="json")], queue=REPORTS_QUEUE,
+                      argsrepr=f"{kinds} from {name}")
 
     outbox = Outbox(report)
 
     def heartbeat_forever() -> None:
         while True:
             with state.lock:
-                payload = state.beat.model_dump(mode="json")
+                beat = state.beat
             try:
-                send(HEARTBEAT_TASK, payload, expires=3 * settings.heartbeat_seconds)
-            except Exception as exc:  # the broker is away: keep trying, Celery reconnects
+                send_heartbeat(checks, beat)
+            except redis.RedisError as exc:  # the broker is away: keep trying
                 log.warning("heartbeat not sent: %s", type(exc).__name__)
             time.sleep(settings.heartbeat_seconds)
 

@@ -1,12 +1,13 @@
-"""A worker's reports on their way to the dispatcher, in fewer broker messages for the same news. A `finished`
-report goes at once and takes along every `started` report waiting; a `started` report waits up to `linger`
-seconds for that company. At one job a message the next job starts while the last one's image uploads, so its
-`started` rides with the last one's `finished`: one report message a job instead of two, and half the Celery
-tasks, transactions and queue top-ups on the dispatcher.
+"""A worker's reports and heartbeats on their way to the dispatcher. Reports go in fewer broker messages for the
+same news: a `finished` report goes at once and takes along every `started` report waiting; a `started` report
+waits up to `linger` seconds for that company. At one job a message the next job starts while the last one's
+image uploads, so its `started` rides with the last one's `finished`: one report message a job instead of two, and
+half the Celery tasks, transactions and queue top-ups on the dispatcher.
 
 A `started` report is the dispatcher's hint that a published job is running: one that comes late, or never
 (the worker switched off in the linger), is covered by the `finished` report, which starts the job when it must
-(dispatcher.fleet._record), and by the heartbeats, which name the jobs in hand."""
+(dispatcher.fleet._record), and by the heartbeats, which name the jobs in hand. Heartbeats are no broker messages:
+each is added to a Redis stream the dispatcher reads once a tick (schemas.messages.HEARTBEATS_STREAM)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import threading
 import time
 from collections.abc import Callable
 
-from schemas.messages import Report
+import redis
+
+from schemas.messages import HEARTBEATS_KEPT, HEARTBEATS_STREAM, Heartbeat, Report
 
 log = logging.getLogger("kiln.worker")
 LINGER_SECONDS = 1.0  # the longest a started report waits: the dashboard shows a job running at most this late
@@ -77,3 +80,9 @@ class Outbox:
                 while not self._waiting or time.monotonic() < self._due:
                     self._changed.wait(self._due - time.monotonic() if self._waiting else None)
             self.send_waiting()
+
+
+def send_heartbeat(broker: redis.Redis, beat: Heartbeat) -> None:
+    """Add a heartbeat to the fleet's stream of them (schemas.messages.HEARTBEATS_STREAM), trimmed to about the
+    entries it keeps. Raises redis' errors."""
+    broker.xadd(HEARTBEATS_STREAM, {"beat": beat.model_dump_json()}, maxlen=HEARTBEATS_KEPT, approximate=True)
