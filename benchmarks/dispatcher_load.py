@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import tempfile
 import threading
 import time
@@ -35,6 +36,7 @@ import psutil
 from redis import Redis
 from sqlalchemy import func, select
 
+from benchmarks.cpu import cpu_by_process
 from benchmarks.scale import postgres_schema
 from schemas.broker import make_app
 from schemas.job import JobStatus, RenderResult
@@ -167,7 +169,8 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
             return conn.scalar(select(func.count()).select_from(Job).where(Job.status == JobStatus.SUCCEEDED)) or 0
 
     time.sleep(10)  # warm-up: workers registered, the queue fed
-    first, begin, cpu = succeeded(), time.monotonic(), _cpu(dispatcher)
+    ours = {os.getpid(): "simulated workers"}
+    first, begin, cpu, machine = succeeded(), time.monotonic(), _cpu(dispatcher), cpu_by_process(ours)
     messages = sum(w.messages for w in workers)
     memory, stale, backlog = [], [], []
     while time.monotonic() - begin < args.seconds:
@@ -180,6 +183,7 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
         stale += [(now - last).total_seconds() for _, last in seen if last is not None]
     recorded = succeeded() - first
     window, cpu = time.monotonic() - begin, _cpu(dispatcher) - cpu
+    machine = {kind: seconds - machine.get(kind, 0.0) for kind, seconds in cpu_by_process(ours).items()}
     messages = sum(w.messages for w in workers) - messages
     stop.set()
     for w in workers:
@@ -195,6 +199,16 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
           "each")
     print(f"  the dispatcher's own CPU: {1000 * cpu / max(2 * recorded, 1):.1f} ms per report, "
           f"{cpu / window:.2f} cores (one core would record {2 * recorded / max(cpu, 1e-9):.0f} reports per second)")
+    jobs = max(recorded, 1)
+    print(f"  the machine's CPU ({psutil.cpu_count()} cores): " + ", ".join(
+        f"{kind} {seconds / window:.2f} cores ({1000 * seconds / jobs:.1f} ms a job)"
+        for kind, seconds in sorted(machine.items(), key=lambda x: -x[1]) if seconds > 0.05))
+    harness = machine.get("moto", 0.0) + machine.get("simulated workers", 0.0)
+    budget = 1000 * psutil.cpu_count() / 100 - 1000 * harness / jobs
+    print(f"  200 reports/s is 100 jobs/s: {1000 * psutil.cpu_count() / 100:.0f} ms of this machine's CPU a job, of "
+          f"which the harness (moto, the simulated workers) takes {1000 * harness / jobs:.1f} ms: {budget:.1f} ms "
+          f"a job would be left to the dispatcher, PostgreSQL and Redis, which take "
+          f"{1000 * (sum(machine.values()) - harness) / jobs:.1f} ms now")
     print(f"  reports waiting in Redis: median {sorted(backlog)[len(backlog) // 2]}, max {max(backlog)}")
     print(f"  Redis used_memory: peak {max(memory) / 2**20:.1f} MB (goal: under 50 MB)")
     print(f"  worker last_seen staleness: median {stale[len(stale) // 2]:.1f} s, "

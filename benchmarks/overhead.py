@@ -29,6 +29,8 @@ import time
 import uuid
 from pathlib import Path
 
+from benchmarks.cpu import cpu_by_process
+
 SIZE = 512
 
 
@@ -149,14 +151,14 @@ def fleet_run(work: Path, source: Path, cache: Path, batch_size: int = 1) -> tup
             # these same two cores, which no fleet has); the worker beats at its default pace, not the tests' 1 s.
             fleet.dispatcher(KILN_BATCH_SIZE=str(batch_size), KILN_S3_ENDPOINT_URL=str(fleet.s3.meta.endpoint_url))
             jobs = len(source.read_text().splitlines()) - 1
-            before = _cpu_by_process()
+            before = cpu_by_process()
             started = time.perf_counter()  # the worker starts as the loop does: a new process, nothing loaded
             fleet.worker("w1", 16, models="tiny", KILN_HEARTBEAT_SECONDS=str(KilnSettings.model_fields[
                 "heartbeat_seconds"].default))
             fleet.kiln("submit", str(source), "--model", "tiny")
             fleet.wait_until(lambda: fleet.count(Job.status == "succeeded") == jobs, 3600, "the batch to finish")
             wall = time.perf_counter() - started
-            used = {name: seconds - before.get(name, 0.0) for name, seconds in _cpu_by_process().items()}
+            used = {name: seconds - before.get(name, 0.0) for name, seconds in cpu_by_process().items()}
             print("  CPU per job over the run: " + ", ".join(
                 f"{name} {1000 * seconds / jobs:.1f} ms" for name, seconds in sorted(used.items(), key=lambda x: -x[1])
                 if seconds > 0.05), flush=True)
@@ -164,29 +166,13 @@ def fleet_run(work: Path, source: Path, cache: Path, batch_size: int = 1) -> tup
                 inside = conn.scalar(select(func.sum(Attempt.seconds))) or 0.0
                 first = conn.scalar(select(func.min(Attempt.started_at)))
                 last = conn.scalar(select(func.max(Attempt.finished_at)))
+            assert first is not None and last is not None, "the batch finished, so its attempts are recorded"
             print(f"  fleet run: {wall:.1f} s, of which {wall - (last - first).total_seconds():.1f} s before the first "
                   "job started (worker start, submit)", flush=True)
             return wall, float(inside)
     finally:
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-
-
-def _cpu_by_process() -> dict[str, float]:
-    """CPU seconds (user + system) used so far by the fleet's processes, by kind: the worker (with its GPU
-    process), the dispatcher, PostgreSQL's backends, Redis and moto."""
-    import psutil
-
-    kinds = {"kiln worker": "worker", "kiln dispatcher": "dispatcher", "postgres": "PostgreSQL",
-             "redis-server": "Redis", "moto_server": "moto"}
-    used: dict[str, float] = {}
-    for process in psutil.process_iter(["cmdline", "cpu_times"]):
-        line = " ".join(process.info["cmdline"] or [])
-        kind = next((k for needle, k in kinds.items() if needle in line), None)
-        times = process.info["cpu_times"]
-        if kind and times is not None:
-            used[kind] = used.get(kind, 0.0) + times.user + times.system
-    return used
 
 
 if __name__ == "__main__":
