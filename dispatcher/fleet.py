@@ -480,11 +480,13 @@ def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
         record_heartbeat(session, beat, now)
 
 
-def reap(session: Session, now: datetime, policy: Policy) -> int:
+def reap(session: Session, now: datetime, policy: Policy, heard_since: datetime | None = None) -> int:
     """Give back the running jobs of workers that went silent, or that live but say they are not on the job
     (its GPU process died and Celery gave up on the message), and every job running past its time limit plus the
     worker timeout, whatever its worker's heartbeats say (a render hung where the worker cannot kill it). A job
-    whose workers keep vanishing goes dead."""
+    whose workers keep vanishing goes dead. `heard_since`: since when the caller has heard heartbeats without a
+    break (None: always); until that is a worker timeout ago, nobody is judged by their heartbeats (a dispatcher
+    just started, or a broker just back, has not yet heard workers that beat all along), only by the time limit."""
     cutoff = now - policy.worker_timeout
     silent = or_(Worker.last_seen.is_(None), Worker.last_seen < cutoff)
     overdue = Job.updated_at < cutoff - policy.time_limit
@@ -497,9 +499,10 @@ def reap(session: Session, now: datetime, policy: Policy) -> int:
                            .order_by(Job.id)).all()  # each locked below in id order, as the recorder's groups are
     # Whether the worker's heartbeats still name the job (the lists are JSON: compared here, not in SQL). Only jobs
     # running longer than the worker timeout are read: a few per worker.
-    lost = [(job_id, attempt, worker, was_silent, was_overdue)
+    hearing = heard_since is None or heard_since <= cutoff
+    lost = [(job_id, attempt, worker, hearing and was_silent, was_overdue)
             for job_id, attempt, worker, was_silent, was_overdue, rendering, storing in rows
-            if was_silent or was_overdue or job_id not in (rendering or []) + (storing or [])]
+            if was_overdue or hearing and (was_silent or job_id not in (rendering or []) + (storing or []))]
     reaped = 0
     for job_id, attempt, worker, was_silent, was_overdue in lost:
         reason = f"worker {worker} " + (

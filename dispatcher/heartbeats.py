@@ -26,15 +26,23 @@ class HeartbeatStream:
         self.broker, self.lookback = broker, lookback
         self.recorded_to: str | None = None  # the id of the last entry recorded
         self._read_to: str | None = None
+        self.heard_since: datetime | None = None  # since when every read succeeded (None: the last one failed)
 
     def latest(self, now: datetime) -> list[tuple[Heartbeat, datetime]]:
         """Each worker's latest heartbeat since the last one recorded, with when it was added, by `now`'s clock:
         an entry's id is the Redis time it was added, so the age is the broker's own clock against itself, and a
         late tick or a dispatcher clock apart from the workers' dates it right. Raises redis' errors."""
-        seconds, micros = self.broker.time()
-        redis_ms = seconds * 1000 + micros // 1000
-        after = self.recorded_to or f"{max(redis_ms - int(self.lookback.total_seconds() * 1000), 0)}-0"
-        found: Any = self.broker.xread({HEARTBEATS_STREAM: after}, count=HEARTBEATS_KEPT)  # RESP2: [[name, entries]]
+        try:
+            seconds, micros = self.broker.time()
+            redis_ms = seconds * 1000 + micros // 1000
+            after = self.recorded_to or f"{max(redis_ms - int(self.lookback.total_seconds() * 1000), 0)}-0"
+            # RESP2: [[name, entries]], or nothing
+            found: Any = self.broker.xread({HEARTBEATS_STREAM: after}, count=HEARTBEATS_KEPT)
+        except redis.RedisError:
+            self.heard_since = None
+            raise
+        if self.heard_since is None:
+            self.heard_since = now
         entries: list[tuple[bytes, dict[bytes, bytes]]] = found[0][1] if found else []
         latest: dict[str, tuple[Heartbeat, datetime]] = {}
         for entry_id, fields in entries:

@@ -171,14 +171,15 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                     continue
             chores_at = time.monotonic() + TICK_SECONDS
             try:
-                # The heartbeats first, then the reaper: it judges each worker by its latest. While the broker
-                # cannot be read, nothing is reaped (workers cannot be heard), and the tick is tried again.
+                # The heartbeats first, then the reaper: it judges each worker by its latest, and by heartbeats
+                # at all only once it has heard them for a worker timeout without a break. While the broker cannot
+                # be read, nothing is reaped, and the tick is tried again.
                 beats = heartbeats.latest(clock())
                 with sessions.begin() as session:
                     fleet.record_heartbeats(session, beats)
                 heartbeats.recorded()
                 with sessions.begin() as session:
-                    reaped = fleet.reap(session, clock(), policy)
+                    reaped = fleet.reap(session, clock(), policy, heartbeats.heard_since)
                 with sessions.begin() as session:
                     withdrawn = fleet.withdraw(session, mark)
                 if withdrawn:

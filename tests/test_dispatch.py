@@ -701,6 +701,27 @@ def test_a_job_whose_gpu_process_died_goes_back_though_its_worker_still_beats(da
     assert job_row(sessions, task.job.job_id).status is JobStatus.QUEUED
 
 
+def test_nobody_is_judged_by_heartbeats_until_they_were_heard_for_a_worker_timeout(database_url: str,
+                                                                                   bucket: Bucket) -> None:
+    sessions, task = started(database_url, bucket)
+    later = T0 + timedelta(seconds=61)  # the worker's last heartbeat is from before the broker went away
+    reaped = []
+    for heard_since in (later - timedelta(seconds=1), later - POLICY.worker_timeout):
+        with sessions.begin() as s:
+            reaped.append(fleet.reap(s, later, POLICY, heard_since))
+    assert reaped == [0, 1]  # just back: it may have beaten all along; heard for a timeout since: silent
+    with sessions.begin() as s:
+        assert s.scalar(select(Attempt.error)) == "worker w1 went silent"
+
+
+def test_the_time_limit_holds_while_heartbeats_cannot_be_heard(database_url: str, bucket: Bucket) -> None:
+    sessions, task = started(database_url, bucket)
+    now = T0 + POLICY.time_limit + POLICY.worker_timeout + timedelta(seconds=1)
+    with sessions.begin() as s:
+        assert fleet.reap(s, now, POLICY, heard_since=now) == 1
+        assert s.scalar(select(Attempt.error)) == "worker w1 ran past the 1800 s time limit"
+
+
 def test_a_job_whose_image_is_still_uploading_while_its_worker_renders_the_next_is_not_taken_back(
         database_url: str, bucket: Bucket) -> None:
     sessions, task = started(database_url, bucket)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
 import redis
 
 from dispatcher.heartbeats import HeartbeatStream
@@ -65,3 +66,21 @@ def test_the_stream_keeps_about_a_bounded_number_of_heartbeats(tmp_path: Path) -
         for i in range(12_000):
             send_heartbeat(broker, beat(f"w{i % 50}"))
         assert 10_000 <= broker.xlen(HEARTBEATS_STREAM) < 12_000
+
+
+def test_hearing_starts_again_when_the_broker_comes_back(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as server:
+        broker = redis.Redis(port=server.port, socket_timeout=2)
+        stream = HeartbeatStream(broker, timedelta(seconds=60))
+        assert stream.heard_since is None
+        stream.latest(NOW)
+        stream.latest(NOW + timedelta(seconds=1))
+        assert stream.heard_since == NOW  # heard without a break since the first read
+        server.stop()
+        with pytest.raises(redis.RedisError):
+            stream.latest(NOW + timedelta(seconds=2))
+        assert stream.heard_since is None  # the reaper judges nobody by heartbeats meanwhile
+        server.start()
+        send_heartbeat(broker, beat("w1"))  # the stream starts empty again (no persistence): new entries are read
+        assert [b.worker for b, _ in stream.latest(NOW + timedelta(seconds=30))] == ["w1"]
+        assert stream.heard_since == NOW + timedelta(seconds=30)
