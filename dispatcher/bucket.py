@@ -49,7 +49,8 @@ class StoredObject:
 class Bucket:
     """One bucket and key prefix, reached with the usual AWS_* credentials."""
 
-    def __init__(self, storage_url: str, endpoint_url: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(self, storage_url: str, endpoint_url: str | None = None, timeout: float = 30.0,
+                 connections: int = 10) -> None:
         parsed = urlparse(storage_url)
         if parsed.scheme != "s3" or not parsed.netloc:
             raise ConfigError(f"KILN_STORAGE_URL: {storage_url!r} is not s3://bucket/prefix")
@@ -63,7 +64,9 @@ class Bucket:
             request_checksum_calculation="when_required", response_checksum_validation="when_required",
             # 500/503 bursts, throttling and stalls past the read timeout are retried with jittered backoff.
             retries={"total_max_attempts": 5, "mode": "standard"}, connect_timeout=min(timeout, 5),
-            read_timeout=timeout)
+            # One connection for each thread that may call at once (the dispatcher's report consumers check uploads
+            # side by side); past the pool, each call would open a connection of its own and throw it away.
+            read_timeout=timeout, max_pool_connections=connections)
         # A session of its own: credentials come from the environment now, not from whatever boto3's default
         # session cached earlier in the process.
         session = boto3.session.Session()
@@ -142,9 +145,9 @@ class Bucket:
             raise StorageError(f"cannot read {self.uri(output_key)}: {_reason(exc)}") from None
 
     @classmethod
-    def from_settings(cls, settings: KilnSettings) -> Bucket:
-        """The bucket KILN_STORAGE_URL names, through KILN_S3_ENDPOINT_URL."""
-        return cls(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds)
+    def from_settings(cls, settings: KilnSettings, connections: int = 10) -> Bucket:
+        """The bucket KILN_STORAGE_URL names, through KILN_S3_ENDPOINT_URL, for `connections` threads at once."""
+        return cls(settings.storage_url, settings.s3_endpoint_url, settings.storage_timeout_seconds, connections)
 
     def put(self, key: str, data: bytes, job_id: str, kind: str | None = None) -> str:
         """Write with the dispatcher's own credentials (the embedded `kiln render` to S3), MD5-verified and once:

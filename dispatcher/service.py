@@ -44,8 +44,8 @@ STORAGE_DOWN_AFTER = 3  # failed probes in a row (one a tick) before publishing 
 SHEETS_EVERY_SECONDS = 600.0  # how often the signed sheets of pushed models are renewed (usecases.share_models)
 PROBE_SECONDS = 5.0  # how often a reachable bucket is looked at again (a LIST request each time)
 CONSUMERS = 32  # reports and heartbeats in hand at once (reports are recorded in groups: dispatcher.recorder)
-CONNECTIONS = CONSUMERS + 4  # each consumer may hold one (a touch, a heartbeat), and the recorder, bookkeeping,
-# webhooks and a metrics scrape one each: none waits for a connection
+CONNECTIONS = CONSUMERS + 4  # each consumer may hold one (a touch; a storage check), and the recorder, bookkeeping,
+# webhooks and a metrics scrape one each: none waits for a connection, to the database or to storage
 SWITCH_SECONDS = 0.0005  # how long a thread holds the GIL while another waits (Python's default: 5 ms)
 WAITING_SECONDS = 10  # a waiting count outlives a few ticks; a silent dispatcher's counts expire (workers then
 # look at the queues' lengths)
@@ -58,7 +58,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     """Run until stopped: a bookkeeping thread, and a Celery consumer of the reports queue."""
     if not settings.broker_url:
         raise ConfigError("KILN_BROKER_URL is not set: the dispatcher needs the fleet's Redis, e.g. redis://host:6379/0")
-    bucket = Bucket.from_settings(settings)
+    bucket = Bucket.from_settings(settings, CONNECTIONS)
     bucket.check()
     policy = fleet.Policy.from_settings(settings)
     app = make_app(settings.broker_url)

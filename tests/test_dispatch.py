@@ -4,6 +4,7 @@ out-of-memory moves, silent workers, pause and priority. The broker is the bound
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -870,3 +871,22 @@ def test_the_reports_benchmark_records_each_job_started_and_succeeded(database_u
         assert dict(s.execute(select(Job.status, func.count()).group_by(Job.status)).all()) == {
             JobStatus.SUCCEEDED: 10}
         assert s.scalar(select(func.count()).select_from(Output)) == 10
+
+
+@pytest.mark.parametrize("connections", [4, 24])
+def test_the_dispatchers_storage_checks_side_by_side_each_keep_their_connection(
+        bucket: Bucket, connections: int, caplog: pytest.LogCaptureFixture) -> None:
+    # The dispatcher's report consumers check uploads at once; a pool smaller than they are opens a connection
+    # for each call past it and throws it away (urllib3 says so), which costs CPU and a handshake on every check.
+    sized = Bucket(f"s3://{bucket.name}/out", str(bucket.client.meta.endpoint_url), connections=connections)
+    start = threading.Barrier(16)
+
+    def check(_: int) -> None:
+        start.wait()
+        for _ in range(5):
+            assert sized.stat("nothing-here.png") is None
+
+    with caplog.at_level(logging.WARNING, logger="urllib3.connectionpool"), ThreadPoolExecutor(16) as threads:
+        list(threads.map(check, range(16)))
+    full = [r for r in caplog.records if "Connection pool is full" in r.getMessage()]
+    assert bool(full) == (connections < 16), [r.getMessage() for r in full][:3]
