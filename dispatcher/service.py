@@ -43,7 +43,7 @@ FEED_GAP_SECONDS = 0.05  # between two top-ups of the queues that reports asked 
 STORAGE_DOWN_AFTER = 3  # failed probes in a row (one a tick) before publishing stops
 SHEETS_EVERY_SECONDS = 600.0  # how often the signed sheets of pushed models are renewed (usecases.share_models)
 PROBE_SECONDS = 5.0  # how often a reachable bucket is looked at again (a LIST request each time)
-CONSUMERS = 32  # reports and heartbeats in hand at once (reports are recorded in groups: dispatcher.recorder)
+CONSUMERS = 32  # report messages in hand at once (recorded in groups: dispatcher.recorder), old workers' heartbeats
 CONNECTIONS = CONSUMERS + 4  # each consumer may hold one (a touch; a storage check), and the recorder, bookkeeping,
 # webhooks and a metrics scrape one each: none waits for a connection, to the database or to storage
 SWITCH_SECONDS = 0.0005  # how long a thread holds the GIL while another waits (Python's default: 5 ms)
