@@ -459,25 +459,29 @@ def _fail(session: Session, held: Held, result: RenderResult, now: datetime, pol
 
 
 def record_heartbeats(session: Session, beats: list[tuple[Heartbeat, datetime]]) -> None:
-    """Record heartbeats, each with when it came (dispatcher.heartbeats)."""
+    """Register workers or refresh what they are doing, each heartbeat with when it came (dispatcher.heartbeats):
+    one UPDATE for all of them (executemany), after registering those never seen."""
+    if not beats:
+        return
+    known = set(session.scalars(select(Worker.name).where(Worker.name.in_([beat.worker for beat, _ in beats]))))
     for beat, seen in beats:
-        record_heartbeat(session, beat, seen)
-
-
-def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
-    """Register a worker or refresh what it is doing."""
-    seen = session.execute(update(Worker).where(Worker.name == beat.worker).values(
-        device=beat.device, vram_mb=int(beat.vram_gb * 1024), last_seen=now, queues=beat.queues, models=beat.models,
-        unserved=beat.unserved,
+        if beat.worker not in known:  # its first heartbeat
+            session.add(Worker(name=beat.worker, device=beat.device, first_seen=seen, last_seen=seen))
+            known.add(beat.worker)
+    session.flush()
+    session.execute(update(Worker), [dict(
+        name=beat.worker, device=beat.device, vram_mb=int(beat.vram_gb * 1024), last_seen=seen, queues=beat.queues,
+        models=beat.models, unserved=beat.unserved,
         problem=protocol_problem(beat.protocol, "this worker") or beat.problem,
         model_loads=beat.model_loads, load_seconds=beat.load_seconds, loaded_model=beat.loaded_model, plan=beat.plan,
         warm_shape=beat.warm_shape, rendering=beat.rendering, storing=beat.storing,
         step=f"{beat.step}/{beat.steps}" if beat.step is not None else None,
-        seconds_per_image=beat.seconds_per_image).execution_options(synchronize_session=False))
-    if seen.rowcount == 0:  # type: ignore[attr-defined]  # its first heartbeat
-        store.see_worker(session, beat.worker, beat.device, int(beat.vram_gb * 1024), now)
-        session.flush()
-        record_heartbeat(session, beat, now)
+        seconds_per_image=beat.seconds_per_image) for beat, seen in beats])
+
+
+def record_heartbeat(session: Session, beat: Heartbeat, now: datetime) -> None:
+    """Register a worker or refresh what it is doing (`record_heartbeats`, for one)."""
+    record_heartbeats(session, [(beat, now)])
 
 
 def reap(session: Session, now: datetime, policy: Policy, heard_since: datetime | None = None) -> int:

@@ -890,3 +890,24 @@ def test_the_dispatchers_storage_checks_side_by_side_each_keep_their_connection(
         list(threads.map(check, range(16)))
     full = [r for r in caplog.records if "Connection pool is full" in r.getMessage()]
     assert bool(full) == (connections < 16), [r.getMessage() for r in full][:3]
+
+
+def test_a_ticks_heartbeats_are_recorded_in_one_update_for_all(database_url: str) -> None:
+    sessions = setup(database_url, "id,prompt\na,x\n")
+    beats = [(Heartbeat(worker=f"w{i}", device="cuda", vram_gb=8, queues=["q"], rendering=[f"j{i}"], step=i, steps=4),
+              T0 + timedelta(seconds=i)) for i in range(6)]
+    with sessions.begin() as s:
+        fleet.record_heartbeats(s, beats[:2])  # two known workers, four new
+    statements: list[str] = []
+    engine = sessions.kw["bind"]
+    listen = lambda conn, cursor, statement, *rest: statements.append(statement.split()[0])  # noqa: E731
+    event.listen(engine, "before_cursor_execute", listen)
+    try:
+        with sessions.begin() as s:
+            fleet.record_heartbeats(s, beats)
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+    assert [w for w in statements if w != "BEGIN"] == ["SELECT", "INSERT", "UPDATE"]  # the new inserted in one
+    with sessions.begin() as s:
+        seen = {w.name: (w.last_seen, w.rendering, w.step) for w in s.scalars(select(Worker))}
+    assert seen == {f"w{i}": (T0 + timedelta(seconds=i), [f"j{i}"], f"{i}/4") for i in range(6)}
