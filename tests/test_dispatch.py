@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -486,16 +487,25 @@ def test_a_worker_holding_several_jobs_keeps_each_one_its_heartbeats_name(databa
     assert job_row(sessions, a).status is JobStatus.QUEUED and job_row(sessions, b).status is JobStatus.RUNNING
 
 
-def test_a_group_of_reports_is_recorded_in_a_few_statements_for_all(database_url: str, bucket: Bucket) -> None:
-    sessions = setup(database_url, "id,prompt\n" + "".join(f"j{i},p{i}\n" for i in range(8)))
-    broker = Broker()
-    batched(sessions, bucket, broker, 8)
-    tasks = broker.take_message().tasks
+@contextmanager
+def statements_of(sessions) -> Iterator[list[str]]:  # type: ignore[no-untyped-def]
+    """The first word of each statement the database is sent meanwhile."""
     statements: list[str] = []
     engine = sessions.kw["bind"]
     listen = lambda conn, cursor, statement, *rest: statements.append(statement.split()[0])  # noqa: E731
     event.listen(engine, "before_cursor_execute", listen)
     try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", listen)
+
+
+def test_a_group_of_reports_is_recorded_in_a_few_statements_for_all(database_url: str, bucket: Bucket) -> None:
+    sessions = setup(database_url, "id,prompt\n" + "".join(f"j{i},p{i}\n" for i in range(8)))
+    broker = Broker()
+    batched(sessions, bucket, broker, 8)
+    tasks = broker.take_message().tasks
+    with statements_of(sessions) as statements:
         with sessions.begin() as s:
             started = [(Report(kind="started", job_id=t.job.job_id, attempt=1, worker="w1"), None) for t in tasks]
             assert fleet.record_reports(s, started, T0, POLICY, bucket) == ["started"] * 8
@@ -506,8 +516,6 @@ def test_a_group_of_reports_is_recorded_in_a_few_statements_for_all(database_url
             items = [(r, bucket.stat(t.job.output_key)) for r, t in zip(finished, tasks, strict=True)]
             assert fleet.record_reports(s, items, T0, POLICY, bucket) == ["succeeded"] * 8
         assert [w for w in statements if w != "BEGIN"] == ["SELECT", "UPDATE", "UPDATE", "SELECT", "INSERT"]
-    finally:
-        event.remove(engine, "before_cursor_execute", listen)
     with sessions.begin() as s:
         rows = s.execute(select(Output.job_id, Output.batch_id, Output.manifest_row, Output.md5)).all()
         attempts = s.execute(select(Attempt.status, func.count()).group_by(Attempt.status)).all()
@@ -898,15 +906,8 @@ def test_a_ticks_heartbeats_are_recorded_in_one_update_for_all(database_url: str
               T0 + timedelta(seconds=i)) for i in range(6)]
     with sessions.begin() as s:
         fleet.record_heartbeats(s, beats[:2])  # two known workers, four new
-    statements: list[str] = []
-    engine = sessions.kw["bind"]
-    listen = lambda conn, cursor, statement, *rest: statements.append(statement.split()[0])  # noqa: E731
-    event.listen(engine, "before_cursor_execute", listen)
-    try:
-        with sessions.begin() as s:
-            fleet.record_heartbeats(s, beats)
-    finally:
-        event.remove(engine, "before_cursor_execute", listen)
+    with statements_of(sessions) as statements, sessions.begin() as s:
+        fleet.record_heartbeats(s, beats)
     assert [w for w in statements if w != "BEGIN"] == ["SELECT", "INSERT", "UPDATE"]  # the new inserted in one
     with sessions.begin() as s:
         seen = {w.name: (w.last_seen, w.rendering, w.step) for w in s.scalars(select(Worker))}
