@@ -154,8 +154,8 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
     with fleet.engine.connect() as conn:
         queues = conn.scalars(select(Job.queue).distinct()).all()
     assert len(queues) == 1 and queues[0], queues
-    dispatcher = psutil.Process(fleet.dispatcher(KILN_WORKER_TIMEOUT_SECONDS=str(max(8.0, 4 * args.heartbeat)),
-                                                 KILN_BATCH_SIZE=str(args.batch_size)).pid)
+    fleet.dispatcher(KILN_WORKER_TIMEOUT_SECONDS=str(max(8.0, 4 * args.heartbeat)),
+                     KILN_BATCH_SIZE=str(args.batch_size))
     app = make_app(fleet.env["KILN_BROKER_URL"])
     stop = threading.Event()
     workers = [SimulatedWorker(f"sim-{i:02d}", queues[0], fleet.env["KILN_BROKER_URL"], app, args.render_seconds,
@@ -170,7 +170,7 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
 
     time.sleep(10)  # warm-up: workers registered, the queue fed
     ours = {os.getpid(): "simulated workers"}
-    first, begin, cpu, machine = succeeded(), time.monotonic(), _cpu(dispatcher), cpu_by_process(ours)
+    first, begin, machine = succeeded(), time.monotonic(), cpu_by_process(ours)
     messages = sum(w.messages for w in workers)
     memory, stale, backlog = [], [], []
     while time.monotonic() - begin < args.seconds:
@@ -182,8 +182,9 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
             seen = conn.execute(select(Worker.name, Worker.last_seen).where(Worker.name.like("sim-%"))).all()
         stale += [(now - last).total_seconds() for _, last in seen if last is not None]
     recorded = succeeded() - first
-    window, cpu = time.monotonic() - begin, _cpu(dispatcher) - cpu
+    window = time.monotonic() - begin
     machine = {kind: seconds - machine.get(kind, 0.0) for kind, seconds in cpu_by_process(ours).items()}
+    cpu = machine.get("dispatcher", 0.0)
     messages = sum(w.messages for w in workers) - messages
     stop.set()
     for w in workers:
@@ -200,12 +201,13 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
     print(f"  the dispatcher's own CPU: {1000 * cpu / max(2 * recorded, 1):.1f} ms per report, "
           f"{cpu / window:.2f} cores (one core would record {2 * recorded / max(cpu, 1e-9):.0f} reports per second)")
     jobs = max(recorded, 1)
-    print(f"  the machine's CPU ({psutil.cpu_count()} cores): " + ", ".join(
+    cores = psutil.cpu_count() or 1
+    print(f"  the machine's CPU ({cores} cores): " + ", ".join(
         f"{kind} {seconds / window:.2f} cores ({1000 * seconds / jobs:.1f} ms a job)"
         for kind, seconds in sorted(machine.items(), key=lambda x: -x[1]) if seconds > 0.05))
     harness = machine.get("moto", 0.0) + machine.get("simulated workers", 0.0)
-    budget = 1000 * psutil.cpu_count() / 100 - 1000 * harness / jobs
-    print(f"  200 reports/s is 100 jobs/s: {1000 * psutil.cpu_count() / 100:.0f} ms of this machine's CPU a job, of "
+    budget = 1000 * cores / 100 - 1000 * harness / jobs
+    print(f"  200 reports/s is 100 jobs/s: {1000 * cores / 100:.0f} ms of this machine's CPU a job, of "
           f"which the harness (moto, the simulated workers) takes {1000 * harness / jobs:.1f} ms: {budget:.1f} ms "
           f"a job would be left to the dispatcher, PostgreSQL and Redis, which take "
           f"{1000 * (sum(machine.values()) - harness) / jobs:.1f} ms now")
@@ -213,12 +215,6 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
     print(f"  Redis used_memory: peak {max(memory) / 2**20:.1f} MB (goal: under 50 MB)")
     print(f"  worker last_seen staleness: median {stale[len(stale) // 2]:.1f} s, "
           f"p99 {stale[int(len(stale) * 0.99)]:.1f} s, max {stale[-1]:.1f} s (heartbeats every {args.heartbeat} s)")
-
-
-def _cpu(process: psutil.Process) -> float:
-    """CPU seconds (user + system) a process has used so far."""
-    times = process.cpu_times()
-    return float(times.user + times.system)
 
 
 if __name__ == "__main__":
