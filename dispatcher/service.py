@@ -204,7 +204,10 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                     log.info("published %d jobs, gave back %d jobs of silent workers", published, reaped)
             except DATABASE_AWAY as exc:
                 log.warning("bookkeeping: the database is away (%s); retrying", _why(exc))
-            except Exception:  # the broker is away, or something unforeseen: say so and try again next tick
+            except redis.RedisError as exc:
+                log.warning("bookkeeping: the broker is away (%s: %s); nothing is published or taken back until it "
+                            "answers; check KILN_BROKER_URL and that Redis runs", type(exc).__name__, exc)
+            except Exception:  # something unforeseen: say so and try again next tick
                 log.exception("bookkeeping failed; retrying")
 
     def deliver_forever(url: str, secret: str) -> None:
