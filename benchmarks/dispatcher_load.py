@@ -38,20 +38,11 @@ from sqlalchemy import func, select
 
 from benchmarks.cpu import cpu_by_process
 from benchmarks.scale import postgres_schema
-from schemas.broker import make_app
 from schemas.job import JobStatus, RenderResult
-from schemas.messages import (
-    REPORT_TASK,
-    REPORTS_QUEUE,
-    Heartbeat,
-    RenderMessage,
-    RenderTask,
-    Report,
-    Reports,
-)
+from schemas.messages import REPORTS_STREAM, Heartbeat, RenderMessage, RenderTask, Report
 from schemas.tables import Job, Worker
 from tests.fleet_harness import running_fleet
-from worker.outbox import LINGER_SECONDS, Outbox, send_heartbeat
+from worker.outbox import LINGER_SECONDS, Outbox, send_heartbeat, send_reports
 from worker.upload import SignedUpload
 
 PNG = bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
@@ -63,10 +54,10 @@ class SimulatedWorker(threading.Thread):
     the last message's jobs upload a PNG each through their signed URLs and are reported finished (a worker's
     writer thread); a heartbeat every `heartbeat` seconds."""
 
-    def __init__(self, name: str, queue: str, broker_url: str, app: Any, render_seconds: float, heartbeat: float,
+    def __init__(self, name: str, queue: str, broker_url: str, render_seconds: float, heartbeat: float,
                  stop: threading.Event, linger: float = LINGER_SECONDS) -> None:
         super().__init__(name=name, daemon=True)
-        self.queue, self.app, self.stop = queue, app, stop
+        self.queue, self.stop = queue, stop
         self.render_seconds, self.heartbeat = render_seconds, heartbeat
         self.redis = Redis.from_url(broker_url)
         self.done = 0
@@ -77,7 +68,7 @@ class SimulatedWorker(threading.Thread):
         self.outbox = Outbox(self.report, linger)
 
     def report(self, reports: list[Report]) -> None:
-        self.app.send_task(REPORT_TASK, args=[Reports(reports=reports).model_dump(mode="json")], queue=REPORTS_QUEUE)
+        send_reports(self.redis, reports)
         self.messages += 1
 
     def beat(self) -> None:
@@ -156,9 +147,8 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
     assert len(queues) == 1 and queues[0], queues
     fleet.dispatcher(KILN_WORKER_TIMEOUT_SECONDS=str(max(8.0, 4 * args.heartbeat)),
                      KILN_BATCH_SIZE=str(args.batch_size))
-    app = make_app(fleet.env["KILN_BROKER_URL"])
     stop = threading.Event()
-    workers = [SimulatedWorker(f"sim-{i:02d}", queues[0], fleet.env["KILN_BROKER_URL"], app, args.render_seconds,
+    workers = [SimulatedWorker(f"sim-{i:02d}", queues[0], fleet.env["KILN_BROKER_URL"], args.render_seconds,
                                args.heartbeat, stop, args.linger) for i in range(args.workers)]
     for w in workers:
         w.start()
@@ -176,7 +166,7 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
     while time.monotonic() - begin < args.seconds:
         time.sleep(0.5)
         memory.append(int(redis.info("memory")["used_memory"]))
-        backlog.append(int(redis.llen(REPORTS_QUEUE)))
+        backlog.append(int(redis.xlen(REPORTS_STREAM)))
         now = datetime.now(UTC).replace(tzinfo=None)
         with fleet.engine.connect() as conn:
             seen = conn.execute(select(Worker.name, Worker.last_seen).where(Worker.name.like("sim-%"))).all()
@@ -211,7 +201,8 @@ def measure(fleet: Any, tmp: Path, args: argparse.Namespace) -> None:
           f"which the harness (moto, the simulated workers) takes {1000 * harness / jobs:.1f} ms: {budget:.1f} ms "
           f"a job would be left to the dispatcher, PostgreSQL and Redis, which take "
           f"{1000 * (sum(machine.values()) - harness) / jobs:.1f} ms now")
-    print(f"  reports waiting in Redis: median {sorted(backlog)[len(backlog) // 2]}, max {max(backlog)}")
+    print(f"  report messages waiting in Redis (not yet recorded): median {sorted(backlog)[len(backlog) // 2]}, "
+          f"max {max(backlog)}")
     print(f"  Redis used_memory: peak {max(memory) / 2**20:.1f} MB (goal: under 50 MB)")
     print(f"  worker last_seen staleness: median {stale[len(stale) // 2]:.1f} s, "
           f"p99 {stale[int(len(stale) * 0.99)]:.1f} s, max {stale[-1]:.1f} s (heartbeats every {args.heartbeat} s)")

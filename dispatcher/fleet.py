@@ -5,11 +5,11 @@ in: sessions, the bucket, and callables that publish or mark."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import and_, func, insert, or_, select, tuple_, update
 from sqlalchemy.orm import Session, sessionmaker
@@ -18,7 +18,7 @@ from dispatcher import store
 from dispatcher.bucket import Bucket, StoredObject
 from dispatcher.lifecycle import RetryPolicy
 from schemas.capacity import job_queue, model_key, queue_model_key, queue_tier, why_unfit
-from schemas.errors import KilnError, StaleStateError
+from schemas.errors import KilnError, StaleStateError, StorageError
 from schemas.job import JobStatus, RenderResult, check_transition
 from schemas.messages import Heartbeat, RenderMessage, RenderTask, Report, protocol_problem, unwanted_key
 from schemas.models import resolve_model
@@ -249,28 +249,52 @@ def _next_jobs(session: Session, queue: str, now: datetime, limit: int, warm: Co
     return [jobs[job_id] for job_id in ids if job_id in jobs]
 
 
+Checked = dict[tuple[str, int], StoredObject | None]  # what the bucket holds for each (job id, attempt)
+
+
+def check_uploads(sessions: sessionmaker[Session], reports: list[Report], now: datetime, bucket: Bucket,
+                  each: Callable[..., Iterable[Any]] = map
+                  ) -> dict[tuple[str, int], StoredObject | None | StorageError]:
+    """What the bucket holds at the output key of each finished report's job, by (job id, attempt): the jobs are
+    touched first (one transaction), and their uploads checked outside any transaction, so a slow storage answer
+    holds no row lock and the reaper leaves the jobs be meanwhile. `each` maps the checks (a thread pool's `map`
+    runs them at once); one that storage could not answer is its StorageError. Raises the database's error."""
+    finished = [r for r in reports if r.kind == "finished" and r.result and r.result.ok]
+    if not finished:
+        return {}
+    with sessions.begin() as session:
+        keys = touch(session, finished, now)
+
+    def stat(key: str | None) -> StoredObject | None | StorageError:
+        try:
+            return bucket.stat(key) if key else None
+        except StorageError as exc:
+            return exc
+
+    return dict(zip(keys, each(stat, keys.values()), strict=True))
+
+
 def receive_reports(sessions: sessionmaker[Session], reports: list[Report], clock: Callable[[], datetime],
                     policy: Policy, bucket: Bucket,
                     submit: Callable[[Report, StoredObject | None], Future[str]] | None = None) -> list[Future[str]]:
-    """Record reports in full: finished jobs are touched first (one transaction) and their uploads checked outside
-    any transaction, so a slow storage answer holds no row lock and the reaper leaves the jobs be meanwhile; then
-    each is recorded, by `submit(report, stored)` when given (the dispatcher's group commit, dispatcher.recorder),
-    else in a transaction of its own. Returns each report's outcome (or what recording it raised) as a future;
-    raises StorageError, or the database's error, when the uploads cannot be checked."""
-    finished = [r for r in reports if r.kind == "finished" and r.result and r.result.ok]
-    stored: dict[tuple[str, int], StoredObject | None] = {}
-    if finished:
-        with sessions.begin() as session:
-            keys = touch(session, finished, clock())
-        stored = {job: bucket.stat(key) if key else None for job, key in keys.items()}
+    """Record reports in full: their uploads checked (`check_uploads`), then each recorded, by `submit(report,
+    stored)` when given (the dispatcher's group commit, dispatcher.recorder), else in a transaction of its own.
+    Returns each report's outcome (or what recording it raised) as a future; raises StorageError, or the
+    database's error, when the uploads cannot be checked."""
+    stored = check_uploads(sessions, reports, clock(), bucket)
+    for found in stored.values():
+        if isinstance(found, StorageError):
+            raise found
+    checked = cast(Checked, stored)
     if submit is not None:
-        return [submit(r, stored.get((r.job_id, r.attempt))) for r in reports]
+        return [submit(r, checked.get((r.job_id, r.attempt))) for r in reports]
     answers = []
     for r in reports:
         answer: Future[str] = Future()
         try:
             with sessions.begin() as session:
-                answer.set_result(record_report(session, r, clock(), policy, bucket, stored.get((r.job_id, r.attempt))))
+                answer.set_result(record_report(session, r, clock(), policy, bucket,
+                                                checked.get((r.job_id, r.attempt))))
         except Exception as exc:
             answer.set_exception(exc)
         answers.append(answer)

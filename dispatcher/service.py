@@ -1,40 +1,34 @@
-"""`kiln dispatcher`: the fleet's coordinator. Feeds render queues from the database, records the reports and
-heartbeats workers send, and gives back the jobs of workers that went silent."""
+"""`kiln dispatcher`: the fleet's coordinator. Feeds render queues from the database (publishing Celery tasks the
+workers consume), records the reports and heartbeats workers add to their Redis streams, and gives back the jobs of
+workers that went silent."""
 
 from __future__ import annotations
 
 import logging
+import signal
+import socket
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
 import redis
-from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import fleet, store, usecases, webhooks
+from dispatcher import fleet, reports, store, usecases, webhooks
 from dispatcher.bucket import Bucket, StoredObject
 from dispatcher.fleet import REPORT_RETRIES, REPORT_RETRY_SECONDS
 from dispatcher.heartbeats import HeartbeatStream
 from dispatcher.recorder import GroupRecorder
+from dispatcher.reports import Entry, LegacyQueues, ReportStream
 from schemas.broker import make_app
-from schemas.errors import ConfigError, StaleStateError, StorageError
-from schemas.messages import (
-    HEARTBEAT_TASK,
-    HEARTBEATS_QUEUE,
-    RENDER_TASK,
-    REPORT_TASK,
-    REPORTS_QUEUE,
-    Report,
-    heartbeat_in,
-    reports_in,
-    waiting_key,
-)
+from schemas.errors import ConfigError, StorageError
+from schemas.messages import RENDER_TASK, REPORTS_STREAM, Report, waiting_key
 from schemas.settings import KilnSettings
 
 log = logging.getLogger("kiln.dispatcher")
@@ -43,9 +37,17 @@ FEED_GAP_SECONDS = 0.05  # between two top-ups of the queues that reports asked 
 STORAGE_DOWN_AFTER = 3  # failed probes in a row (one a tick) before publishing stops
 SHEETS_EVERY_SECONDS = 600.0  # how often the signed sheets of pushed models are renewed (usecases.share_models)
 PROBE_SECONDS = 5.0  # how often a reachable bucket is looked at again (a LIST request each time)
-CONSUMERS = 32  # report messages in hand at once (recorded in groups: dispatcher.recorder), old workers' heartbeats
-CONNECTIONS = CONSUMERS + 4  # each consumer may hold one (a touch; a storage check), and the recorder, bookkeeping,
-# webhooks and a metrics scrape one each: none waits for a connection, to the database or to storage
+READERS = 4  # threads reading report messages from their stream (a read's reports are recorded before the next)
+READ_COUNT = 32  # report messages a reader takes at once
+READ_BLOCK_MS = 1000  # how long a read waits for one
+CHECKS = 32  # uploads checked in the bucket at once (each a HEAD request)
+# Connections, so that none waits for one: to storage, one for each check, and the bookkeeping's; to the database,
+# each reader's (its touch of the jobs it checks), and the recorder's, the bookkeeping's, the webhooks' and a metrics
+# scrape's.
+STORAGE_CONNECTIONS = CHECKS + 1
+CONNECTIONS = READERS + 4
+STOP_SECONDS = 30.0  # how long a stopping dispatcher waits for the reports in hand to be recorded
+LEGACY_SECONDS = 60.0  # how often the queues older workers sent to are looked at (dispatcher.reports.LegacyQueues)
 SWITCH_SECONDS = 0.0005  # how long a thread holds the GIL while another waits (Python's default: 5 ms)
 WAITING_SECONDS = 10  # a waiting count outlives a few ticks; a silent dispatcher's counts expire (workers then
 # look at the queues' lengths)
@@ -55,16 +57,13 @@ DATABASE_AWAY = (OperationalError, InterfaceError)
 
 
 def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callable[[], datetime]) -> None:
-    """Run until stopped: a bookkeeping thread, and a Celery consumer of the reports queue."""
+    """Run until stopped (SIGTERM, Ctrl-C): a bookkeeping thread, and readers of the reports stream."""
     if not settings.broker_url:
         raise ConfigError("KILN_BROKER_URL is not set: the dispatcher needs the fleet's Redis, e.g. redis://host:6379/0")
-    bucket = Bucket.from_settings(settings, CONNECTIONS)
+    bucket = Bucket.from_settings(settings, STORAGE_CONNECTIONS)
     bucket.check()
     policy = fleet.Policy.from_settings(settings)
-    app = make_app(settings.broker_url)
-    # No task events from this consumer: a report's received/started/succeeded events cost more CPU than
-    # recording it, and say nothing Kiln's own tables do not (Flower still shows the render tasks).
-    app.conf.worker_send_task_events = False
+    app = make_app(settings.broker_url)  # publishes render messages; consumes nothing
     broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
     # The recorder waits on PostgreSQL for each statement; with Python's default switch interval, a thread whose
     # answer came waits up to 5 ms for the GIL behind busy threads, and the recorder's groups queue up behind it.
@@ -73,54 +72,45 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         sessions, lambda session, items: fleet.record_reports(session, items, clock(), policy, bucket),
         away=DATABASE_AWAY, order=lambda item: item[0].job_id).start()  # jobs' rows locked in id order, as reap
 
-    @app.task(name=REPORT_TASK, bind=True, acks_late=True, max_retries=REPORT_RETRIES)
-    def report(task: Any, payload: dict[str, Any]) -> None:
-        try:
-            reports = reports_in(payload)
-        except ValidationError as exc:
-            log.error("dropped a malformed report: %s", exc.errors()[0]["msg"])
-            return
-        problem: Exception | None = None
-        try:  # every report of the message into the recorder at once: they may share its next transaction
-            answers = fleet.receive_reports(sessions, reports, clock, policy, bucket,
-                                            lambda report, stored: recorder.submit((report, stored)))
-        except (StorageError, *DATABASE_AWAY) as exc:
-            answers, problem = [], exc
-        for message, answer in zip(reports, answers, strict=False):
-            try:
-                outcome = answer.result()
-            except StaleStateError as exc:  # lost a race with the reaper: the job is someone else's now
-                outcome = f"stale ({exc})"
-            except (StorageError, *DATABASE_AWAY) as exc:
-                problem = exc
-                continue
-            log.info("job %s attempt %d on %s: %s", message.job_id, message.attempt, message.worker, outcome)
-        if problem is not None:
-            # Storage cannot verify an upload, or the database is away: keep the reports (a new message, so
-            # heartbeats and other reports go on meanwhile) and keep their jobs from looking abandoned. Those
-            # recorded already are recorded again as no change (each is a compare-and-set).
-            log.warning("%s: cannot record the report yet (%s); again in %g s", ", ".join(
-                f"job {m.job_id} attempt {m.attempt}" for m in reports), _why(problem), REPORT_RETRY_SECONDS)
-            try:
-                with sessions.begin() as session:
-                    fleet.touch(session, reports, clock())
-            except DATABASE_AWAY:
-                pass
-            raise task.retry(countdown=REPORT_RETRY_SECONDS) from None
-        taken.set()  # a worker took a message (or is done with one): its queue has room, top it up now
+    stream = ReportStream(broker, f"kiln-dispatcher@{socket.gethostname()}", REPORT_RETRY_SECONDS, REPORT_RETRIES)
+    checking = ThreadPoolExecutor(CHECKS, thread_name_prefix="kiln-check")  # a read's uploads checked at once
+    stopping = threading.Event()
 
-    @app.task(name=HEARTBEAT_TASK)
-    def heartbeat(payload: dict[str, Any]) -> None:  # a worker before protocol 4: shown, with why it cannot work
+    def record(entries: list[Entry]) -> None:
+        """Record a read's report messages (dispatcher.reports.record); acknowledge those recorded, and leave the
+        others to be read again."""
+        recorded, later = reports.record(
+            entries, lambda found: fleet.check_uploads(sessions, found, clock(), bucket, checking.map),
+            lambda report, stored: recorder.submit((report, stored)), DATABASE_AWAY)
+        for entry in entries:
+            if entry.id in later:
+                # Storage cannot verify an upload, or the database is away: the message waits in the stream, its
+                # finished jobs touched so the reaper leaves them be, and is read again (those of its reports
+                # recorded already are recorded again as no change: each is a compare-and-set).
+                log.warning("%s: cannot record the report yet (%s); again in %g s", ", ".join(
+                    f"job {r.job_id} attempt {r.attempt}" for r in entry.reports), _why(later[entry.id]),
+                    REPORT_RETRY_SECONDS)
+        stream.again(list(later))
         try:
-            beat = heartbeat_in(payload)
-        except ValidationError:
-            log.error("dropped a malformed heartbeat")
-            return
-        try:
-            with sessions.begin() as session:
-                fleet.record_heartbeat(session, beat, clock())
-        except DATABASE_AWAY as exc:  # the next one comes in seconds
-            log.warning("heartbeat of %s not recorded (%s)", beat.worker, _why(exc))
+            stream.done(recorded)
+        except redis.RedisError as exc:  # read again later, and recorded again as no change
+            log.warning("recorded reports not acknowledged (%s: %s)", type(exc).__name__, exc)
+
+    def read_forever() -> None:
+        while not stopping.is_set():
+            try:
+                entries = stream.read(READ_COUNT, READ_BLOCK_MS)
+            except redis.RedisError:  # the tick says so, once a second
+                stopping.wait(TICK_SECONDS)
+                continue
+            if not entries:
+                continue
+            try:
+                record(entries)
+            except Exception:  # something unforeseen: said, and the messages read again later
+                log.exception("recording report messages failed; they are read again in %g s", REPORT_RETRY_SECONDS)
+                stream.again([entry.id for entry in entries])
+            taken.set()  # workers took messages (or are done with them): their queues have room, top them up
 
     def publish(queue: str, payload: dict[str, Any]) -> None:
         # The message expires with its TTL; the feeder republishes from the database after that.
@@ -157,6 +147,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         outlook = fleet.Outlook([], Counter(), {})  # the queues and their consumers, as the last tick found them
         empty_since: dict[str, datetime] = {}  # fleet.feed's memory of queues seen empty
         heartbeats = HeartbeatStream(broker, policy.worker_timeout)
+        legacy = LegacyQueues(broker, LEGACY_SECONDS)
         while True:
             if taken.wait(max(chores_at - time.monotonic(), 0)):
                 taken.clear()
@@ -194,6 +185,7 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
                 tell_waiting(counts)
                 with sessions.begin() as session:
                     store.finish_batches(session, clock())
+                legacy.clear()
                 if time.monotonic() >= sheets_at:
                     sheets_at = time.monotonic() + SHEETS_EVERY_SECONDS
                     try:
@@ -232,11 +224,22 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         start_http_server(settings.metrics_port, registry=registry(
             sessions, clock, timedelta(seconds=settings.worker_timeout_seconds)))
         log.info("Prometheus metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
-    # Threads: a report waiting on a slow storage answer must not hold up the others. The heartbeats queue of
-    # workers before protocol 4 first, as they expect.
-    app.worker_main(["worker", "--pool", "threads", "--concurrency", str(CONSUMERS), "-Q",
-                     f"{HEARTBEATS_QUEUE},{REPORTS_QUEUE}",
-                     "-n", "kiln-dispatcher@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
+    stream.join()
+    # Several readers: a read waiting on a slow storage answer must not hold up the next reports.
+    readers = [threading.Thread(target=read_forever, name=f"kiln-reports-{n}", daemon=True) for n in range(READERS)]
+    for reader in readers:
+        reader.start()
+    log.info("dispatcher ready: reading reports from %s as %s", REPORTS_STREAM, stream.consumer)
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    try:
+        while not stopping.wait(TICK_SECONDS):
+            pass
+    except KeyboardInterrupt:
+        stopping.set()
+    # Stopped: the reads in hand are recorded first (what is left is read again by the next dispatcher).
+    for reader in readers:
+        reader.join(STOP_SECONDS)
+    log.info("dispatcher stopped")
 
 
 class StorageGate:

@@ -11,7 +11,6 @@ import os
 from celery import Celery
 
 from schemas.errors import ConfigError
-from schemas.messages import REPORTS_QUEUE
 
 # A render must finish far inside the visibility timeout, or Redis hands its unacked message to a second worker
 # while the first still renders (celery #5935, #3430). Real 4B renders take seconds; base models at 50 steps on
@@ -19,11 +18,11 @@ from schemas.messages import REPORTS_QUEUE
 HARD_TIME_LIMIT = 30 * 60
 VISIBILITY_TIMEOUT = 6 * 60 * 60
 
-# The Redis ACL rules of a worker's account (README, compose.yaml): its own queues, the heartbeats stream (XADD
-# only) and Celery's bookkeeping keys, the sheets of pushed models read-only (a stolen worker password must not point
-# other workers at other files), and only the commands Celery's Redis transport sends (channels name database 0). No
-# KEYS, FLUSH*, CONFIG, DEBUG, ACL, SHUTDOWN or other keys: a stolen worker password can take jobs and send reports,
-# which the dispatcher checks against SQL and the bucket, and no more.
+# The Redis ACL rules of a worker's account (README, compose.yaml): its own queues, the reports and heartbeats
+# streams and Celery's bookkeeping keys, the sheets of pushed models read-only (a stolen worker password must not
+# point other workers at other files), and only the commands Celery's Redis transport sends (channels name database
+# 0). No KEYS, FLUSH*, CONFIG, DEBUG, ACL, SHUTDOWN or other keys: a stolen worker password can take jobs and send
+# reports, which the dispatcher checks against SQL and the bucket, and no more.
 WORKER_ACL = ("resetchannels ~kiln.render.* ~kiln.reports* ~kiln.heartbeats %R~kiln.models.* ~_kombu.* ~unacked "
               "~unacked_index ~unacked_mutex ~*.celery.pidbox* &/0.celeryev/* &/0.celery.pidbox -@all +ping +brpop "
               "+rpop +lpush +xadd +llen +hset +hget +hdel +zadd +zrem +zrange +zrangebyscore +smembers +sadd +srem "
@@ -66,8 +65,8 @@ def make_app(broker_url: str, time_limit: float = HARD_TIME_LIMIT) -> Celery:
         broker_connection_retry_on_startup=True, broker_connection_max_retries=None,
         # After a reconnect the broker may already have handed our unacked job to someone else: stop it here.
         worker_cancel_long_running_tasks_on_connection_loss=True,
-        # Reports wait in their own queue for the dispatcher.
-        task_default_queue=REPORTS_QUEUE, task_create_missing_queues=True,
+        # Every render message names its queue (schemas.capacity); reports travel in a Redis stream, not as tasks.
+        task_create_missing_queues=True,
         worker_hijack_root_logger=False, worker_redirect_stdouts=False,  # Kiln logs its own way
         worker_send_task_events=True, task_send_sent_event=False,
         broker_connection_timeout=10,

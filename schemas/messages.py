@@ -11,9 +11,13 @@ from schemas.capacity import model_key
 from schemas.job import JobSpec, RenderResult
 
 RENDER_TASK = "kiln.render"
-REPORT_TASK = "kiln.report"
-HEARTBEAT_TASK = "kiln.heartbeat"
-REPORTS_QUEUE = "kiln.reports"
+# Reports are no Celery tasks either: a worker adds each report message to a Redis stream, and the dispatcher reads
+# it in a consumer group (dispatcher.reports): many entries in one command, each acknowledged (and deleted) once its
+# reports are recorded, one that could not be recorded yet read again a few seconds later, and those a dispatcher
+# killed mid-way held read again by the next. The entries are deleted as they are recorded, so the stream holds only
+# what waits: nothing trims it, so no report is lost to a long backlog.
+REPORTS_STREAM = "kiln.reports.stream"
+REPORTS_GROUP = "kiln.dispatchers"
 # Heartbeats are no broker messages: a worker adds each to a Redis stream, and the dispatcher reads every one that
 # came since its last tick in one command, records each worker's latest in one transaction, and dates it by the
 # stream's own clock (an entry's id is the Redis time it was added). A backlog of reports never makes a living worker
@@ -21,9 +25,9 @@ REPORTS_QUEUE = "kiln.reports"
 # or transaction each. The stream keeps about HEARTBEATS_KEPT entries (each a few hundred bytes).
 HEARTBEATS_STREAM = "kiln.heartbeats"
 HEARTBEATS_KEPT = 10_000
-# Where workers before protocol 4 sent their heartbeats, as Celery tasks; the dispatcher still records them there,
-# so that an old worker shows up with the version problem that keeps it from working (`kiln workers`).
-HEARTBEATS_QUEUE = "kiln.reports.heartbeats"
+# Where workers before protocol 5 sent their reports, and before protocol 4 their heartbeats, as Celery tasks: no
+# longer read; the dispatcher says when something waits there, and clears it (dispatcher.reports.LegacyQueues).
+LEGACY_QUEUES = ("kiln.reports", "kiln.reports.heartbeats")
 UNWANTED_PREFIX = "kiln.render.unwanted."  # under kiln.render.*, which a worker's Redis account may read
 
 
@@ -53,9 +57,10 @@ class Upload(BaseModel):
 # instead of dropping each other's messages: 2 = the render parameters nested in the job (schemas.params), reference
 # images and LoRAs fetched by content through signed links; 3 = a render message carries several jobs of one shape
 # (RenderMessage), reports travel in groups (Reports), and heartbeats name every job a worker holds (rendering,
-# storing); 4 = heartbeats go to a Redis stream (HEARTBEATS_STREAM), not the broker's queue.
+# storing); 4 = heartbeats go to a Redis stream (HEARTBEATS_STREAM), not the broker's queue; 5 = reports go to a Redis
+# stream too (REPORTS_STREAM).
 # A message or heartbeat without the field comes from a Kiln before protocol numbers: protocol 1 (`on_the_wire`).
-PROTOCOL = 4
+PROTOCOL = 5
 UNNUMBERED = 1
 
 

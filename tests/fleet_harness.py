@@ -23,7 +23,7 @@ from sqlalchemy import func, select
 from schemas.broker import WORKER_ACL
 from schemas.capacity import QUEUE_PREFIX
 from schemas.keys import REFERENCES
-from schemas.messages import REPORTS_QUEUE
+from schemas.messages import REPORTS_STREAM
 from schemas.tables import Attempt, Job, Output
 from tests.faultproxy import S3FaultProxy
 from tests.services import PrivateRedis, free_port, redis_server, s3_server
@@ -178,7 +178,7 @@ class Fleet:
             assert job.attempts <= 2 * max_attempts, f"job {job.id} took {job.attempts} attempts"
         assert keys == {o.uri.removeprefix(f"s3://{BUCKET}/") for o in outputs}, "an object without a row"
         self.wait_until(lambda: all(self.broker.llen(q) == 0 for q in self.render_queues()), 30, "empty render queues")
-        self.wait_until(lambda: self.broker.llen(REPORTS_QUEUE) == 0, 30, "an empty reports queue")
+        self.wait_until(lambda: self.broker.xlen(REPORTS_STREAM) == 0, 30, "an empty reports stream")
         return {"succeeded": sum(j.status == "succeeded" for j in jobs), "dead": sum(j.status == "dead" for j in jobs),
                 **({"cancelled": sum(j.status == "cancelled" for j in jobs)} if cancelled else {}),
                 "lost_or_failed_attempts": int(lost_or_failed or 0)}

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 from sqlalchemy import func, select
 
-from schemas.messages import PROTOCOL
+from schemas.messages import PROTOCOL, REPORTS_STREAM
 from schemas.tables import Attempt, Job
 from tests.faultproxy import CommitCutter
 from tests.fleet_harness import Fleet, running_fleet
@@ -174,9 +174,13 @@ def test_pickled_and_malformed_messages_are_refused_never_executed(fleet: Fleet,
     # an older dispatcher's message (no protocol number): refused, saying what to do
     attacker.send_task("kiln.render", args=[{"job": {"job_id": "x", "model": "tiny"}}], queue="kiln.render.tiny.vram16",
                        serializer="json")
+    # junk in the reports stream: dropped by the dispatcher, saying so (check() finds the stream empty)
+    fleet.broker.xadd(REPORTS_STREAM, {"reports": b"not json"})
+    fleet.broker.xadd(REPORTS_STREAM, {"reports": b'{"reports": [{"kind": "finished"}]}'})
     fleet.submit(ROWS, "--model", "tiny")  # real work still flows past the junk
     fleet.wait_quiet(10)
     assert fleet.check()["succeeded"] == 10
+    assert (fleet.tmp / "dispatcher.log").read_text().count("dropped a malformed report message") == 2
     log = (fleet.tmp / "w1.log").read_text(errors="replace")
     assert "Refusing to deserialize untrusted content of type pickle" in log
     assert "refused a malformed render message" in log

@@ -16,6 +16,8 @@ import redis
 from celery import Celery, bootsteps, signals
 from celery.exceptions import Reject
 from pydantic import ValidationError
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from schemas.broker import make_app
 from schemas.capacity import TIER_FLOOR_GIB, model_key, queue_model_key
@@ -23,14 +25,11 @@ from schemas.errors import ConfigError, RenderError
 from schemas.job import JobSpec, RenderResult
 from schemas.messages import (
     RENDER_TASK,
-    REPORT_TASK,
-    REPORTS_QUEUE,
     Heartbeat,
     ModelSheet,
     RenderMessage,
     RenderTask,
     Report,
-    Reports,
     model_sheet_key,
     on_the_wire,
     protocol_problem,
@@ -45,7 +44,7 @@ from schemas.storage import WithdrawnError
 # Imported here, before Celery forks the GPU process, so a replacement process (after a crash or a time limit)
 # starts rendering in a second instead of importing torch and diffusers again. CUDA is first touched in the child.
 from worker.device import advertised_card
-from worker.outbox import Outbox, send_heartbeat
+from worker.outbox import Outbox, send_heartbeat, send_reports
 from worker.pipeline import weights_folder
 from worker.pull import pull_model
 from worker.render import LocalRenderer
@@ -54,6 +53,7 @@ from worker.upload import SignedUpload, fetch_reference
 
 log = logging.getLogger("kiln.worker")
 AFFINITY_SECONDS = 1.0  # how often a worker looks whether to move to another model's work
+REPORT_SEND_RETRIES = 8  # about 10 s of backoff (0.1 s doubling, at most 2 s a wait)
 
 
 class WorkerState:
@@ -159,13 +159,12 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
         except redis.RedisError:
             return True
 
-    def report(reports: list[Report]) -> None:
-        """Reports, in one broker message."""
-        kinds = "/".join(sorted({r.kind for r in reports}))
-        app.send_task(REPORT_TASK, args=[Reports(reports=reports).model_dump(mode="json")], queue=REPORTS_QUEUE,
-                      argsrepr=f"{kinds} from {name}")
-
-    outbox = Outbox(report)
+    # Reports ride out a broker's hiccup (a restart, a dropped connection) for a few seconds, as Celery's publishing
+    # did; past that, the writer thread hears, and the jobs are taken back and rendered again.
+    reporting = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.storage_timeout_seconds,
+                                     retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), REPORT_SEND_RETRIES),
+                                     retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+    outbox = Outbox(lambda reports: send_reports(reporting, reports))
 
     def heartbeat_forever() -> None:
         while True:

@@ -6,8 +6,9 @@ half the Celery tasks, transactions and queue top-ups on the dispatcher.
 
 A `started` report is the dispatcher's hint that a published job is running: one that comes late, or never
 (the worker switched off in the linger), is covered by the `finished` report, which starts the job when it must
-(dispatcher.fleet._record), and by the heartbeats, which name the jobs in hand. Heartbeats are no broker messages:
-each is added to a Redis stream the dispatcher reads once a tick (schemas.messages.HEARTBEATS_STREAM)."""
+(dispatcher.fleet._record), and by the heartbeats, which name the jobs in hand. Neither is a Celery task: a report
+message is an entry of a Redis stream the dispatcher reads in a consumer group (schemas.messages.REPORTS_STREAM), a
+heartbeat an entry of another that it reads once a tick (HEARTBEATS_STREAM)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from collections.abc import Callable
 
 import redis
 
-from schemas.messages import HEARTBEATS_KEPT, HEARTBEATS_STREAM, Heartbeat, Report
+from schemas.messages import HEARTBEATS_KEPT, HEARTBEATS_STREAM, REPORTS_STREAM, Heartbeat, Report, Reports
 
 log = logging.getLogger("kiln.worker")
 LINGER_SECONDS = 1.0  # the longest a started report waits: the dashboard shows a job running at most this late
@@ -86,3 +87,9 @@ def send_heartbeat(broker: redis.Redis, beat: Heartbeat) -> None:
     """Add a heartbeat to the fleet's stream of them (schemas.messages.HEARTBEATS_STREAM), trimmed to about the
     entries it keeps. Raises redis' errors."""
     broker.xadd(HEARTBEATS_STREAM, {"beat": beat.model_dump_json()}, maxlen=HEARTBEATS_KEPT, approximate=True)
+
+
+def send_reports(broker: redis.Redis, reports: list[Report]) -> None:
+    """Add one report message to the fleet's stream of them (schemas.messages.REPORTS_STREAM). Never trimmed: the
+    dispatcher deletes each entry once it is recorded. Raises redis' errors."""
+    broker.xadd(REPORTS_STREAM, {"reports": Reports(reports=reports).model_dump_json()})

@@ -1,0 +1,184 @@
+"""Report messages through their Redis stream: each handed to one reader, kept until recorded, read again when
+recording failed or its reader died, dropped after its tries; and the queues of older workers cleared."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import redis
+
+from dispatcher.bucket import StoredObject
+from dispatcher.reports import Entry, LegacyQueues, ReportStream, record
+from schemas.errors import StaleStateError, StorageError
+from schemas.job import RenderResult
+from schemas.messages import LEGACY_QUEUES, REPORTS_GROUP, REPORTS_STREAM, Report
+from tests.services import redis_server
+from worker.outbox import send_reports
+
+RETRY = 0.3  # seconds before a pending entry is read again (the dispatcher's: REPORT_RETRY_SECONDS)
+
+
+def started(job: str) -> Report:
+    return Report(kind="started", job_id=job, attempt=1, worker="w1")
+
+
+def pending(broker: redis.Redis) -> int:
+    return int(broker.xpending(REPORTS_STREAM, REPORTS_GROUP)["pending"])
+
+
+def test_each_message_is_read_once_and_deleted_when_recorded(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as server:
+        broker = redis.Redis(port=server.port)
+        send_reports(broker, [started("a"), started("b")])  # before any dispatcher: read by the first one
+        one = ReportStream(broker, "d1", RETRY, retries=5)
+        one.join()
+        one.join()  # a second join (a restart) keeps the group and where it has read to
+        send_reports(broker, [started("c")])
+        broker.xadd(REPORTS_STREAM, {"reports": b"not json"})
+        broker.xadd(REPORTS_STREAM, {"reports": b'{"reports": []}'})
+        two = ReportStream(broker, "d2", RETRY, retries=5)
+
+        first = one.read(2, block_ms=10)
+        rest = two.read(10, block_ms=10)
+        assert [[r.job_id for r in e.reports] for e in first] == [["a", "b"], ["c"]]
+        assert [(e.reports, e.problem is not None) for e in rest] == [([], True), ([], True)]  # malformed, said why
+        assert two.read(10, block_ms=10) == [] and one.read(10, block_ms=10) == []  # nothing handed out twice
+        assert pending(broker) == 4
+
+        one.done([e.id for e in first])
+        two.done([e.id for e in rest])
+        assert pending(broker) == 0 and broker.xlen(REPORTS_STREAM) == 0  # acknowledged and deleted: nothing kept
+
+
+def test_a_message_not_recorded_is_read_again_and_one_in_hand_is_not(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as server:
+        broker = redis.Redis(port=server.port)
+        stream = ReportStream(broker, "d1", RETRY, retries=5)
+        stream.join()
+        send_reports(broker, [started("a")])
+        send_reports(broker, [started("b")])
+        [a, b] = stream.read(10, block_ms=10)
+        stream.again([a.id])  # storage could not answer for a's upload: a waits; b is still being recorded
+        time.sleep(RETRY + 0.1)
+        assert [e.id for e in stream.read(10, block_ms=10)] == [a.id]  # read again; b, in hand, is not taken
+        stream.done([a.id, b.id])
+        assert broker.xlen(REPORTS_STREAM) == 0
+
+
+def test_a_dead_dispatchers_messages_are_read_by_the_next(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as server:
+        broker = redis.Redis(port=server.port)
+        dead = ReportStream(broker, "d1", RETRY, retries=5)
+        dead.join()
+        send_reports(broker, [started("a")])
+        [held] = dead.read(10, block_ms=10)  # ...and then its process was killed
+        successor = ReportStream(broker, "d1", RETRY, retries=5)  # the same host's next dispatcher
+        time.sleep(RETRY + 0.1)
+        [again] = successor.read(10, block_ms=10)
+        assert (again.id, again.reports) == (held.id, held.reports)
+
+
+def test_a_message_that_is_never_recorded_is_dropped_after_its_tries(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    with redis_server(tmp_path) as server:
+        broker = redis.Redis(port=server.port)
+        stream = ReportStream(broker, "d1", RETRY, retries=3)
+        stream.join()
+        send_reports(broker, [started("a")])
+        tries = 0
+        with caplog.at_level(logging.ERROR, "kiln.dispatcher"):
+            for _ in range(6):
+                entries = stream.read(10, block_ms=10)
+                tries += len(entries)
+                stream.again([e.id for e in entries])
+                time.sleep(RETRY + 0.1)
+            assert stream.read(10, block_ms=10) == []
+        assert tries == 3
+        assert broker.xlen(REPORTS_STREAM) == 0 and pending(broker) == 0
+        assert "dropped 1 report message that could not be recorded in 3 tries" in caplog.text
+
+
+def test_a_broker_that_lost_the_stream_gets_it_again(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as server:
+        broker = redis.Redis(port=server.port)
+        stream = ReportStream(broker, "d1", RETRY, retries=5)
+        stream.join()
+        broker.delete(REPORTS_STREAM)  # a restart without persistence
+        assert stream.read(10, block_ms=10) == []
+        send_reports(broker, [started("a")])
+        assert [[r.job_id for r in e.reports] for e in stream.read(10, block_ms=10)] == [["a"]]
+
+
+def test_what_older_workers_sent_to_the_old_queues_is_said_and_cleared(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    with redis_server(tmp_path) as server:
+        broker = redis.Redis(port=server.port)
+        legacy = LegacyQueues(broker, every=60)
+        broker.lpush(LEGACY_QUEUES[0], b"a report", b"another")
+        broker.lpush(LEGACY_QUEUES[1], b"a heartbeat")
+        with caplog.at_level(logging.WARNING, "kiln.dispatcher"):
+            assert legacy.clear() == 3
+            broker.lpush(LEGACY_QUEUES[1], b"a heartbeat")
+            assert legacy.clear() == 0  # looked at once a minute
+        assert not broker.exists(LEGACY_QUEUES[0])
+        assert "deleted 3 messages that workers of an older Kiln" in caplog.text
+        assert "install the same Kiln version" in caplog.text
+        assert LegacyQueues(broker, every=60).clear() == 1
+
+
+class Away(Exception):
+    """The database is away."""
+
+
+def finished(job: str) -> Report:
+    result = RenderResult(job_id=job, attempt=1, ok=True, worker="w1", md5="m", sha256="s", seconds=1.0)
+    return Report(kind="finished", job_id=job, attempt=1, worker="w1", result=result)
+
+
+def test_a_message_waits_in_full_when_one_of_its_reports_cannot_be_recorded_yet(
+        caplog: pytest.LogCaptureFixture) -> None:
+    stored = StoredObject(md5="m", size=1, job_id="x")
+    checked: dict[tuple[str, int], StoredObject | None | StorageError] = {
+        ("a2", 1): StorageError("storage did not answer"), ("b1", 1): stored, ("d1", 1): stored}
+    outcomes: dict[str, Exception | str] = {"b1": "succeeded", "b2": StaleStateError("taken back"),
+                                            "c1": "started", "d1": Away("connection lost"), "e1": ValueError("bug")}
+    submitted: list[tuple[str, StoredObject | None]] = []
+
+    def submit(report: Report, found: StoredObject | None) -> Future[str]:
+        submitted.append((report.job_id, found))
+        answer: Future[str] = Future()
+        outcome = outcomes.get(report.job_id, "started")
+        answer.set_exception(outcome) if isinstance(outcome, Exception) else answer.set_result(outcome)
+        return answer
+
+    entries = [Entry("1-0", [started("a1"), finished("a2")]),  # storage could not check a2: a1 waits with it
+               Entry("2-0", [finished("b1"), started("b2")]),  # b2 lost a race with the reaper: that is an outcome
+               Entry("3-0", problem="not JSON"),
+               Entry("4-0", [started("c1")]),
+               Entry("5-0", [finished("d1")]),  # the database went away while recording it
+               Entry("6-0", [started("e1")])]  # Kiln cannot record it at all: said, not tried for an hour
+    with caplog.at_level(logging.INFO, "kiln.dispatcher"):
+        recorded, later = record(entries, lambda reports: checked, submit, (Away,))
+    assert sorted(recorded) == ["2-0", "3-0", "4-0", "6-0"]
+    assert {entry: type(why) for entry, why in later.items()} == {"1-0": StorageError, "5-0": Away}
+    assert [job for job, _ in submitted] == ["b1", "b2", "c1", "d1", "e1"]  # nothing of the waiting message
+    assert dict(submitted)["b1"] == stored and dict(submitted)["c1"] is None
+    assert "dropped a malformed report message (stream entry 3-0): not JSON" in caplog.text
+    assert "job b2 attempt 1 on w1: stale (taken back)" in caplog.text
+    assert "job e1 attempt 1: the report cannot be recorded" in caplog.text
+
+
+def test_a_database_away_while_touching_leaves_every_message_waiting() -> None:
+    def check(reports: list[Report]) -> dict[tuple[str, int], StoredObject | None | StorageError]:
+        raise Away("no connection")
+
+    def submit(report: Report, found: StoredObject | None) -> Future[str]:
+        raise AssertionError("nothing is recorded before the uploads are checked")
+
+    recorded, later = record([Entry("1-0", [finished("a")]), Entry("2-0", [started("b")]),
+                              Entry("3-0", problem="junk")], check, submit, (Away,))
+    assert recorded == ["3-0"] and sorted(later) == ["1-0", "2-0"]
