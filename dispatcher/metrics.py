@@ -1,6 +1,6 @@
 """The dispatcher's Prometheus metrics, read from the database at each scrape (so they hold across restarts and
-whoever recorded the change): jobs by status, images rendered (rate() gives images per second), and each
-worker's heartbeat age, speed and whether it is online."""
+whoever recorded the change): jobs by status, images rendered (rate() gives images per second), each worker's
+heartbeat age, speed and whether it is online; and, from the broker, the report messages waiting to be recorded."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from schemas.job import JobStatus
 class KilnCollector(Collector):
     """Collects on each scrape, in one short transaction."""
 
-    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], datetime], timeout: timedelta) -> None:
+    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], datetime], timeout: timedelta,
+                 reports_waiting: Callable[[], int] | None = None) -> None:
         self.sessions, self.clock, self.timeout = sessions, clock, timeout
+        self.reports_waiting = reports_waiting
 
     def collect(self) -> Iterator[Metric]:
         """The metrics, as of now."""
@@ -46,10 +48,18 @@ class KilnCollector(Collector):
                 speed.add_metric([w.name], w.seconds_per_image)
             done.add_metric([w.name], w.done)
         yield from (online, age, speed, done)
+        if self.reports_waiting is not None:
+            try:
+                waiting = self.reports_waiting()
+            except Exception:  # the broker is away: the database's metrics still count
+                return
+            yield GaugeMetricFamily("kiln_reports_waiting", "Report messages in the broker not yet recorded (one that "
+                                    "keeps growing: the dispatcher is falling behind)", value=waiting)
 
 
-def registry(sessions: sessionmaker[Session], clock: Callable[[], datetime], timeout: timedelta) -> CollectorRegistry:
+def registry(sessions: sessionmaker[Session], clock: Callable[[], datetime], timeout: timedelta,
+             reports_waiting: Callable[[], int] | None = None) -> CollectorRegistry:
     """A registry holding Kiln's metrics only (no process metrics of the scraping thread's own)."""
     found = CollectorRegistry(auto_describe=False)
-    found.register(KilnCollector(sessions, clock, timeout))
+    found.register(KilnCollector(sessions, clock, timeout, reports_waiting))
     return found

@@ -222,7 +222,8 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         from dispatcher.metrics import registry
 
         start_http_server(settings.metrics_port, registry=registry(
-            sessions, clock, timedelta(seconds=settings.worker_timeout_seconds)))
+            sessions, clock, timedelta(seconds=settings.worker_timeout_seconds),
+            lambda: int(broker.xlen(REPORTS_STREAM))))
         log.info("Prometheus metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
     stream.join()
     # Several readers: a read waiting on a slow storage answer must not hold up the next reports.

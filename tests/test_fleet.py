@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -78,6 +79,7 @@ def test_mixed_manifest_is_rendered_by_workers_that_fit_into_the_bucket(fleet: F
     assert 'kiln_jobs{status="succeeded"} 16.0' in metrics and "kiln_images_total 16.0" in metrics
     assert all(f'kiln_worker_online{{worker="{name}"}} 1.0' in metrics for name in WORKERS), metrics
     assert 'kiln_worker_seconds_per_image{worker="w24"}' in metrics
+    assert re.search(r"^kiln_reports_waiting \d+\.0$", metrics, re.M), metrics
     assert sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line.startswith("kiln_worker_images_total{")) == 16
 

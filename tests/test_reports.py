@@ -1,17 +1,22 @@
 """Report messages through their Redis stream: each handed to one reader, kept until recorded, read again when
-recording failed or its reader died, dropped after its tries; and the queues of older workers cleared."""
+recording failed or its reader died, dropped after its tries; the queues of older workers cleared; and the
+messages waiting, a metric."""
 
 from __future__ import annotations
 
 import logging
 import time
 from concurrent.futures import Future
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 import redis
+from prometheus_client import generate_latest
 
+from dispatcher import store
 from dispatcher.bucket import StoredObject
+from dispatcher.metrics import registry
 from dispatcher.reports import Entry, LegacyQueues, ReportStream, record
 from schemas.errors import StaleStateError, StorageError
 from schemas.job import RenderResult
@@ -182,3 +187,16 @@ def test_a_database_away_while_touching_leaves_every_message_waiting() -> None:
     recorded, later = record([Entry("1-0", [finished("a")]), Entry("2-0", [started("b")]),
                               Entry("3-0", problem="junk")], check, submit, (Away,))
     assert recorded == ["3-0"] and sorted(later) == ["1-0", "2-0"]
+
+
+def test_the_report_messages_waiting_are_a_metric_and_a_broker_away_leaves_the_others(tmp_path: Path) -> None:
+    sessions = store.open_database(f"sqlite:///{tmp_path / 'kiln.db'}")
+    now = lambda: datetime.now(UTC).replace(tzinfo=None)  # noqa: E731
+
+    def away() -> int:
+        raise redis.ConnectionError("no broker")
+
+    scraped = generate_latest(registry(sessions, now, timedelta(seconds=60), lambda: 7)).decode()
+    assert "kiln_reports_waiting 7.0" in scraped and 'kiln_jobs{status="queued"} 0.0' in scraped
+    scraped = generate_latest(registry(sessions, now, timedelta(seconds=60), away)).decode()
+    assert "kiln_reports_waiting" not in scraped and 'kiln_jobs{status="queued"} 0.0' in scraped
