@@ -11,6 +11,7 @@ import os
 from celery import Celery
 
 from schemas.errors import ConfigError
+from schemas.messages import HEARTBEATS_STREAM, REPORTS_STREAM
 
 # A render must finish far inside the visibility timeout, or Redis hands its unacked message to a second worker
 # while the first still renders (celery #5935, #3430). Real 4B renders take seconds; base models at 50 steps on
@@ -18,16 +19,17 @@ from schemas.errors import ConfigError
 HARD_TIME_LIMIT = 30 * 60
 VISIBILITY_TIMEOUT = 6 * 60 * 60
 
-# The Redis ACL rules of a worker's account (README, compose.yaml): its own queues, the reports and heartbeats
-# streams and Celery's bookkeeping keys, the sheets of pushed models read-only (a stolen worker password must not
-# point other workers at other files), and only the commands Celery's Redis transport sends (channels name database
-# 0). No KEYS, FLUSH*, CONFIG, DEBUG, ACL, SHUTDOWN or other keys: a stolen worker password can take jobs and send
-# reports, which the dispatcher checks against SQL and the bucket, and no more.
-WORKER_ACL = ("resetchannels ~kiln.render.* ~kiln.reports* ~kiln.heartbeats %R~kiln.models.* ~_kombu.* ~unacked "
-              "~unacked_index ~unacked_mutex ~*.celery.pidbox* &/0.celeryev/* &/0.celery.pidbox -@all +ping +brpop "
-              "+rpop +lpush +xadd +llen +hset +hget +hdel +zadd +zrem +zrange +zrangebyscore +smembers +sadd +srem "
-              "+exists +set +get +del +pexpire +time +evalsha +eval +script|load +script|exists +multi +exec +watch "
-              "+unwatch +publish +subscribe +psubscribe +unsubscribe +punsubscribe")
+# The Redis ACL rules of a worker's account (README, compose.yaml): its own queues and Celery's bookkeeping keys, the
+# sheets of pushed models read-only (a stolen worker password must not point other workers at other files), and only
+# the commands Celery's Redis transport sends (channels name database 0); and, in a selector of their own (Redis 7),
+# XADD to the reports and heartbeats streams and nothing else there: a worker cannot read, trim or delete what other
+# workers reported. No KEYS, FLUSH*, CONFIG, DEBUG, ACL, SHUTDOWN or other keys: a stolen worker password can take
+# jobs and send reports, which the dispatcher checks against SQL and the bucket, and no more.
+WORKER_ACL = ("resetchannels ~kiln.render.* %R~kiln.models.* ~_kombu.* ~unacked ~unacked_index ~unacked_mutex "
+              "~*.celery.pidbox* &/0.celeryev/* &/0.celery.pidbox -@all +ping +brpop +rpop +lpush +llen +hset +hget "
+              "+hdel +zadd +zrem +zrange +zrangebyscore +smembers +sadd +srem +exists +set +get +del +pexpire +time "
+              "+evalsha +eval +script|load +script|exists +multi +exec +watch +unwatch +publish +subscribe "
+              f"+psubscribe +unsubscribe +punsubscribe (~{REPORTS_STREAM} ~{HEARTBEATS_STREAM} +xadd)")
 
 
 def make_app(broker_url: str, time_limit: float = HARD_TIME_LIMIT) -> Celery:

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from dispatcher.bucket import Bucket
 from schemas.broker import WORKER_ACL
 from schemas.errors import StorageError
+from schemas.messages import HEARTBEATS_STREAM, REPORTS_STREAM
 from tests.fleet_harness import Fleet, running_fleet
 from tests.services import make_certificates, postgres_tls_server, s3_server
 
@@ -48,7 +49,10 @@ def test_a_batch_runs_over_tls_with_a_least_privilege_worker_account(secure_flee
     assert denied == [], denied  # the worker never needed more than its rules give
     worker = redis.Redis.from_url(fleet.worker_env["KILN_BROKER_URL"])
     for command in (("FLUSHALL",), ("CONFIG", "GET", "*"), ("KEYS", "*"), ("ACL", "LIST"), ("SCRIPT", "FLUSH"),
-                    ("GET", "anything-else")):
+                    ("GET", "anything-else"),
+                    # the streams take a worker's XADD, and nothing else: no reading, trimming or deleting others'
+                    ("DEL", REPORTS_STREAM), ("XTRIM", REPORTS_STREAM, "MAXLEN", "0"),
+                    ("XRANGE", HEARTBEATS_STREAM, "-", "+"), ("XADD", "kiln.render.x", "*", "a", "1")):
         with pytest.raises(redis.exceptions.NoPermissionError):
             worker.execute_command(*command)
     with pytest.raises(redis.exceptions.ConnectionError):  # no plain-text connections at all
