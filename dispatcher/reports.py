@@ -98,8 +98,9 @@ class ReportStream:
             self._in_hand.difference_update(ids)
 
     def _claim(self, count: int) -> list[Entry]:
-        """The pending entries idle for `retry_seconds` (a failed try's, a dead reader's), claimed by this process;
-        at most once every `retry_seconds`, by one reader."""
+        """The pending entries idle for `retry_seconds` (a failed try's, a dead reader's), claimed by this process:
+        looked for once every `retry_seconds`, by one reader, and while more are due than one read takes, at every
+        read (after an outage, thousands may be due at once)."""
         with self._lock:
             if self.clock() < self._claim_at:
                 return []
@@ -121,6 +122,9 @@ class ReportStream:
             self.done(spent)
         if not due:
             return []
+        if len(due) > count:
+            with self._lock:
+                self._claim_at = 0.0
         ids: list[Any] = due[:count]
         claimed: Any = self.broker.xclaim(REPORTS_STREAM, REPORTS_GROUP, self.consumer, idle_ms, ids)
         return self._take(claimed)

@@ -46,6 +46,7 @@ CHECKS = 32  # uploads checked in the bucket at once (each a HEAD request)
 # scrape's.
 STORAGE_CONNECTIONS = CHECKS + 1
 CONNECTIONS = READERS + 4
+SAID = 4  # reports named in a line about reports that wait
 STOP_SECONDS = 30.0  # how long a stopping dispatcher waits for the reports in hand to be recorded
 LEGACY_SECONDS = 60.0  # how often the queues older workers sent to are looked at (dispatcher.reports.LegacyQueues)
 SWITCH_SECONDS = 0.0005  # how long a thread holds the GIL while another waits (Python's default: 5 ms)
@@ -82,14 +83,15 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         recorded, later = reports.record(
             entries, lambda found: fleet.check_uploads(sessions, found, clock(), bucket, checking.map),
             lambda report, stored: recorder.submit((report, stored)), DATABASE_AWAY)
-        for entry in entries:
-            if entry.id in later:
-                # Storage cannot verify an upload, or the database is away: the message waits in the stream, its
-                # finished jobs touched so the reaper leaves them be, and is read again (those of its reports
-                # recorded already are recorded again as no change: each is a compare-and-set).
-                log.warning("%s: cannot record the report yet (%s); again in %g s", ", ".join(
-                    f"job {r.job_id} attempt {r.attempt}" for r in entry.reports), _why(later[entry.id]),
-                    REPORT_RETRY_SECONDS)
+        if later:
+            # Storage cannot verify an upload, or the database is away: the messages wait in the stream, their
+            # finished jobs touched so the reaper leaves them be, and are read again (those of their reports
+            # recorded already are recorded again as no change: each is a compare-and-set). One line a read.
+            waiting = [r for entry in entries if entry.id in later for r in entry.reports]
+            log.warning("%s%s: cannot record the report%s yet (%s); again in %g s", ", ".join(
+                f"job {r.job_id} attempt {r.attempt}" for r in waiting[:SAID]),
+                f" and {len(waiting) - SAID} more" if len(waiting) > SAID else "", "s" * (len(waiting) > 1),
+                _why(next(iter(later.values()))), REPORT_RETRY_SECONDS)
         stream.again(list(later))
         try:
             stream.done(recorded)

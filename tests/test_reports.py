@@ -74,6 +74,25 @@ def test_a_message_not_recorded_is_read_again_and_one_in_hand_is_not(tmp_path: P
         assert broker.xlen(REPORTS_STREAM) == 0
 
 
+def test_after_an_outage_every_message_due_again_is_read_at_once_not_a_read_every_few_seconds(
+        tmp_path: Path) -> None:
+    with redis_server(tmp_path) as server:
+        broker = redis.Redis(port=server.port)
+        now = [0.0]  # the stream's own clock, stopped below: no read may wait for the next round of claims
+        stream = ReportStream(broker, "d1", RETRY, retries=5, clock=lambda: now[0])
+        stream.join()
+        for n in range(100):
+            send_reports(broker, [started(f"j{n}")])
+        failed = stream.read(100, block_ms=10)  # the database was away: none could be recorded
+        stream.again([e.id for e in failed])
+        time.sleep(RETRY + 0.1)  # Redis' idle time
+        now[0] = 1.0
+        again = []
+        for _ in range(10):
+            again += stream.read(10, block_ms=10)
+        assert sorted(e.id for e in again) == sorted(e.id for e in failed)
+
+
 def test_a_dead_dispatchers_messages_are_read_by_the_next(tmp_path: Path) -> None:
     with redis_server(tmp_path) as server:
         broker = redis.Redis(port=server.port)
