@@ -26,11 +26,22 @@ import redis
 from pydantic import ValidationError
 
 from dispatcher.bucket import StoredObject
-from schemas.errors import StaleStateError, StorageError
+from schemas.errors import ConfigError, StaleStateError, StorageError
 from schemas.messages import LEGACY_QUEUES, REPORTS_GROUP, REPORTS_STREAM, Report, reports_in
 
 log = logging.getLogger("kiln.dispatcher")
 PENDING_PAGE = 1000  # pending entries looked at per claim
+OLDEST_REDIS = (6, 2)  # XPENDING's IDLE filter; the workers' ACL selector (README) needs Redis 7
+
+
+def check_broker(broker: redis.Redis) -> None:
+    """Refuse a Redis too old for the reports stream, saying what to do. Raises redis' errors when it cannot ask."""
+    found: Any = broker.info("server")
+    version = str(found.get("redis_version", "0"))
+    if tuple(int(part) for part in version.split(".")[:2] if part.isdigit()) < OLDEST_REDIS:
+        raise ConfigError(f"KILN_BROKER_URL: this Redis is version {version}; Kiln needs Redis "
+                          f"{'.'.join(map(str, OLDEST_REDIS))} or later (7 or later for the workers' account rules "
+                          "in the README): upgrade it, e.g. the redis:7 image of compose.yaml")
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ CHECKS = 32  # uploads checked in the bucket at once (each a HEAD request)
 # scrape's.
 STORAGE_CONNECTIONS = CHECKS + 1
 CONNECTIONS = READERS + 4
+BROKER_WAIT_SECONDS = 5.0  # between tries to reach the broker at start
 SAID = 4  # reports named in a line about reports that wait
 STOP_SECONDS = 30.0  # how long a stopping dispatcher waits for the reports in hand to be recorded
 LEGACY_SECONDS = 60.0  # how often the queues older workers sent to are looked at (dispatcher.reports.LegacyQueues)
@@ -66,6 +67,14 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     policy = fleet.Policy.from_settings(settings)
     app = make_app(settings.broker_url)  # publishes render messages; consumes nothing
     broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
+    while True:  # a dispatcher may start before its Redis (compose, a reboot): it waits, saying so
+        try:
+            reports.check_broker(broker)
+            break
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("the broker (KILN_BROKER_URL) does not answer (%s); trying again in %g s", exc,
+                        BROKER_WAIT_SECONDS)
+            time.sleep(BROKER_WAIT_SECONDS)
     # The recorder waits on PostgreSQL for each statement; with Python's default switch interval, a thread whose
     # answer came waits up to 5 ms for the GIL behind busy threads, and the recorder's groups queue up behind it.
     sys.setswitchinterval(SWITCH_SECONDS)
@@ -98,11 +107,20 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
         except redis.RedisError as exc:  # read again later, and recorded again as no change
             log.warning("recorded reports not acknowledged (%s: %s)", type(exc).__name__, exc)
 
+    said: dict[str, float] = {}  # what reading the stream was refused with, and when that was said
+
     def read_forever() -> None:
         while not stopping.is_set():
             try:
                 entries = stream.read(READ_COUNT, READ_BLOCK_MS)
-            except redis.RedisError:  # the tick says so, once a second
+            except (redis.ConnectionError, redis.TimeoutError):  # the broker is away: the tick says so
+                stopping.wait(TICK_SECONDS)
+                continue
+            except redis.RedisError as exc:  # it answers, and refuses: say why (once a minute), and try again
+                if said.get(str(exc), 0.0) < time.monotonic() - 60:
+                    said[str(exc)] = time.monotonic()
+                    log.warning("cannot read the reports stream (%s: %s); check the dispatcher's Redis account",
+                                type(exc).__name__, exc)
                 stopping.wait(TICK_SECONDS)
                 continue
             if not entries:

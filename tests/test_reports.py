@@ -17,8 +17,8 @@ from prometheus_client import generate_latest
 from dispatcher import store
 from dispatcher.bucket import StoredObject
 from dispatcher.metrics import registry
-from dispatcher.reports import Entry, LegacyQueues, ReportStream, record
-from schemas.errors import StaleStateError, StorageError
+from dispatcher.reports import Entry, LegacyQueues, ReportStream, check_broker, record
+from schemas.errors import ConfigError, StaleStateError, StorageError
 from schemas.job import RenderResult
 from schemas.messages import LEGACY_QUEUES, REPORTS_GROUP, REPORTS_STREAM, Report
 from tests.services import redis_server
@@ -219,3 +219,14 @@ def test_the_report_messages_waiting_are_a_metric_and_a_broker_away_leaves_the_o
     assert "kiln_reports_waiting 7.0" in scraped and 'kiln_jobs{status="queued"} 0.0' in scraped
     scraped = generate_latest(registry(sessions, now, timedelta(seconds=60), away)).decode()
     assert "kiln_reports_waiting" not in scraped and 'kiln_jobs{status="queued"} 0.0' in scraped
+
+
+def test_a_redis_too_old_for_the_stream_is_refused_saying_what_to_do(tmp_path: Path) -> None:
+    class Old:
+        def info(self, section: str) -> dict[str, str]:
+            return {"redis_version": "6.0.16"}
+
+    with pytest.raises(ConfigError, match=r"version 6\.0\.16; Kiln needs Redis 6\.2 or later .* upgrade it"):
+        check_broker(Old())  # type: ignore[arg-type]
+    with redis_server(tmp_path) as server:
+        check_broker(redis.Redis(port=server.port))  # this machine's Redis 7
