@@ -250,11 +250,11 @@ def _next_jobs(session: Session, queue: str, now: datetime, limit: int, warm: Co
 
 
 Checked = dict[tuple[str, int], StoredObject | None]  # what the bucket holds for each (job id, attempt)
+Uploads = dict[tuple[str, int], StoredObject | None | StorageError]  # the same, or why storage could not say
 
 
 def check_uploads(sessions: sessionmaker[Session], reports: list[Report], now: datetime, bucket: Bucket,
-                  each: Callable[..., Iterable[Any]] = map
-                  ) -> dict[tuple[str, int], StoredObject | None | StorageError]:
+                  each: Callable[..., Iterable[Any]] = map) -> Uploads:
     """What the bucket holds at the output key of each finished report's job, by (job id, attempt): the jobs are
     touched first (one transaction), and their uploads checked outside any transaction, so a slow storage answer
     holds no row lock and the reaper leaves the jobs be meanwhile. `each` maps the checks (a thread pool's `map`

@@ -26,6 +26,7 @@ import redis
 from pydantic import ValidationError
 
 from dispatcher.bucket import StoredObject
+from dispatcher.fleet import Uploads
 from schemas.errors import ConfigError, StaleStateError, StorageError
 from schemas.messages import LEGACY_QUEUES, REPORTS_GROUP, REPORTS_STREAM, Report, reports_in
 
@@ -154,10 +155,8 @@ class ReportStream:
         return entries
 
 
-Check = Callable[[list[Report]], dict[tuple[str, int], StoredObject | None | StorageError]]
-
-
-def record(entries: list[Entry], check: Check, submit: Callable[[Report, StoredObject | None], Future[str]],
+def record(entries: list[Entry], check: Callable[[list[Report]], Uploads],
+           submit: Callable[[Report, StoredObject | None], Future[str]],
            away: tuple[type[Exception], ...]) -> tuple[list[str], dict[str, Exception]]:
     """Record a read's report messages: their uploads checked at once (`check`: what the bucket holds for each
     finished report's job, or the StorageError that kept it from saying; dispatcher.fleet.check_uploads), their
@@ -171,6 +170,7 @@ def record(entries: list[Entry], check: Check, submit: Callable[[Report, StoredO
             log.error("dropped a malformed report message (stream entry %s): %s", entry.id, entry.problem)
             recorded.append(entry.id)
     entries = [entry for entry in entries if not entry.problem]
+    waits: tuple[type[Exception], ...] = (StorageError, *away)  # what a message is recorded later for
     later: dict[str, Exception] = {}
     try:
         stored = check([report for entry in entries for report in entry.reports])
@@ -193,10 +193,7 @@ def record(entries: list[Entry], check: Check, submit: Callable[[Report, StoredO
                 outcome = answer.result()
             except StaleStateError as exc:  # lost a race with the reaper: the job is someone else's now
                 outcome = f"stale ({exc})"
-            except StorageError as exc:
-                later.setdefault(entry.id, exc)
-                continue
-            except away as exc:
+            except waits as exc:
                 later.setdefault(entry.id, exc)
                 continue
             except Exception:  # a report Kiln cannot record, whatever is tried: said, and not tried again
