@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import shlex
-import signal
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +20,7 @@ from rich.table import Table
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dispatcher import exporter, store, usecases
+from dispatcher import exporter, interrupts, store, usecases
 from dispatcher.bucket import Bucket
 from schemas.errors import ConfigError, KilnError, ManifestError
 from schemas.job import JobSpec, JobStatus, RenderResult
@@ -172,8 +171,7 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
     settings = load_settings(**{k: params.get(k) for k in
                                 ("database_url", "storage_url", "device", "batch_size", "vram", "cache_dir",
                                  *CAPS)})
-    # `docker stop`, systemd and `kill` send SIGTERM: stop like Ctrl-C, putting the jobs in hand back.
-    signal.signal(signal.SIGTERM, _interrupt)
+    interrupts.stop_on_signals()  # Ctrl-C or SIGTERM: the jobs in hand go back to the queue
     progress = Progress(TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                         TimeRemainingColumn(), console=err, disable=as_json, transient=False)
     task = progress.add_task("render", total=None, start=False)
@@ -215,10 +213,6 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
 def _stop(progress: Progress) -> None:
     if progress.live.is_started:
         progress.stop()
-
-
-def _interrupt(_signum: int, _frame: Any) -> None:
-    raise KeyboardInterrupt
 
 
 def _print_summary(report: usecases.Rendered) -> None:

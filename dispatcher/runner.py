@@ -14,6 +14,7 @@ from importlib.metadata import entry_points
 from sqlalchemy.orm import Session, sessionmaker
 
 from dispatcher import lifecycle, store
+from dispatcher.interrupts import transaction
 from dispatcher.lifecycle import Fault, RetryPolicy
 from schemas.errors import ConfigError, StaleStateError
 from schemas.job import JobSpec, JobStatus, RenderResult
@@ -103,13 +104,13 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
     them up. `on_result` hears each attempt with the job's new status."""
     summary = RunSummary()
     started, loading = time.perf_counter(), renderer.loading_seconds
-    with sessions.begin() as session:
+    with transaction(sessions) as session:
         store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
     storing: tuple[list[JobSpec], Future[list[RenderResult]]] | None = None  # rendered, being stored
     jobs: list[JobSpec] = []
 
     def record(jobs: list[JobSpec], results: list[RenderResult]) -> None:
-        with sessions.begin() as session:
+        with transaction(sessions) as session:
             outcomes = [store.record_result(session, job, result, clock(), policy)[0]
                         for job, result in zip(jobs, results, strict=True)]
             store.see_worker(session, renderer.worker, renderer.device_name, renderer.vram_mb, clock())
@@ -125,7 +126,7 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
 
     try:
         while True:
-            with sessions.begin() as session:
+            with transaction(sessions) as session:
                 jobs = store.claim(session, renderer.worker, clock(), LEASE, batch_id=batch_id, limit=batch_size,
                                    prefer_model=renderer.loaded_model, prefer_shape=renderer.warm_shape,
                                    skip_models=summary.unserved)
@@ -150,7 +151,7 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
     except BaseException:  # Ctrl-C or SIGTERM anywhere from the claim on: the jobs in hand go back
         _release(sessions, jobs + (storing[0] if storing else []), clock)
         raise
-    with sessions.begin() as session:  # what is left: a model this machine cannot load, or the batch was paused
+    with transaction(sessions) as session:  # what is left: a model this machine cannot load, or the batch was paused
         summary.left = store.batch_counts(session, batch_id)["queued"]
     summary.seconds = time.perf_counter() - started
     summary.loading = renderer.loading_seconds - loading
@@ -158,7 +159,7 @@ def run_batch(sessions: sessionmaker[Session], renderer: Renderer, batch_id: str
 
 
 def _release(sessions: sessionmaker[Session], jobs: list[JobSpec], clock: Clock) -> None:
-    with sessions.begin() as session:
+    with transaction(sessions) as session:
         for job in jobs:
             try:
                 with session.begin_nested():
