@@ -109,7 +109,7 @@ def fifo(jobs: list[tuple[str, int]], workers: list[Worker]) -> tuple[float, Cou
     return run(workers, take, lambda job: queue.insert(0, job))
 
 
-def run(workers: list[Worker], take, give_back) -> tuple[float, Counter[str]]:  # type: ignore[no-untyped-def]
+def run(workers: list[Worker], take, give_back) -> tuple[float, Counter[str]]:
     """Events in time order: a worker joins or frees up and takes its next job (loading its model if another is
     loaded); a switched-off worker's job comes back after the worker timeout. Returns (makespan, jobs done per
     worker)."""

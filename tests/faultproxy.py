@@ -88,7 +88,7 @@ class S3FaultProxy:
         self.rules: list[_Every] = []
         self.injected: Counter[str] = Counter()
         self.lock = threading.Lock()
-        self.server: ThreadingHTTPServer | None = None
+        self.server: _Server | None = None
         self.start()
 
     def start(self) -> None:

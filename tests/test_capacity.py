@@ -131,7 +131,7 @@ def test_workers_consume_the_classes_their_card_covers_biggest_first(card: Card,
 
 def test_the_queue_choice_and_the_loader_agree_on_every_card() -> None:
     """Whatever job the dispatcher puts in a queue, every worker that consumes that queue has a plan for it."""
-    cards = [Card(kind, gib / 4, fp8)  # type: ignore[arg-type]
+    cards = [Card(kind, gib / 4, fp8)
              for kind in ("cuda", "mps", "cpu") for gib in range(16, 400, 3) for fp8 in (False, True)
              if not (fp8 and kind != "cuda")]
     shapes = [Shape.of(w, h, batch, refs) for w in (256, 512, 768, 1024) for h in (512, 1024)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def sql(db: Path, query: str) -> list[tuple[object, ...]]:
+def sql(db: Path, query: str) -> list[tuple[Any, ...]]:
     with sqlite3.connect(db) as conn:
         return conn.execute(query).fetchall()
 

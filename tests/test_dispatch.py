@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from sqlalchemy import event, func, select, update
 
 from dispatcher import fleet, store, usecases
-from dispatcher.bucket import Bucket
+from dispatcher.bucket import Bucket, StoredObject
 from dispatcher.expand import Options, expand
 from dispatcher.reader import parse_manifest
 from dispatcher.recorder import GroupRecorder
@@ -83,7 +83,7 @@ class Broker:
         return RenderMessage.model_validate(payload)
 
 
-def setup(database_url: str, rows: str, batch: str = "b1", priority: int = 0, paused: bool = False):  # type: ignore[no-untyped-def]
+def setup(database_url: str, rows: str, batch: str = "b1", priority: int = 0, paused: bool = False):
     sessions = store.open_database(database_url)
     expansion = expand(parse_manifest(rows.encode(), "m.csv"), Options(batch=batch, base_dir=Path.cwd(),
                                                                        non_commercial=True))
@@ -93,12 +93,12 @@ def setup(database_url: str, rows: str, batch: str = "b1", priority: int = 0, pa
     return sessions
 
 
-def feed(sessions, bucket: Bucket, broker: Broker, now: datetime = T0) -> int:  # type: ignore[no-untyped-def]
+def feed(sessions, bucket: Bucket, broker: Broker, now: datetime = T0) -> int:
     with sessions.begin() as s:
         return fleet.feed(s, now, POLICY, bucket, broker.publish, lambda q: broker.depth.get(q, 0))
 
 
-def report(sessions, bucket: Bucket, message: Report, now: datetime = T0) -> str:  # type: ignore[no-untyped-def]
+def report(sessions, bucket: Bucket, message: Report, now: datetime = T0) -> str:
     return fleet.receive_report(sessions, message, lambda: now, POLICY, bucket)
 
 
@@ -118,7 +118,7 @@ def failed(task: RenderTask, worker: str, kind: str) -> Report:
         error_kind=kind))
 
 
-def started(database_url: str, bucket: Bucket):  # type: ignore[no-untyped-def]
+def started(database_url: str, bucket: Bucket):
     """A one-job batch whose job worker w1 has taken and started: (sessions, its render message)."""
     sessions = setup(database_url, "id,prompt\na,x\n")
     broker = Broker()
@@ -128,9 +128,9 @@ def started(database_url: str, bucket: Bucket):  # type: ignore[no-untyped-def]
     return sessions, task
 
 
-def job_row(sessions, job_id: str) -> Job:  # type: ignore[no-untyped-def]
+def job_row(sessions, job_id: str) -> Job:
     with sessions.begin() as s:
-        return s.get(Job, job_id)  # type: ignore[return-value]
+        return s.get(Job, job_id)
 
 
 def test_queues_are_fed_up_to_the_backlog_by_fit(database_url: str, bucket: Bucket) -> None:
@@ -392,7 +392,7 @@ def test_jobs_of_silent_workers_go_back_to_the_queue(database_url: str, bucket: 
     assert statuses == ["lost", "succeeded"]
 
 
-def feeder(sessions, bucket: Bucket, broker: Broker) -> Callable[..., int]:  # type: ignore[no-untyped-def]
+def feeder(sessions, bucket: Bucket, broker: Broker) -> Callable[..., int]:
     """fed(later, queues=None): feed at T0 + later as the dispatcher's loop does, remembering across feeds which
     queues it saw empty."""
     empty_since: dict[str, datetime] = {}
@@ -435,7 +435,7 @@ def test_a_queue_emptied_by_a_worker_whose_started_report_comes_late_is_not_publ
     assert fed(timedelta(seconds=76)) == 0 and broker.sent == []
 
 
-def batched(sessions, bucket: Bucket, broker: Broker, jobs: int, now: datetime = T0) -> list[list[str]]:  # type: ignore[no-untyped-def]
+def batched(sessions, bucket: Bucket, broker: Broker, jobs: int, now: datetime = T0) -> list[list[str]]:
     """Feed with KILN_BATCH_SIZE=`jobs`: the row ids of each message published."""
     with sessions.begin() as s:
         fleet.feed(s, now, replace(POLICY, message_jobs=jobs), bucket, broker.publish, lambda q: broker.depth.get(q, 0))
@@ -488,7 +488,7 @@ def test_a_worker_holding_several_jobs_keeps_each_one_its_heartbeats_name(databa
 
 
 @contextmanager
-def statements_of(sessions) -> Iterator[list[str]]:  # type: ignore[no-untyped-def]
+def statements_of(sessions) -> Iterator[list[str]]:
     """The first word of each statement the database is sent meanwhile."""
     statements: list[str] = []
     engine = sessions.kw["bind"]
@@ -507,7 +507,8 @@ def test_a_group_of_reports_is_recorded_in_a_few_statements_for_all(database_url
     tasks = broker.take_message().tasks
     with statements_of(sessions) as statements:
         with sessions.begin() as s:
-            started = [(Report(kind="started", job_id=t.job.job_id, attempt=1, worker="w1"), None) for t in tasks]
+            started: list[tuple[Report, StoredObject | None]] = [
+                (Report(kind="started", job_id=t.job.job_id, attempt=1, worker="w1"), None) for t in tasks]
             assert fleet.record_reports(s, started, T0, POLICY, bucket) == ["started"] * 8
         assert statements[-3:] == ["SELECT", "UPDATE", "INSERT"]  # locked, moved, attempts begun: for all eight
         statements.clear()

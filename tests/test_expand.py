@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from dispatcher.reader import parse_manifest, read_manifest
 from schemas.errors import ManifestError
 
 
-def jobs_of(data: str, name: str = "m.csv", **options: object):  # type: ignore[no-untyped-def]
+def jobs_of(data: str, name: str = "m.csv", **options: object):
     opts = Options(batch="cat", base_dir=Path.cwd(), **options)  # type: ignore[arg-type]
     return expand(parse_manifest(data.encode(), name), opts)
 
@@ -164,7 +165,7 @@ def test_every_problem_is_reported_at_once_and_repeats_are_folded() -> None:
     ("prompt,reference\nx,missing.png\n", {}, "'missing.png' does not exist (paths are relative to the manifest)"),
     ("prompt,reference\nx,doc.pdf\n", {}, "is not a .png, .jpg, .jpeg, .webp image"),
 ])
-def test_bad_rows_are_rejected_with_row_column_and_what_is_allowed(data: str, options: dict[str, object],
+def test_bad_rows_are_rejected_with_row_column_and_what_is_allowed(data: str, options: dict[str, Any],
                                                                    expected: str) -> None:
     assert expected in rejection(data, **options)
 

@@ -160,7 +160,7 @@ def test_pickled_and_malformed_messages_are_refused_never_executed(fleet: Fleet,
     marker = tmp_path / "pwned"
 
     class Exploit:
-        def __reduce__(self):  # type: ignore[no-untyped-def]
+        def __reduce__(self):
             import os
             return (os.system, (f"touch {marker}",))
 
@@ -245,7 +245,7 @@ def test_a_storage_outage_longer_than_the_upload_budget_fails_attempts_that_retr
     assert fleet.check()["succeeded"] == 10
     with fleet.engine.connect() as conn:
         errors = list(conn.scalars(select(Attempt.error).where(Attempt.status == "failed")))
-    assert errors and all("could not upload" in e for e in errors), errors
+    assert errors and all(e and "could not upload" in e for e in errors), errors
     log = (fleet.tmp / "dispatcher.log").read_text()
     assert "storage unreachable" in log and "holding new render messages" in log and "reachable again" in log
 

@@ -20,7 +20,7 @@ def test_csv_with_bom_crlf_and_quoted_commas_quotes_and_newlines() -> None:
         {"id": "b", "Title": "Two\r\nlines", "prompt": "plain"},
     ]
     assert [(r.number, r.line) for r in raw.records] == [(1, 2), (2, 3)]
-    assert raw.records[1].where == "c.csv line 3"
+    assert list(raw.records)[1].where == "c.csv line 3"
 
 
 def test_line_numbers_follow_multiline_records_and_skip_blank_rows() -> None:
@@ -36,11 +36,11 @@ def test_tsv_by_extension_and_by_content(tmp_path: Path) -> None:
 
 
 def test_json_list_document_and_jsonl() -> None:
-    assert parse_manifest(b'[{"prompt": "x"}]', "m.json").records[0].where == "m.json [0]"
+    assert next(iter(parse_manifest(b'[{"prompt": "x"}]', "m.json").records)).where == "m.json [0]"
     doc = parse_manifest(b'{"items": [{"id": "a"}], "defaults": {"steps": 4}, "prompt": "p {id}",'
                          b' "matrix": {"bg": ["white", "grey"]}}', "m.json")
     assert (doc.defaults, doc.prompt, doc.matrix) == ({"steps": 4}, "p {id}", {"bg": ["white", "grey"]})
-    assert doc.records[0].where == "m.json items[0]"
+    assert next(iter(doc.records)).where == "m.json items[0]"
     lines = parse_manifest(b'{"prompt": "a"}\n\n{"prompt": "b"}\n', "m.jsonl")
     assert lines.format == "jsonl"
     assert [r.where for r in lines.records] == ["m.jsonl line 1", "m.jsonl line 3"]

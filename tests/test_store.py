@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -28,17 +29,17 @@ LEASE = timedelta(minutes=10)
 POLICY = RetryPolicy(max_attempts=3, retry_base=timedelta(seconds=10), spread=1)
 
 
-def expansion(rows: str = "id,prompt\na,x\nb,y\nc,z\n"):  # type: ignore[no-untyped-def]
+def expansion(rows: str = "id,prompt\na,x\nb,y\nc,z\n"):
     return expand(parse_manifest(rows.encode(), "m.csv"), Options(batch="b", base_dir=Path.cwd(), model="tiny"))
 
 
-def record(sessions, batch_id: str = "b1", rows: str = "id,prompt\na,x\nb,y\nc,z\n"):  # type: ignore[no-untyped-def]
+def record(sessions, batch_id: str = "b1", rows: str = "id,prompt\na,x\nb,y\nc,z\n"):
     with sessions.begin() as s:
         return store.record_batch(s, Batch(id=batch_id, name="b", manifest="m.csv", manifest_sha256="0" * 64,
                                            created_at=T0), expansion(rows), T0)
 
 
-def ok(spec, worker: str = "w1") -> RenderResult:  # type: ignore[no-untyped-def]
+def ok(spec, worker: str = "w1") -> RenderResult:
     return RenderResult(job_id=spec.job_id, attempt=spec.attempt, ok=True, worker=worker, seconds=0.5,
                         uri=f"file:///out/{spec.output_key}", sha256="a" * 64, bytes=10)
 
@@ -68,7 +69,7 @@ def test_recording_is_idempotent_and_resubmission_only_queues_what_is_missing(da
         assert s.scalar(select(Job.error).where(Job.id == spec2.job_id)) is None
 
 
-def failed(spec, kind: str, worker: str = "w1") -> RenderResult:  # type: ignore[no-untyped-def]
+def failed(spec, kind: str, worker: str = "w1") -> RenderResult:
     return RenderResult(job_id=spec.job_id, attempt=spec.attempt, ok=False, worker=worker, seconds=1,
                         error=f"{kind} trouble", error_kind=kind)
 
@@ -169,7 +170,7 @@ def test_a_claim_of_the_warm_shape_reads_its_order_from_an_index(database_url: s
     as costly as the database allows, so a plan that needs one shows it even on a small table."""
     sessions = store.open_database(database_url)
     record(sessions, rows="id,prompt\na,x\nb,y\nc,z\n")
-    statements: list[tuple[str, object]] = []
+    statements: list[tuple[str, Any]] = []
     with sessions.begin() as s:
         [first] = store.claim(s, "w1", T0, LEASE, batch_id="b1")
         engine = s.get_bind()

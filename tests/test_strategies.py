@@ -70,7 +70,11 @@ def forwards() -> Iterator[Any]:
         made.append(Forwards(r))
         return made[-1]
 
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: [f(m, a) for f in made] and None)
+    def hook(module: Any, args: Any) -> None:
+        for forwards in made:
+            forwards(module, args)
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(hook)
     yield watch
     handle.remove()
 

@@ -21,7 +21,7 @@ T0 = datetime(2026, 1, 1, 20, 0, 0)
 TIMEOUT = timedelta(seconds=60)
 
 
-def record(sessions, rows: str, batch_id: str = "b1", **batch: object) -> list[str]:  # type: ignore[no-untyped-def]
+def record(sessions, rows: str, batch_id: str = "b1", **batch: object) -> list[str]:
     """Record a one-batch manifest (batch b1); its job ids."""
     expansion = expand(parse_manifest(rows.encode(), "m.csv"), Options(batch="b", base_dir=Path.cwd(),
                                                                        non_commercial=True))
@@ -96,13 +96,15 @@ def test_retry_queues_failures_again_in_the_same_batch_or_as_new_jobs_that_name_
             s.execute(update(Job).where(Job.id == job).values(status=status, attempts=3, error="boom"))
     with sessions.begin() as s:
         assert usecases.retry(s, "b1", [JobStatus.DEAD], {}, T0) == usecases.Retried("b1", 1, 0)
-        assert (s.get(Job, b).status, s.get(Job, b).budget_from, s.get(Job, b).error) == (JobStatus.QUEUED, 3, None)
+        again = s.get(Job, b)
+        assert again and (again.status, again.budget_from, again.error) == (JobStatus.QUEUED, 3, None)
         done = usecases.retry(s, "b1", [JobStatus.FAILED, JobStatus.DEAD], {"steps": "8", "guidance": "2.5"}, T0)
         assert done == usecases.Retried("b1", 0, 1)
         [new] = s.scalars(select(Job).where(Job.retry_of == a)).all()
         assert (new.steps, new.guidance, new.status, new.output_key) == (8, 2.5, JobStatus.QUEUED, "b/a.png")
         assert set(s.scalars(select(BatchJob.job_id).where(BatchJob.batch_id == "b1"))) == {new.id, b, c}
-        assert s.get(Job, a).status is JobStatus.FAILED  # the old job and its history stay
+        old = s.get(Job, a)
+        assert old and old.status is JobStatus.FAILED  # the old job and its history stay
         assert store.batch_counts(s, "b1")["queued"] == 2
         with pytest.raises(ConfigError, match="--set steps=0: must be a whole number from 1 to 100"):
             usecases.retry(s, "b1", [JobStatus.FAILED], {"steps": "0"}, T0)

@@ -85,7 +85,12 @@ def test_the_writer_runs_hand_offs_in_order_and_drains() -> None:
     writer = Writer()
     release = threading.Event()
     order: list[int] = []
-    first = writer.submit(lambda: (release.wait(10), order.append(1)))
+
+    def slow() -> None:
+        release.wait(10)
+        order.append(1)
+
+    first = writer.submit(slow)
     assert not writer.drain(0.05)
     release.set()
     second = writer.submit(lambda: order.append(2))  # waits for the first, then runs
