@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import redis
+from celery import Celery
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -67,174 +68,16 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     policy = fleet.Policy.from_settings(settings)
     app = make_app(settings.broker_url)  # publishes render messages; consumes nothing
     broker = redis.Redis.from_url(settings.broker_url, socket_timeout=10)
-    while True:  # a dispatcher may start before its Redis (compose, a reboot): it waits, saying so
-        try:
-            reports.check_broker(broker)
-            break
-        except (redis.ConnectionError, redis.TimeoutError) as exc:
-            log.warning("the broker (KILN_BROKER_URL) does not answer (%s); trying again in %g s", exc,
-                        BROKER_WAIT_SECONDS)
-            time.sleep(BROKER_WAIT_SECONDS)
+    _wait_for(broker)
     # The recorder waits on PostgreSQL for each statement; with Python's default switch interval, a thread whose
     # answer came waits up to 5 ms for the GIL behind busy threads, and the recorder's groups queue up behind it.
     sys.setswitchinterval(SWITCH_SECONDS)
-    recorder = GroupRecorder[tuple[Report, StoredObject | None]](
-        sessions, lambda session, items: fleet.record_reports(session, items, clock(), policy, bucket),
-        away=DATABASE_AWAY, order=lambda item: item[0].job_id).start()  # jobs' rows locked in id order, as reap
-
-    stream = ReportStream(broker, f"kiln-dispatcher@{socket.gethostname()}", REPORT_RETRY_SECONDS, REPORT_RETRIES)
-    checking = ThreadPoolExecutor(CHECKS, thread_name_prefix="kiln-check")  # a read's uploads checked at once
     stopping = threading.Event()
-
-    def record(entries: list[Entry]) -> None:
-        """Record a read's report messages (dispatcher.reports.record); acknowledge those recorded, and leave the
-        others to be read again."""
-        recorded, later = reports.record(
-            entries, lambda found: fleet.check_uploads(sessions, found, clock(), bucket, checking.map),
-            lambda report, stored: recorder.submit((report, stored)), DATABASE_AWAY)
-        if later:
-            # Storage cannot verify an upload, or the database is away: the messages wait in the stream, their
-            # finished jobs touched so the reaper leaves them be, and are read again (those of their reports
-            # recorded already are recorded again as no change: each is a compare-and-set). One line a read.
-            waiting = [r for entry in entries if entry.id in later for r in entry.reports]
-            log.warning("%s%s: cannot record the report%s yet (%s); again in %g s", ", ".join(
-                f"job {r.job_id} attempt {r.attempt}" for r in waiting[:SAID]),
-                f" and {len(waiting) - SAID} more" if len(waiting) > SAID else "", "s" * (len(waiting) > 1),
-                _why(next(iter(later.values()))), REPORT_RETRY_SECONDS)
-        stream.again(list(later))
-        try:
-            stream.done(recorded)
-        except redis.RedisError as exc:  # read again later, and recorded again as no change
-            log.warning("recorded reports not acknowledged (%s: %s)", type(exc).__name__, exc)
-
-    said: dict[str, float] = {}  # what reading the stream was refused with, and when that was said
-
-    def read_forever() -> None:
-        while not stopping.is_set():
-            try:
-                entries = stream.read(READ_COUNT, READ_BLOCK_MS)
-            except (redis.ConnectionError, redis.TimeoutError):  # the broker is away: the tick says so
-                stopping.wait(TICK_SECONDS)
-                continue
-            except redis.RedisError as exc:  # it answers, and refuses: say why (once a minute), and try again
-                if said.get(str(exc), 0.0) < time.monotonic() - 60:
-                    said[str(exc)] = time.monotonic()
-                    log.warning("cannot read the reports stream (%s: %s); check the dispatcher's Redis account",
-                                type(exc).__name__, exc)
-                stopping.wait(TICK_SECONDS)
-                continue
-            if not entries:
-                continue
-            try:
-                record(entries)
-            except Exception:  # something unforeseen: said, and the messages read again later
-                log.exception("recording report messages failed; they are read again in %g s", REPORT_RETRY_SECONDS)
-                stream.again([entry.id for entry in entries])
-            taken.set()  # workers took messages (or are done with them): their queues have room, top them up
-
-    def publish(queue: str, payload: dict[str, Any]) -> None:
-        # The message expires with its TTL; the feeder republishes from the database after that.
-        # argsrepr: logs, events and Flower show the job, never the signed upload URL (a credential)
-        jobs = ", ".join(f"{t['job']['job_id']} attempt {t['job']['attempt']}" for t in payload["tasks"])
-        app.send_task(RENDER_TASK, args=[payload], queue=queue, expires=settings.message_ttl_seconds,
-                      argsrepr=f"job{'s' if len(payload['tasks']) > 1 else ''} {jobs}")
-
-    def depth(queue: str) -> int:
-        return int(broker.llen(queue))
-
-    # An unwanted mark outlives every message it can concern: one taken at the end of its TTL, then rendered.
-    unwanted_seconds = int(settings.message_ttl_seconds + settings.job_time_limit_seconds
-                           + settings.worker_timeout_seconds)
-
-    def mark(key: str) -> None:
-        broker.set(key, "1", ex=unwanted_seconds)
-
-    def tell_waiting(counts: dict[str, int]) -> None:
-        """How many jobs each queue has waiting, for workers deciding whether to keep their model."""
-        pipe = broker.pipeline(transaction=False)
-        for queue, count in counts.items():
-            pipe.set(waiting_key(queue), count, ex=WAITING_SECONDS)
-        pipe.execute()
-
-    taken = threading.Event()
-
-    def bookkeeping() -> None:
-        """Every tick: give back silent workers' jobs, withdraw unwanted messages, top the queues up, publish the
-        waiting counts and finish batches. Between ticks, whenever reports come in: top the queues up, so a
-        worker faster than a tick's backlog never waits for the next message."""
-        gate = StorageGate(bucket)
-        chores_at = sheets_at = time.monotonic()
-        outlook = fleet.Outlook([], Counter(), {})  # the queues and their consumers, as the last tick found them
-        empty_since: dict[str, datetime] = {}  # fleet.feed's memory of queues seen empty
-        heartbeats = HeartbeatStream(broker, policy.worker_timeout)
-        legacy = LegacyQueues(broker, LEGACY_SECONDS)
-        while True:
-            if taken.wait(max(chores_at - time.monotonic(), 0)):
-                taken.clear()
-                if time.monotonic() < chores_at:
-                    try:
-                        if gate.open():
-                            with sessions.begin() as session:
-                                fleet.top_up(session, clock(), policy, bucket, publish, outlook)
-                    except Exception as exc:  # the tick's full pass says more
-                        log.debug("top-up failed: %s", exc)
-                    time.sleep(FEED_GAP_SECONDS)
-                    continue
-            chores_at = time.monotonic() + TICK_SECONDS
-            try:
-                # The heartbeats first, then the reaper: it judges each worker by its latest, and by heartbeats
-                # at all only once it has heard them for a worker timeout without a break. While the broker cannot
-                # be read, nothing is reaped, and the tick is tried again.
-                beats = heartbeats.latest(clock())
-                with sessions.begin() as session:
-                    fleet.record_heartbeats(session, beats)
-                heartbeats.recorded()
-                with sessions.begin() as session:
-                    reaped = fleet.reap(session, clock(), policy, heartbeats.heard_since)
-                with sessions.begin() as session:
-                    withdrawn = fleet.withdraw(session, mark)
-                if withdrawn:
-                    log.info("told workers %d published jobs are no longer wanted (cancelled or paused)", withdrawn)
-                published = 0
-                if gate.open():
-                    with sessions.begin() as session:
-                        outlook = fleet.look(session, clock(), policy)
-                        published = fleet.feed(session, clock(), policy, bucket, publish, depth, outlook, empty_since)
-                with sessions.begin() as session:
-                    counts = fleet.waiting(session, clock())
-                tell_waiting(counts)
-                with sessions.begin() as session:
-                    store.finish_batches(session, clock())
-                legacy.clear()
-                if time.monotonic() >= sheets_at:
-                    sheets_at = time.monotonic() + SHEETS_EVERY_SECONDS
-                    try:
-                        usecases.share_models(bucket, broker)
-                    except StorageError as exc:
-                        log.warning("cannot renew the sheets of pushed models (%s); trying again later", exc)
-                if reaped or published:
-                    log.info("published %d jobs, gave back %d jobs of silent workers", published, reaped)
-            except DATABASE_AWAY as exc:
-                log.warning("bookkeeping: the database is away (%s); retrying", _why(exc))
-            except redis.RedisError as exc:
-                log.warning("bookkeeping: the broker is away (%s: %s); nothing is published or taken back until it "
-                            "answers; check KILN_BROKER_URL and that Redis runs", type(exc).__name__, exc)
-            except Exception:  # something unforeseen: say so and try again next tick
-                log.exception("bookkeeping failed; retrying")
-
-    def deliver_forever(url: str, secret: str) -> None:
-        while True:
-            try:
-                webhooks.deliver(sessions, url, secret, clock())
-            except DATABASE_AWAY as exc:
-                log.warning("webhooks: the database is away (%s); retrying", _why(exc))
-            except Exception:
-                log.exception("webhook delivery failed; retrying")
-            time.sleep(TICK_SECONDS)
-
-    threading.Thread(target=bookkeeping, name="kiln-bookkeeping", daemon=True).start()
+    bookkeeping = Bookkeeping(settings, sessions, clock, policy, bucket, broker, app)
+    reader = ReportReader(sessions, clock, policy, bucket, broker, stopping, bookkeeping.taken)
+    threading.Thread(target=bookkeeping.run, name="kiln-bookkeeping", daemon=True).start()
     if settings.webhook_url and settings.webhook_secret:
-        threading.Thread(target=deliver_forever, args=(settings.webhook_url, settings.webhook_secret),
+        threading.Thread(target=_deliver_forever, args=(sessions, clock, settings.webhook_url, settings.webhook_secret),
                          name="kiln-webhooks", daemon=True).start()
     if settings.metrics_port:
         from prometheus_client import start_http_server
@@ -245,12 +88,12 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
             sessions, clock, timedelta(seconds=settings.worker_timeout_seconds),
             lambda: int(broker.xlen(REPORTS_STREAM))))
         log.info("Prometheus metrics on http://0.0.0.0:%d/metrics", settings.metrics_port)
-    stream.join()
+    reader.stream.join()
     # Several readers: a read waiting on a slow storage answer must not hold up the next reports.
-    readers = [threading.Thread(target=read_forever, name=f"kiln-reports-{n}", daemon=True) for n in range(READERS)]
-    for reader in readers:
-        reader.start()
-    log.info("dispatcher ready: reading reports from %s as %s", REPORTS_STREAM, stream.consumer)
+    readers = [threading.Thread(target=reader.run, name=f"kiln-reports-{n}", daemon=True) for n in range(READERS)]
+    for thread in readers:
+        thread.start()
+    log.info("dispatcher ready: reading reports from %s as %s", REPORTS_STREAM, reader.stream.consumer)
     signal.signal(signal.SIGTERM, lambda *_: stopping.set())
     try:
         while not stopping.wait(TICK_SECONDS):
@@ -258,9 +101,209 @@ def serve(settings: KilnSettings, sessions: sessionmaker[Session], clock: Callab
     except KeyboardInterrupt:
         stopping.set()
     # Stopped: the reads in hand are recorded first (what is left is read again by the next dispatcher).
-    for reader in readers:
-        reader.join(STOP_SECONDS)
+    for thread in readers:
+        thread.join(STOP_SECONDS)
     log.info("dispatcher stopped")
+
+
+def _wait_for(broker: redis.Redis) -> None:
+    """A dispatcher may start before its Redis (compose, a reboot): it waits, saying so."""
+    while True:
+        try:
+            reports.check_broker(broker)
+            return
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            log.warning("the broker (KILN_BROKER_URL) does not answer (%s); trying again in %g s", exc,
+                        BROKER_WAIT_SECONDS)
+            time.sleep(BROKER_WAIT_SECONDS)
+
+
+class ReportReader:
+    """Reads the workers' report messages from their stream (several threads run `run`), checks a read's uploads
+    at once, records its reports through one group recorder, and acknowledges each message once all its reports
+    are committed. `taken` hears every read: workers took messages, so their queues have room."""
+
+    def __init__(self, sessions: sessionmaker[Session], clock: Callable[[], datetime], policy: fleet.Policy,
+                 bucket: Bucket, broker: redis.Redis, stopping: threading.Event, taken: threading.Event) -> None:
+        self.sessions, self.clock, self.bucket, self.stopping, self.taken = sessions, clock, bucket, stopping, taken
+        self.recorder = GroupRecorder[tuple[Report, StoredObject | None]](
+            sessions, lambda session, items: fleet.record_reports(session, items, clock(), policy, bucket),
+            away=DATABASE_AWAY, order=lambda item: item[0].job_id).start()  # rows locked in id order, as reap
+        self.stream = ReportStream(broker, f"kiln-dispatcher@{socket.gethostname()}", REPORT_RETRY_SECONDS,
+                                   REPORT_RETRIES)
+        self.checking = ThreadPoolExecutor(CHECKS, thread_name_prefix="kiln-check")  # a read's uploads at once
+        self.said: dict[str, float] = {}  # what reading the stream was refused with, and when that was said
+
+    def run(self) -> None:
+        """Read and record until stopping; a broker away or refusing is waited out."""
+        while not self.stopping.is_set():
+            try:
+                entries = self.stream.read(READ_COUNT, READ_BLOCK_MS)
+            except (redis.ConnectionError, redis.TimeoutError):  # the broker is away: the tick says so
+                self.stopping.wait(TICK_SECONDS)
+                continue
+            except redis.RedisError as exc:  # it answers, and refuses: say why (once a minute), and try again
+                if self.said.get(str(exc), 0.0) < time.monotonic() - 60:
+                    self.said[str(exc)] = time.monotonic()
+                    log.warning("cannot read the reports stream (%s: %s); check the dispatcher's Redis account",
+                                type(exc).__name__, exc)
+                self.stopping.wait(TICK_SECONDS)
+                continue
+            if not entries:
+                continue
+            try:
+                self.record(entries)
+            except Exception:  # something unforeseen: said, and the messages read again later
+                log.exception("recording report messages failed; they are read again in %g s", REPORT_RETRY_SECONDS)
+                self.stream.again([entry.id for entry in entries])
+            self.taken.set()
+
+    def record(self, entries: list[Entry]) -> None:
+        """Record a read's report messages (dispatcher.reports.record); acknowledge those recorded, and leave the
+        others to be read again."""
+        recorded, later = reports.record(
+            entries, lambda found: fleet.check_uploads(self.sessions, found, self.clock(), self.bucket,
+                                                       self.checking.map),
+            lambda report, stored: self.recorder.submit((report, stored)), DATABASE_AWAY)
+        if later:
+            # Storage cannot verify an upload, or the database is away: the messages wait in the stream, their
+            # finished jobs touched so the reaper leaves them be, and are read again (those of their reports
+            # recorded already are recorded again as no change: each is a compare-and-set). One line a read.
+            waiting = [r for entry in entries if entry.id in later for r in entry.reports]
+            log.warning("%s%s: cannot record the report%s yet (%s); again in %g s", ", ".join(
+                f"job {r.job_id} attempt {r.attempt}" for r in waiting[:SAID]),
+                f" and {len(waiting) - SAID} more" if len(waiting) > SAID else "", "s" * (len(waiting) > 1),
+                _why(next(iter(later.values()))), REPORT_RETRY_SECONDS)
+        self.stream.again(list(later))
+        try:
+            self.stream.done(recorded)
+        except redis.RedisError as exc:  # read again later, and recorded again as no change
+            log.warning("recorded reports not acknowledged (%s: %s)", type(exc).__name__, exc)
+
+
+class Bookkeeping:
+    """Every tick: give back silent workers' jobs, withdraw unwanted messages, top the queues up, publish the
+    waiting counts and finish batches. Between ticks, whenever reports come in (`taken`): top the queues up, so a
+    worker faster than a tick's backlog never waits for the next message."""
+
+    def __init__(self, settings: KilnSettings, sessions: sessionmaker[Session], clock: Callable[[], datetime],
+                 policy: fleet.Policy, bucket: Bucket, broker: redis.Redis, app: Celery) -> None:
+        self.sessions, self.clock, self.policy, self.bucket, self.broker = sessions, clock, policy, bucket, broker
+        self.app = app
+        self.message_ttl = settings.message_ttl_seconds
+        # An unwanted mark outlives every message it can concern: one taken at the end of its TTL, then rendered.
+        self.unwanted_seconds = int(settings.message_ttl_seconds + settings.job_time_limit_seconds
+                                    + settings.worker_timeout_seconds)
+        self.taken = threading.Event()
+        self.gate = StorageGate(bucket)
+        self.outlook = fleet.Outlook([], Counter(), {})  # the queues and their consumers, as the last tick found them
+        self.empty_since: dict[str, datetime] = {}  # fleet.feed's memory of queues seen empty
+        self.heartbeats = HeartbeatStream(broker, policy.worker_timeout)
+        self.legacy = LegacyQueues(broker, LEGACY_SECONDS)
+        self.sheets_at = time.monotonic()
+
+    def run(self) -> None:
+        """Tick every TICK_SECONDS, topping up between ticks when `taken` is set (at most every FEED_GAP_SECONDS)."""
+        chores_at = time.monotonic()
+        while True:
+            if self.taken.wait(max(chores_at - time.monotonic(), 0)):
+                self.taken.clear()
+                if time.monotonic() < chores_at:
+                    self.top_up()
+                    time.sleep(FEED_GAP_SECONDS)
+                    continue
+            chores_at = time.monotonic() + TICK_SECONDS
+            self.tick()
+
+    def top_up(self) -> None:
+        """Top the queues the last tick saw up to their backlog; a failure waits for the tick, which says more."""
+        try:
+            if self.gate.open():
+                with self.sessions.begin() as session:
+                    fleet.top_up(session, self.clock(), self.policy, self.bucket, self.publish, self.outlook)
+        except Exception as exc:
+            log.debug("top-up failed: %s", exc)
+
+    def tick(self) -> None:
+        """The chores, once; a database or broker away is said and tried again next tick."""
+        try:
+            self._chores()
+        except DATABASE_AWAY as exc:
+            log.warning("bookkeeping: the database is away (%s); retrying", _why(exc))
+        except redis.RedisError as exc:
+            log.warning("bookkeeping: the broker is away (%s: %s); nothing is published or taken back until it "
+                        "answers; check KILN_BROKER_URL and that Redis runs", type(exc).__name__, exc)
+        except Exception:  # something unforeseen: say so and try again next tick
+            log.exception("bookkeeping failed; retrying")
+
+    def _chores(self) -> None:
+        # The heartbeats first, then the reaper: it judges each worker by its latest, and by heartbeats at all only
+        # once it has heard them for a worker timeout without a break. While the broker cannot be read, nothing is
+        # reaped, and the tick is tried again.
+        sessions, clock, policy = self.sessions, self.clock, self.policy
+        beats = self.heartbeats.latest(clock())
+        with sessions.begin() as session:
+            fleet.record_heartbeats(session, beats)
+        self.heartbeats.recorded()
+        with sessions.begin() as session:
+            reaped = fleet.reap(session, clock(), policy, self.heartbeats.heard_since)
+        with sessions.begin() as session:
+            withdrawn = fleet.withdraw(session, self.mark)
+        if withdrawn:
+            log.info("told workers %d published jobs are no longer wanted (cancelled or paused)", withdrawn)
+        published = 0
+        if self.gate.open():
+            with sessions.begin() as session:
+                self.outlook = fleet.look(session, clock(), policy)
+                published = fleet.feed(session, clock(), policy, self.bucket, self.publish, self.depth, self.outlook,
+                                       self.empty_since)
+        with sessions.begin() as session:
+            counts = fleet.waiting(session, clock())
+        self.tell_waiting(counts)
+        with sessions.begin() as session:
+            store.finish_batches(session, clock())
+        self.legacy.clear()
+        if time.monotonic() >= self.sheets_at:
+            self.sheets_at = time.monotonic() + SHEETS_EVERY_SECONDS
+            try:
+                usecases.share_models(self.bucket, self.broker)
+            except StorageError as exc:
+                log.warning("cannot renew the sheets of pushed models (%s); trying again later", exc)
+        if reaped or published:
+            log.info("published %d jobs, gave back %d jobs of silent workers", published, reaped)
+
+    def publish(self, queue: str, payload: dict[str, Any]) -> None:
+        """Send a render message; it expires with its TTL, and the feeder republishes from the database after."""
+        # argsrepr: logs, events and Flower show the job, never the signed upload URL (a credential)
+        jobs = ", ".join(f"{t['job']['job_id']} attempt {t['job']['attempt']}" for t in payload["tasks"])
+        self.app.send_task(RENDER_TASK, args=[payload], queue=queue, expires=self.message_ttl,
+                           argsrepr=f"job{'s' if len(payload['tasks']) > 1 else ''} {jobs}")
+
+    def depth(self, queue: str) -> int:
+        """Messages waiting in a render queue."""
+        return int(self.broker.llen(queue))
+
+    def mark(self, key: str) -> None:
+        """Tell workers a published message is no longer wanted."""
+        self.broker.set(key, "1", ex=self.unwanted_seconds)
+
+    def tell_waiting(self, counts: dict[str, int]) -> None:
+        """How many jobs each queue has waiting, for workers deciding whether to keep their model."""
+        pipe = self.broker.pipeline(transaction=False)
+        for queue, count in counts.items():
+            pipe.set(waiting_key(queue), count, ex=WAITING_SECONDS)
+        pipe.execute()
+
+
+def _deliver_forever(sessions: sessionmaker[Session], clock: Callable[[], datetime], url: str, secret: str) -> None:
+    while True:
+        try:
+            webhooks.deliver(sessions, url, secret, clock())
+        except DATABASE_AWAY as exc:
+            log.warning("webhooks: the database is away (%s); retrying", _why(exc))
+        except Exception:
+            log.exception("webhook delivery failed; retrying")
+        time.sleep(TICK_SECONDS)
 
 
 class StorageGate:

@@ -913,3 +913,61 @@ def test_a_ticks_heartbeats_are_recorded_in_one_update_for_all(database_url: str
     with sessions.begin() as s:
         seen = {w.name: (w.last_seen, w.rendering, w.step) for w in s.scalars(select(Worker))}
     assert seen == {f"w{i}": (T0 + timedelta(seconds=i), [f"j{i}"], f"{i}/4") for i in range(6)}
+
+
+def test_the_dispatchers_bookkeeping_publishes_tells_waiting_counts_and_tops_up_on_reports(
+        database_url: str, bucket: Bucket, tmp_path: Path) -> None:
+    """dispatcher.service.Bookkeeping, in process, on a real Redis and Celery: one tick publishes a backlog to the
+    render queue and the waiting count beside it; a worker taking a message (a report read) tops the queue up."""
+    import redis
+
+    from dispatcher.service import Bookkeeping
+    from schemas.broker import make_app
+    from schemas.messages import waiting_key
+    from schemas.settings import KilnSettings
+    from tests.services import redis_server
+
+    sessions = setup(database_url, "id,prompt\n" + "".join(f"{i},x\n" for i in range(6)))
+    with redis_server(tmp_path) as server:
+        url = f"redis://127.0.0.1:{server.port}/0"
+        broker = redis.Redis.from_url(url)
+        books = Bookkeeping(KilnSettings(broker_url=url), sessions, lambda: T0, POLICY, bucket, broker,
+                            make_app(url))
+        books.tick()
+        [queue] = books.outlook.queues
+        assert broker.llen(queue) == POLICY.backlog  # one backlog: no worker consumes the queue yet
+        assert int(broker.get(waiting_key(queue)) or -1) == 6  # published or not, all six wait for a worker
+        broker.rpop(queue)  # a worker takes a message...
+        with sessions.begin() as s:
+            [taken] = s.scalars(select(Job).where(Job.published_at.is_not(None)).limit(1))
+            fleet.record_reports(s, [(Report(kind="started", job_id=taken.id, attempt=1, worker="w1"), None)],
+                                 T0, POLICY, bucket)
+        books.top_up()  # ...and its report, read, tops the queue up before the next tick
+        assert broker.llen(queue) == POLICY.backlog
+        with sessions.begin() as s:
+            assert s.scalar(select(func.count()).where(Job.published_at.is_not(None))) == POLICY.backlog + 1
+
+
+def test_a_tick_with_the_database_away_says_so_and_the_next_one_goes_on(
+        bucket: Bucket, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import redis
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+
+    from dispatcher.service import Bookkeeping
+    from schemas.broker import make_app
+    from schemas.settings import KilnSettings
+    from tests.services import free_port, redis_server
+
+    sessions = setup(f"sqlite:///{tmp_path / 'kiln.db'}", "id,prompt\na,x\n")
+    with redis_server(tmp_path) as server:
+        url = f"redis://127.0.0.1:{server.port}/0"
+        books = Bookkeeping(KilnSettings(broker_url=url), sessions, lambda: T0, POLICY, bucket,
+                            redis.Redis.from_url(url), make_app(url))
+        books.sessions = sessionmaker(create_engine(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/test"))
+        with caplog.at_level(logging.WARNING, "kiln.dispatcher"):
+            books.tick()  # nothing listens there: said, not raised
+        assert "bookkeeping: the database is away (OperationalError: " in caplog.text and not books.outlook.queues
+        books.sessions = sessions  # back
+        books.tick()
+        assert books.outlook.queues and redis.Redis.from_url(url).llen(books.outlook.queues[0]) == 1
