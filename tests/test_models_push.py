@@ -21,7 +21,7 @@ from schemas.messages import ModelSheet, model_sheet_key
 from schemas.models import REGISTRY, pulled_path, weights_location
 from schemas.settings import KilnSettings, load_settings
 from tests.services import redis_server, s3_server
-from worker.fleet import build
+from worker.fleet import FleetWorker
 from worker.pull import pull_model
 from worker.tiny import ensure_tiny
 
@@ -60,7 +60,7 @@ def test_a_pushed_model_reaches_a_worker_that_lacks_it_exactly(fleet: KilnSettin
     worker_cache = tmp_path / "worker-cache"
     assert weights_location(REGISTRY["klein-4b"], worker_cache) is None
     settings = fleet.model_copy(update={"cache_dir": worker_cache, "models": "klein-4b", "vram": 8.0})
-    _app, state, _chooser = build(settings, "pc-1")
+    state = FleetWorker(settings, "pc-1").state
     assert state.beat.models == ["klein-4b"], state.beat.unserved
     pulled = weights_location(REGISTRY["klein-4b"], worker_cache)
     assert pulled == pulled_path(worker_cache, "klein-4b") and digests(pulled) == digests(source)

@@ -90,21 +90,61 @@ class WorkerState:
             self.beat = self.beat.model_copy(update={"storing": [job for job in storing if job not in job_ids]})
 
 
-def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, ModelChooser]:
-    """The Celery app with the render task bound to this worker."""
-    if not settings.broker_url:
-        raise ConfigError("KILN_BROKER_URL is not set: a worker needs the fleet's Redis, e.g. redis://host:6379/0")
-    device, card = advertised_card(settings.device, settings.vram)
-    names = ([m.strip() for m in settings.models.split(",") if m.strip()] if settings.models
-             else default_models(card, settings.cache_dir))
-    checks = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.storage_timeout_seconds)
+class FleetWorker:
+    """This machine's place in the fleet: the models it serves (their weights fetched before it subscribes), its
+    heartbeats, and the render task. `app` is the Celery app whose task and signals call these methods; the task
+    runs in Celery's GPU child process, which makes its renderer on its first message."""
 
-    def fetch(spec: ModelSpec) -> None:
+    def __init__(self, settings: KilnSettings, name: str) -> None:
+        if not settings.broker_url:
+            raise ConfigError("KILN_BROKER_URL is not set: a worker needs the fleet's Redis, e.g. redis://host:6379/0")
+        self.settings, self.name = settings, name
+        device, card = advertised_card(settings.device, settings.vram)
+        names = ([m.strip() for m in settings.models.split(",") if m.strip()] if settings.models
+                 else default_models(card, settings.cache_dir))
+        self.checks = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.storage_timeout_seconds)
+        # Weights before work: pulled, downloaded (or built) here, before subscribing, outside any job's time limit.
+        served, unserved = prepare_models(names, card, self.fetch)
+        for model, why in unserved.items():
+            log.warning("not serving %s: %s", model, why)
+        self.state = WorkerState(name, device, card, served, unserved)
+        self.local: LocalRenderer | None = None  # made in the GPU process, on its first message
+        # What the rendering process tells this one (a model it cannot load, a lost device): a pipe both inherit.
+        self.news_in, self.news_out = multiprocessing.Pipe(duplex=False)
+        self.chooser = ModelChooser(served, self.waiting, self.news)
+        # Reports ride out a broker's hiccup (a restart, a dropped connection) for a few seconds, as Celery's
+        # publishing did; past that, the writer thread hears, and the jobs are taken back and rendered again.
+        reporting = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.storage_timeout_seconds,
+                                         retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), REPORT_SEND_RETRIES),
+                                         retry_on_error=[redis.ConnectionError, redis.TimeoutError])
+        self.outbox = Outbox(lambda reports: send_reports(reporting, reports))
+        self.app = self._app(settings.broker_url)
+
+    def _app(self, broker_url: str) -> Celery:
+        """The Celery app: the render task, this process's signals, and the affinity step."""
+        app = make_app(broker_url, self.settings.job_time_limit_seconds)
+        app.steps["consumer"].add(_affinity_step(self.chooser))
+
+        @signals.worker_process_init.connect(weak=False)
+        def start_child(**_: Any) -> None:  # the GPU child: it renders, so it reports
+            threading.Thread(target=self.heartbeat_forever, name="kiln-heartbeat", daemon=True).start()
+
+        @app.task(name=RENDER_TASK, bind=True, acks_late=True, max_retries=2)
+        def render(task: Any, payload: dict[str, Any]) -> None:
+            self.render(payload)
+
+        @signals.worker_process_shutdown.connect(weak=False)
+        def store_the_last(**_: Any) -> None:
+            self.store_the_last()
+
+        return app
+
+    def fetch(self, spec: ModelSpec) -> None:
         """The model's weights here: already, or from the fleet's bucket when it was pushed there, or from the hub."""
-        if weights_location(spec, settings.cache_dir):
+        if weights_location(spec, self.settings.cache_dir):
             return
         try:
-            sheet = checks.get(model_sheet_key(spec.name))
+            sheet = self.checks.get(model_sheet_key(spec.name))
         except redis.RedisError as exc:
             log.warning("cannot ask the broker whether %s was pushed to the bucket (%s)", spec.name, exc)
             sheet = None
@@ -114,31 +154,21 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
             log.warning("the broker's sheet of %s is not one the dispatcher wrote; downloading instead", spec.name)
             pushed = None
         if pushed:
-            pull_model(pushed, settings.cache_dir)
+            pull_model(pushed, self.settings.cache_dir)
             return
-        weights_folder(spec, settings.cache_dir)
+        weights_folder(spec, self.settings.cache_dir)
 
-    # Weights before work: pulled, downloaded (or built) here, before subscribing, outside any job's time limit.
-    served, unserved = prepare_models(names, card, fetch)
-    for model, why in unserved.items():
-        log.warning("not serving %s: %s", model, why)
-    state = WorkerState(name, device, card, served, unserved)
-    app = make_app(settings.broker_url, settings.job_time_limit_seconds)
-    renderer: dict[str, Any] = {}
-
-    # What the rendering process tells this one (a model it cannot load, a lost device): a pipe both inherit.
-    news_in, news_out = multiprocessing.Pipe(duplex=False)
-
-    def news() -> list[dict[str, Any]]:
+    def news(self) -> list[dict[str, Any]]:
+        """What the rendering process said since last asked."""
         heard = []
-        while news_in.poll():
-            heard.append(news_in.recv())
+        while self.news_in.poll():
+            heard.append(self.news_in.recv())
         return heard
 
-    def waiting(queues: list[str]) -> list[int] | None:
+    def waiting(self, queues: list[str]) -> list[int] | None:
         """Jobs waiting per queue: the dispatcher's count (published or not), else the queue's length."""
         try:
-            pipe = checks.pipeline(transaction=False)
+            pipe = self.checks.pipeline(transaction=False)
             for queue in queues:
                 pipe.get(waiting_key(queue))
                 pipe.llen(queue)
@@ -148,40 +178,30 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
         return [int(count) if count is not None else int(length) for count, length in zip(found[::2], found[1::2],
                                                                                             strict=True)]
 
-    chooser = ModelChooser(served, waiting, news)
-    app.steps["consumer"].add(_affinity_step(chooser))
-
-    def wanted(message: RenderTask) -> bool:
+    def wanted(self, message: RenderTask) -> bool:
         """Whether the dispatcher still wants this message rendered; if Redis cannot say, it is (the database's
         compare-and-set and the create-once upload keep a late one harmless)."""
         try:
-            return not checks.exists(unwanted_key(message.job.job_id, message.token))
+            return not self.checks.exists(unwanted_key(message.job.job_id, message.token))
         except redis.RedisError:
             return True
 
-    # Reports ride out a broker's hiccup (a restart, a dropped connection) for a few seconds, as Celery's publishing
-    # did; past that, the writer thread hears, and the jobs are taken back and rendered again.
-    reporting = redis.Redis.from_url(settings.broker_url, socket_timeout=settings.storage_timeout_seconds,
-                                     retry=Retry(ExponentialBackoff(cap=2.0, base=0.1), REPORT_SEND_RETRIES),
-                                     retry_on_error=[redis.ConnectionError, redis.TimeoutError])
-    outbox = Outbox(lambda reports: send_reports(reporting, reports))
-
-    def heartbeat_forever() -> None:
+    def heartbeat_forever(self) -> None:
+        """Say what this worker does every KILN_HEARTBEAT_SECONDS, through broker outages."""
         while True:
-            with state.lock:
-                beat = state.beat
+            with self.state.lock:
+                beat = self.state.beat
             try:
-                send_heartbeat(checks, beat)
+                send_heartbeat(self.checks, beat)
             except redis.RedisError as exc:  # the broker is away: keep trying
                 log.warning("heartbeat not sent: %s", type(exc).__name__)
-            time.sleep(settings.heartbeat_seconds)
+            time.sleep(self.settings.heartbeat_seconds)
 
-    @signals.worker_process_init.connect(weak=False)
-    def start_child(**_: Any) -> None:  # the GPU child: it renders, so it reports
-        threading.Thread(target=heartbeat_forever, name="kiln-heartbeat", daemon=True).start()
-
-    @app.task(name=RENDER_TASK, bind=True, acks_late=True, max_retries=2)
-    def render(task: Any, payload: dict[str, Any]) -> None:
+    def render(self, payload: Any) -> None:
+        """The render task: check the message, drop the jobs no longer wanted, report the rest started, and
+        render them. Returns once the images are rendered: the message is acknowledged and the next one rendered
+        while these upload. A worker that dies before the uploads and reports has its jobs taken back and rendered
+        again."""
         mismatch = protocol_problem(on_the_wire(payload), "the dispatcher") if isinstance(payload, dict) else None
         if mismatch:  # dropped: the dispatcher publishes it again later, for a worker that reads it
             log.error("refused a render message: %s", mismatch)
@@ -193,7 +213,7 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
             return
         tasks = []
         for one in message.tasks:
-            if wanted(one):
+            if self.wanted(one):
                 tasks.append(one)
             else:
                 log.info("job %s attempt %d was withdrawn (its batch cancelled or paused): not rendered",
@@ -201,37 +221,34 @@ def build(settings: KilnSettings, name: str) -> tuple[Celery, WorkerState, Model
         if not tasks:
             return
         model = tasks[0].job.params.model
-        local = renderer.get("local")
-        if local is not None and local.refuses(model):
+        if self.local is not None and self.local.refuses(model):
             # Taken in the second before this worker stopped consuming the model's queues: back to the queue
             # untouched, for a worker that can render it (no attempt is started, so none is counted).
             raise Reject(f"this worker no longer serves {model}", requeue=True)
-        state.update(rendering=[one.job.job_id for one in tasks], step=0, steps=tasks[0].job.params.steps)
-        outbox.started([Report(kind="started", job_id=one.job.job_id, attempt=one.job.attempt, worker=name)
-                        for one in tasks])
+        self.state.update(rendering=[one.job.job_id for one in tasks], step=0, steps=tasks[0].job.params.steps)
+        self.outbox.started([Report(kind="started", job_id=one.job.job_id, attempt=one.job.attempt,
+                                    worker=self.name) for one in tasks])
+        if self.local is None:
+            self.local = LocalRenderer(self.settings, self.name, card=self.state.card)
+        local = self.local
         stopped: list[str] = []
 
         def finished(results: list[RenderResult]) -> None:  # once their images are stored: on the writer thread
             if any(r.error_kind == "worker" for r in results) and not stopped:  # it cannot serve the model: stop
                 stopped.append(model)
-                _stop_taking(model, next(r for r in results if r.error_kind == "worker"), state, renderer["local"],
-                             news_out)
-            outbox.finished([Report(kind="finished", job_id=r.job_id, attempt=r.attempt, worker=name, result=r)
-                             for r in results])
+                _stop_taking(model, next(r for r in results if r.error_kind == "worker"), self.state, local,
+                             self.news_out)
+            self.outbox.finished([Report(kind="finished", job_id=r.job_id, attempt=r.attempt, worker=self.name,
+                                         result=r) for r in results])
 
-        # Returns once the images are rendered: the message is acknowledged and the next one rendered while these
-        # upload. A worker that dies before the uploads and reports has its jobs taken back and rendered again.
-        _render(tasks, settings, name, state, renderer, wanted, finished)
+        _render(tasks, self.settings, self.name, self.state, local, self.wanted, finished)
 
-    @signals.worker_process_shutdown.connect(weak=False)
-    def store_the_last(**_: Any) -> None:  # the GPU process stops: what it rendered is stored and reported first
-        local = renderer.get("local")
-        budget = settings.upload_retry_seconds + settings.storage_timeout_seconds
-        if local is not None and not local.writer.drain(budget):
+    def store_the_last(self) -> None:
+        """The GPU process stops: what it rendered is stored and reported first."""
+        budget = self.settings.upload_retry_seconds + self.settings.storage_timeout_seconds
+        if self.local is not None and not self.local.writer.drain(budget):
             log.warning("stopped before the last image was stored: its job will be rendered again")
-        outbox.send_waiting()
-
-    return app, state, chooser
+        self.outbox.send_waiting()
 
 
 def _affinity_step(chooser: ModelChooser) -> type[bootsteps.StartStopStep]:
@@ -271,14 +288,10 @@ def _stop_taking(model: str, result: RenderResult, state: WorkerState, local: Lo
     news.send({"unserved": {model: why}})
 
 
-def _render(tasks: list[RenderTask], settings: KilnSettings, name: str, state: WorkerState,
-            renderer: dict[str, Any], wanted: Callable[[RenderTask], bool],
-            finished: Callable[[list[RenderResult]], None]) -> None:
+def _render(tasks: list[RenderTask], settings: KilnSettings, name: str, state: WorkerState, local: LocalRenderer,
+            wanted: Callable[[RenderTask], bool], finished: Callable[[list[RenderResult]], None]) -> None:
     """Render a message's jobs (one shape) together; `finished` hears their results once their images are stored
     (on the writer thread)."""
-    if "local" not in renderer:
-        renderer["local"] = LocalRenderer(settings, name, card=state.card)
-    local: LocalRenderer = renderer["local"]
     started = time.perf_counter()
     jobs: list[JobSpec] = []
     unfetched: list[RenderResult] = []
@@ -353,7 +366,8 @@ class WantedUploads:
 
 def run(settings: KilnSettings, name: str) -> None:
     """Get the weights of the models this worker serves, then render for the fleet until stopped."""
-    app, state, chooser = build(settings, name)
+    worker = FleetWorker(settings, name)
+    state, chooser = worker.state, worker.chooser
     beat = state.beat
     click.echo(f"worker {name}: {beat.device}, {state.card}, models {', '.join(beat.models) or 'none'}", err=True)
     if not beat.models:
@@ -365,5 +379,5 @@ def run(settings: KilnSettings, name: str) -> None:
                               f"{TIER_FLOOR_GIB[8]} GiB usable)")
         raise ConfigError("this worker serves no model: " + ("; ".join(
             f"{model}: {why}" for model, why in beat.unserved.items()) or "none was named (--models)"))
-    app.worker_main(["worker", "--pool", "prefork", "--concurrency", "1", "-Q", ",".join(chooser.first()),
+    worker.app.worker_main(["worker", "--pool", "prefork", "--concurrency", "1", "-Q", ",".join(chooser.first()),
                      "-n", f"{name}@%h", "--loglevel", "INFO", "--without-gossip", "--without-mingle"])
