@@ -91,8 +91,8 @@ CLAIMS = 40
 
 
 def tick_ms(url: str, times: int = 10) -> dict[str, float]:
-    """Median milliseconds of each chore of the dispatcher's once-a-second tick (dispatcher.service.serve) with
-    the batch just recorded queued, each in its own transaction as the tick runs it; no workers, nothing to
+    """Median milliseconds of each chore of the dispatcher's once-a-second tick (dispatcher.service.Bookkeeping)
+    with the batch just recorded queued, each in its own transaction as the tick runs it; no workers, nothing to
     publish to (the feed itself is `benchmarks.dispatcher_load`'s)."""
     import statistics
     from datetime import UTC, datetime
