@@ -236,12 +236,62 @@ class FleetWorker:
         def finished(results: list[RenderResult]) -> None:  # once their images are stored: on the writer thread
             if any(r.error_kind == "worker" for r in results) and not stopped:  # it cannot serve the model: stop
                 stopped.append(model)
-                _stop_taking(model, next(r for r in results if r.error_kind == "worker"), self.state, local,
-                             self.news_out)
+                self._stop_taking(model, next(r for r in results if r.error_kind == "worker"), local)
             self.outbox.finished([Report(kind="finished", job_id=r.job_id, attempt=r.attempt, worker=self.name,
                                          result=r) for r in results])
 
-        _render(tasks, self.settings, self.name, self.state, local, self.wanted, finished)
+        self._render(tasks, local, finished)
+
+    def _stop_taking(self, model: str, result: RenderResult, local: LocalRenderer) -> None:
+        """Tell the heartbeats and the main process that this worker no longer takes `model` (or any work)."""
+        state = self.state
+        if local.broken:
+            state.update(problem=local.broken, queues=[], models=[])
+            self.news_out.send({"problem": local.broken})
+            return
+        why = local.unserved.get(model) or result.error or "it failed to load"
+        with state.lock:
+            beat = state.beat
+        state.update(unserved={**beat.unserved, model: why}, models=[m for m in beat.models if m != model],
+                     queues=[q for q in beat.queues if queue_model_key(q) != model_key(model)])
+        self.news_out.send({"unserved": {model: why}})
+
+    def _render(self, tasks: list[RenderTask], local: LocalRenderer,
+                finished: Callable[[list[RenderResult]], None]) -> None:
+        """Render a message's jobs (one shape) together; `finished` hears their results once their images are stored
+        (on the writer thread)."""
+        started = time.perf_counter()
+        jobs: list[JobSpec] = []
+        unfetched: list[RenderResult] = []
+        for task in tasks:
+            try:
+                jobs.append(_with_files(task, self.settings))
+            except RenderError as exc:  # this job's files cannot be had: it fails alone
+                job = task.job
+                unfetched.append(RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=self.name,
+                                              seconds=0.0, error=str(exc), error_kind=exc.kind))
+        if unfetched:
+            finished(unfetched)
+        if not jobs:
+            self.state.update(rendering=[], step=None, steps=None)
+            return
+
+        def then(results: list[RenderResult]) -> None:
+            try:
+                finished(results)
+            finally:
+                self.state.stored([job.job_id for job in jobs])
+
+        loading = local.loading_seconds
+        future = local.start(jobs, lambda step, steps: self.state.update(step=step, steps=steps),
+                             WantedUploads(tasks, self.settings, self.wanted), then)
+        failed = future.done() and not any(r.ok for r in future.result())  # never rendered: its time says nothing
+        # from one message's start to the next's (storing overlaps), a model load left out: reported on its own
+        seconds = (time.perf_counter() - started - (local.loading_seconds - loading)) / len(jobs)
+        self.state.handed_over([job.job_id for job in jobs], rendering=[], step=None, steps=None,
+                               loaded_model=local.loaded_model, warm_shape=local.warm_shape, plan=local.loaded_plan,
+                               seconds_per_image=self.state.beat.seconds_per_image if failed else round(seconds, 3),
+                               model_loads=dict(local.loads), load_seconds=dict(local.load_seconds))
 
     def store_the_last(self) -> None:
         """The GPU process stops: what it rendered is stored and reported first."""
@@ -271,59 +321,6 @@ def _affinity_step(chooser: ModelChooser) -> type[bootsteps.StartStopStep]:
                 self.timer = None
 
     return Affinity
-
-
-def _stop_taking(model: str, result: RenderResult, state: WorkerState, local: LocalRenderer,
-                 news: Any) -> None:
-    """Tell the heartbeats and the main process that this worker no longer takes `model` (or any work)."""
-    if local.broken:
-        state.update(problem=local.broken, queues=[], models=[])
-        news.send({"problem": local.broken})
-        return
-    why = local.unserved.get(model) or result.error or "it failed to load"
-    with state.lock:
-        beat = state.beat
-    state.update(unserved={**beat.unserved, model: why}, models=[m for m in beat.models if m != model],
-                 queues=[q for q in beat.queues if queue_model_key(q) != model_key(model)])
-    news.send({"unserved": {model: why}})
-
-
-def _render(tasks: list[RenderTask], settings: KilnSettings, name: str, state: WorkerState, local: LocalRenderer,
-            wanted: Callable[[RenderTask], bool], finished: Callable[[list[RenderResult]], None]) -> None:
-    """Render a message's jobs (one shape) together; `finished` hears their results once their images are stored
-    (on the writer thread)."""
-    started = time.perf_counter()
-    jobs: list[JobSpec] = []
-    unfetched: list[RenderResult] = []
-    for task in tasks:
-        try:
-            jobs.append(_with_files(task, settings))
-        except RenderError as exc:  # this job's files cannot be had: it fails alone
-            job = task.job
-            unfetched.append(RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=name, seconds=0.0,
-                                          error=str(exc), error_kind=exc.kind))
-    if unfetched:
-        finished(unfetched)
-    if not jobs:
-        state.update(rendering=[], step=None, steps=None)
-        return
-
-    def then(results: list[RenderResult]) -> None:
-        try:
-            finished(results)
-        finally:
-            state.stored([job.job_id for job in jobs])
-
-    loading = local.loading_seconds
-    future = local.start(jobs, lambda step, steps: state.update(step=step, steps=steps),
-                         WantedUploads(tasks, settings, wanted), then)
-    failed = future.done() and not any(r.ok for r in future.result())  # never rendered: its time says nothing
-    # from one message's start to the next's (storing overlaps), a model load left out: that is reported on its own
-    seconds = (time.perf_counter() - started - (local.loading_seconds - loading)) / len(jobs)
-    state.handed_over([job.job_id for job in jobs], rendering=[], step=None, steps=None,
-                      loaded_model=local.loaded_model, warm_shape=local.warm_shape, plan=local.loaded_plan,
-                      seconds_per_image=state.beat.seconds_per_image if failed else round(seconds, 3),
-                      model_loads=dict(local.loads), load_seconds=dict(local.load_seconds))
 
 
 def _with_files(task: RenderTask, settings: KilnSettings) -> JobSpec:
