@@ -17,14 +17,18 @@ from typing import Any
 
 import boto3
 import pytest
+import redis
 from pydantic import ValidationError
-from sqlalchemy import event, func, select, update
+from sqlalchemy import create_engine, event, func, select, update
+from sqlalchemy.orm import sessionmaker
 
 from dispatcher import fleet, store, usecases
 from dispatcher.bucket import Bucket, StoredObject
 from dispatcher.expand import Options, expand
 from dispatcher.reader import parse_manifest
 from dispatcher.recorder import GroupRecorder
+from dispatcher.service import Bookkeeping, StorageGate
+from schemas.broker import make_app
 from schemas.job import JobStatus, RenderResult
 from schemas.messages import (
     PROTOCOL,
@@ -36,9 +40,11 @@ from schemas.messages import (
     on_the_wire,
     reports_in,
     unwanted_key,
+    waiting_key,
 )
+from schemas.settings import KilnSettings
 from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
-from tests.services import s3_server
+from tests.services import free_port, redis_server, s3_server
 from worker.upload import SignedUpload
 
 T0 = datetime(2026, 1, 1, 12, 0, 0)
@@ -795,8 +801,6 @@ def test_a_job_that_keeps_killing_its_workers_goes_dead(database_url: str, bucke
 
 
 def test_publishing_stops_after_three_failed_storage_probes_and_resumes_on_one_success() -> None:
-    from dispatcher.service import StorageGate
-
     class FlakyBucket:
         def __init__(self, answers: list[str | None]) -> None:
             self.answers, self.probes = answers, 0
@@ -919,14 +923,6 @@ def test_the_dispatchers_bookkeeping_publishes_tells_waiting_counts_and_tops_up_
         database_url: str, bucket: Bucket, tmp_path: Path) -> None:
     """dispatcher.service.Bookkeeping, in process, on a real Redis and Celery: one tick publishes a backlog to the
     render queue and the waiting count beside it; a worker taking a message (a report read) tops the queue up."""
-    import redis
-
-    from dispatcher.service import Bookkeeping
-    from schemas.broker import make_app
-    from schemas.messages import waiting_key
-    from schemas.settings import KilnSettings
-    from tests.services import redis_server
-
     sessions = setup(database_url, "id,prompt\n" + "".join(f"{i},x\n" for i in range(6)))
     with redis_server(tmp_path) as server:
         url = f"redis://127.0.0.1:{server.port}/0"
@@ -950,15 +946,6 @@ def test_the_dispatchers_bookkeeping_publishes_tells_waiting_counts_and_tops_up_
 
 def test_a_tick_with_the_database_away_says_so_and_the_next_one_goes_on(
         bucket: Bucket, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    import redis
-    from sqlalchemy import create_engine
-    from sqlalchemy.orm import sessionmaker
-
-    from dispatcher.service import Bookkeeping
-    from schemas.broker import make_app
-    from schemas.settings import KilnSettings
-    from tests.services import free_port, redis_server
-
     sessions = setup(f"sqlite:///{tmp_path / 'kiln.db'}", "id,prompt\na,x\n")
     with redis_server(tmp_path) as server:
         url = f"redis://127.0.0.1:{server.port}/0"
