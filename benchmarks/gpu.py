@@ -19,6 +19,12 @@ renders) against the plain loop (everything on the GPU, one call per image, each
 in images per second, with the loop's own PNG saving in its time as a user's loop has it. Goal: Kiln >= 1.3x the
 loop; klein-4b within 2x of the physical floor in ../shared/KLEIN.md (H100 only). Written as "throughput" in
 gpu.json and as a second table in gpu.md.
+
+Last, the speed-ups, for the first model only (time): each exact attention kernel's time for one attention call of
+the model's shape on this card (what KILN_ATTENTION=auto measures and picks from), and regional torch.compile:
+Kiln's worker path with KILN_COMPILE=off and on, one image a call, giving the first call's seconds (the compile's
+warm-up), seconds per image after it, and the images after which the compile has paid for itself. Written as
+"speedups" in gpu.json and a third table in gpu.md. `--sections` runs a subset (e.g. only `speedups`).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 import torch
 
 from benchmarks.klein import MODELS, write_folder
+from schemas.errors import first_line
 from schemas.job import JobSpec
 from schemas.models import ModelSpec, resolve_model
 from schemas.plan import Card, Shape, plan_for
@@ -45,9 +52,11 @@ from schemas.settings import KilnSettings
 from worker.device import GIB, cap_memory, free_cached, local_card
 from worker.pipeline import compute_dtype, load_model, quiet_libraries, weights_folder
 from worker.prompts import PromptCache
-from worker.render import LocalRenderer, first_line
+from worker.render import LocalRenderer
+from worker.speedups import AUTO_CANDIDATES, attention_tokens, time_attention
 from worker.storage import LocalStorage
 
+SECTIONS = ("caps", "throughput", "speedups")
 CAPS = (8, 12, 16, 24)
 BATCHES = (1, 4, 8)
 FLOOR_H100 = {"klein-4b": 0.19, "klein-9b": 0.40}  # seconds per 1024x1024 4-step image, ../shared/KLEIN.md
@@ -119,7 +128,8 @@ def run_kiln(spec: ModelSpec, cache_dir: Path, card: Card, meter: Meter, n: int,
     model = None
     try:
         started = meter.sync()
-        model = load_model(spec, cache_dir, plan, meter.device, PromptCache(512 * 2**20))
+        # compiled or not, memory is the point here; the compile's own figures are the speed-ups section's
+        model = load_model(spec, cache_dir, plan, meter.device, PromptCache(512 * 2**20), compile="off")
         loaded = meter.sync()
         call: dict[str, Any] = dict(width=size, height=size, steps=steps, guidance=1.0)
         model.generate(prompts(1, offset=1000), seeds=[0], **call)  # warm-up: kernels, allocator, first stage
@@ -194,7 +204,7 @@ def job(spec: ModelSpec, i: int, prompt: str, size: int, steps: int) -> JobSpec:
 
 
 def run_throughput(spec: ModelSpec, work: Path, pipe: Any, device: torch.device, n: int, size: int,
-                   steps: int) -> dict[str, Any]:
+                   steps: int, compile: str = "auto") -> dict[str, Any]:
     """Images per second on the whole card: the plain loop, then Kiln's worker path in batches of 1, 4 and 8."""
     from PIL import Image
 
@@ -227,13 +237,16 @@ def run_throughput(spec: ModelSpec, work: Path, pipe: Any, device: torch.device,
         if plan is None:
             return figures
         meter.reset(card)
-        renderer = LocalRenderer(KilnSettings(cache_dir=work, device=device.type), "bench", LocalStorage(out),
-                                 card=card)
+        renderer = LocalRenderer(KilnSettings(cache_dir=work, device=device.type, compile=compile), "bench",
+                                 LocalStorage(out), card=card)
         try:
             renderer.render([job(spec, 10**6, prompts(1, offset=1000)[0], size, steps)])  # load and warm up
             figures["kiln_strategy"] = renderer.loaded_plan
             for batch in BATCHES:
                 jobs = [job(spec, 1000 * batch + i, prompt, size, steps) for i, prompt in enumerate(prompts(n))]
+                if batch > 1:  # a compiled transformer builds its kernels for a new batch size once, untimed
+                    renderer.render([job(spec, 10**7 + batch + i, prompts(1, offset=2000 + i)[0], size, steps)
+                                     for i in range(batch)])
                 begin = meter.sync()
                 futures = [renderer.start(jobs[i:i + batch]) for i in range(0, n, batch)]
                 results = [r for future in futures for r in future.result()]
@@ -252,6 +265,67 @@ def run_throughput(spec: ModelSpec, work: Path, pipe: Any, device: torch.device,
     if best and floor and device.type == "cuda" and "H100" in torch.cuda.get_device_name(device):
         figures["kiln_over_floor"] = round((1 / best) / floor, 2)
     return figures
+
+
+def run_speedups(spec: ModelSpec, work: Path, device: torch.device, n: int, size: int,
+                 steps: int) -> dict[str, Any]:
+    """The attention kernels' times at this model's shape, and Kiln's worker path compiled against not."""
+    from diffusers import Flux2Transformer2DModel
+
+    figures: dict[str, Any] = {"model": spec.name.split(":")[-1]}
+    config = Flux2Transformer2DModel.load_config(weights_folder(spec, work) / "transformer")
+    tokens = attention_tokens(size, size)
+    timings = time_attention(device, compute_dtype(spec), config["num_attention_heads"],
+                             config["attention_head_dim"], tokens, AUTO_CANDIDATES)
+    figures["attention_tokens"] = tokens
+    figures["attention_ms"] = {name: round(seconds * 1e3, 3) for name, seconds in timings.items()}
+    card = local_card(device, None)
+    with tempfile.TemporaryDirectory() as out:
+        for compile in ("off", "on"):
+            meter = Meter(device)
+            meter.reset(card)
+            renderer = LocalRenderer(KilnSettings(cache_dir=work, device=device.type, compile=compile), "bench",
+                                     LocalStorage(Path(out)), card=card)
+            try:
+                renderer.load([job(spec, 0, prompts(1)[0], size, steps)])  # loading is not the compile's
+                begin = meter.sync()
+                [first] = renderer.render([job(spec, 10**6, prompts(1, offset=1000)[0], size, steps)])
+                figures[f"compile_{compile}_first_call_seconds"] = round(meter.sync() - begin, 2)
+                figures[f"compile_{compile}_plan"] = first.plan
+                begin = meter.sync()
+                results = [r for i, p in enumerate(prompts(n)) for r in renderer.render([job(spec, i, p, size, steps)])]
+                ok = all(r.ok for r in results) and first.ok
+                figures[f"compile_{compile}_seconds_per_image"] = round((meter.sync() - begin) / n, 3) if ok else None
+                if not ok:
+                    figures[f"compile_{compile}_error"] = next(r.error for r in [first, *results] if not r.ok)
+            except Exception as exc:  # a model that does not load on this card: the figures say so, the run goes on
+                figures[f"compile_{compile}_error"] = f"{type(exc).__name__}: {first_line(exc)}"
+            finally:
+                renderer._unload()
+    off, on = figures.get("compile_off_seconds_per_image"), figures.get("compile_on_seconds_per_image")
+    if off and on:
+        figures["compile_speedup"] = round(off / on, 3)
+        warm_up = figures["compile_on_first_call_seconds"] - figures["compile_off_first_call_seconds"]
+        figures["compile_pays_after_images"] = round(warm_up / (off - on)) if off > on else None
+    return figures
+
+
+def _compiled_cell(r: dict[str, Any], compile: str) -> str:
+    error, spi = r.get(f"compile_{compile}_error"), r.get(f"compile_{compile}_seconds_per_image")
+    return error or f"{r[f'compile_{compile}_first_call_seconds']:.1f} s, {spi:.3f} s"
+
+
+def speedups_markdown(rows: list[dict[str, Any]]) -> str:
+    """The speed-ups' records as a table."""
+    lines = ["", "Speed-ups, one image a call (attention: one call at the model's shape, ms; lower is better):", "",
+             "| model | attention kernels, ms | compile off: first call, s/image | compile on: first call, s/image "
+             "| speed-up | pays after |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        kernels = ", ".join(f"{k} {v:.2f}" for k, v in sorted(r["attention_ms"].items(), key=lambda kv: kv[1]))
+        pays = r.get("compile_pays_after_images")
+        lines.append(f"| {r['model']} | {kernels or '-'} | {_compiled_cell(r, 'off')} | {_compiled_cell(r, 'on')} | "
+                     f"{r.get('compile_speedup') or '-'} | {'never' if pays is None else f'{pays} images'} |")
+    return "\n".join(lines) + "\n"
 
 
 def throughput_markdown(rows: list[dict[str, Any]]) -> str:
@@ -281,8 +355,10 @@ def markdown(records: list[dict[str, Any]], header: dict[str, Any]) -> str:
 
     lines = [f"{header['device']}, {header['size']}x{header['size']}, {header['steps']} steps, {header['images']} "
              f"images per run, torch {header['torch']}, diffusers {header['diffusers']}, {header['date']}",
-             f"`{header['command']}`", "",
-             "| model | cap | Kiln plan | Kiln s/image (peak reserved) | plain loop | model offload "
+             f"`{header['command']}`"]
+    if not records:  # the caps were not measured in this run
+        return "\n".join(lines) + "\n"
+    lines += ["", "| model | cap | Kiln plan | Kiln s/image (peak reserved) | plain loop | model offload "
              "| fp8 latent error |",
              "|---|---|---|---|---|---|---|"]
     for r in records:
@@ -302,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, help="image side [1024 full size, 512 small]")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--work", type=Path, default=Path("/tmp/kiln-gpu"), help="model folders and caches")
-    parser.add_argument("--no-throughput", action="store_true", help="only the memory caps")
+    parser.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS,
+                        help="what to measure [all]: the memory caps, whole-card throughput, the speed-ups")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="KILN_COMPILE for the throughput section's Kiln path [auto]")
     args = parser.parse_args(argv)
     images = args.images or (2 if args.small else 8)
     size = args.size or (512 if args.small else 1024)
@@ -321,11 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     speed: list[dict[str, Any]] = []
+    speedups: list[dict[str, Any]] = []
 
     def write() -> str:
-        table = markdown(records, header) + (throughput_markdown(speed) if speed else "")
-        (args.out / "gpu.json").write_text(json.dumps({"header": header, "records": records, "throughput": speed},
-                                                      indent=2))
+        table = (markdown(records, header) + (throughput_markdown(speed) if speed else "")
+                 + (speedups_markdown(speedups) if speedups else ""))
+        (args.out / "gpu.json").write_text(json.dumps({"header": header, "records": records, "throughput": speed,
+                                                       "speedups": speedups}, indent=2))
         (args.out / "gpu.md").write_text(table)
         return table
 
@@ -341,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline = Flux2KleinPipeline.from_pretrained(folder, dtype=compute_dtype(spec))
         baseline.set_progress_bar_config(disable=True)
         latents: dict[str, torch.Tensor] = {}
-        for cap in args.caps:
+        for cap in args.caps if "caps" in args.sections else ():
             card = Card(device.type if device.type == "cuda" else "cpu", float(cap), fp8_math)  # type: ignore[arg-type]
             plan = plan_for(spec.profile, card, Shape.of(size, size))
             record: dict[str, Any] = {"model": name, "cap_gib": cap, "device": header["device"],
@@ -363,11 +444,15 @@ def main(argv: list[str] | None = None) -> int:
                     if r["model"] == name and (r["strategy"] or "").startswith("fp8"):
                         r["fp8_latent_rel_error"] = round(error, 5)
             write()
-        if not args.no_throughput:
-            speed.append(run_throughput(spec, args.work, baseline, device, images, size, args.steps))
+        if "throughput" in args.sections:
+            speed.append(run_throughput(spec, args.work, baseline, device, images, size, args.steps, args.compile))
             print(json.dumps(speed[-1]), flush=True)
             write()
         del baseline
+        if "speedups" in args.sections and not speedups:  # the first model only: a compile costs minutes
+            speedups.append(run_speedups(spec, args.work, device, images, size, args.steps))
+            print(json.dumps(speedups[-1]), flush=True)
+            write()
         if not args.small:
             shutil.rmtree(folder, ignore_errors=True)  # the next model needs the disk
     print(write())

@@ -25,7 +25,7 @@ from dispatcher.bucket import Bucket
 from schemas.errors import ConfigError, KilnError, ManifestError
 from schemas.job import JobSpec, JobStatus, RenderResult
 from schemas.models import REGISTRY, known_names, resolve_model, weights_location
-from schemas.settings import KilnSettings, load_settings
+from schemas.settings import COMPILE_MIN_IMAGES, KilnSettings, load_settings
 from schemas.storage import scheme
 from schemas.tables import Batch
 
@@ -163,6 +163,11 @@ def _request(manifest: Path, params: dict[str, Any]) -> usecases.Request:
 @click.option("--vram", type=float, help="GB of GPU memory to use, CUDA context included; the process is capped "
               "there [env KILN_VRAM; the whole card].")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="[env KILN_CACHE_DIR; ~/.cache/kiln]")
+@click.option("--compile", type=click.Choice(["auto", "on", "off"]),
+              help="Regional torch.compile of the transformer [env KILN_COMPILE; auto: on a CUDA card, for "
+                   f"{COMPILE_MIN_IMAGES}+ images].")
+@click.option("--attention", help="Attention kernel: a diffusers backend name [env KILN_ATTENTION; auto: the "
+                                  "fastest exact one, timed on this card].")
 def render(manifest: Path, as_json: bool, **params: Any) -> None:
     """Render MANIFEST here, in this process: expand, record, render, and summarize.
 
@@ -170,7 +175,7 @@ def render(manifest: Path, as_json: bool, **params: Any) -> None:
     """
     settings = load_settings(**{k: params.get(k) for k in
                                 ("database_url", "storage_url", "device", "batch_size", "vram", "cache_dir",
-                                 *CAPS)})
+                                 "compile", "attention", *CAPS)})
     interrupts.stop_on_signals()  # Ctrl-C or SIGTERM: the jobs in hand go back to the queue
     progress = Progress(TextColumn("[bold]rendering"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                         TimeRemainingColumn(), console=err, disable=as_json, transient=False)

@@ -31,7 +31,7 @@ from schemas.messages import ModelSheet, model_sheet_key
 from schemas.models import REGISTRY, resolve_model, weights_location
 from schemas.params import Decoder, RenderParams, format_name
 from schemas.renderer import StepCallback
-from schemas.settings import KilnSettings
+from schemas.settings import COMPILE_MIN_IMAGES, KilnSettings
 from schemas.storage import open_storage, scheme
 from schemas.tables import Attempt, Batch, BatchJob, Job, Output, Worker
 
@@ -245,6 +245,8 @@ def render_here(request: Request, settings: KilnSettings, clock: Clock, *,
     many jobs are to render, `on_result` each one done with (not retries). A KeyboardInterrupt puts the job in hand
     back and becomes Interrupted."""
     found = expansion(request, settings)
+    if settings.compile == "auto" and len(found.jobs) < COMPILE_MIN_IMAGES:  # the warm-up would not pay
+        settings = settings.model_copy(update={"compile": "off"})
     storage = open_storage(settings)  # a folder, or S3 with our own credentials
     storage.check()
     renderer = runner.load_renderer(settings, runner.local_worker_name())

@@ -16,6 +16,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+def first_line(exc: BaseException) -> str:
+    """An error's first line, without the rest of a long library message."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
 class KilnError(Exception):
     """Root of every error Kiln raises on purpose; its message says what to do."""
 

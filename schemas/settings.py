@@ -11,6 +11,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from schemas.errors import ConfigError
 from schemas.manifest import MAX_JOBS, MAX_MANIFEST_BYTES, MAX_ROWS
 
+# Below this many images `kiln render` under KILN_COMPILE=auto does not compile: the warm-up (about 10 s a shape
+# for a FLUX transformer on an H100, by diffusers' figures) would not be won back at ~0.1-0.3 s an image.
+COMPILE_MIN_IMAGES = 100
+
 
 class KilnSettings(BaseSettings):
     """Every knob Kiln reads from its environment; built once at the entry point and passed down."""
@@ -30,6 +34,11 @@ class KilnSettings(BaseSettings):
                                                           "(default: the whole card)")
     models: str | None = Field(None, description="models a fleet worker serves, comma-separated (default: the "
                                                  "ones its card fits whose weights are here, else klein-4b)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="regional torch.compile of the transformer: auto on a CUDA card with Triton (for "
+                            f"`kiln render`, batches of {COMPILE_MIN_IMAGES}+ images), on anywhere, off")
+    attention: str = Field("auto", description="attention kernel: auto times the exact ones this card has and "
+                                               "keeps the fastest (CUDA), or a diffusers backend name")
     prompt_cache_mb: int = Field(512, ge=0, description="host memory for prompt embeddings kept between renders")
     max_jobs: int = Field(MAX_JOBS, ge=1, description="refuse manifests that expand to more jobs than this")
     max_rows: int = Field(MAX_ROWS, ge=1, description="refuse manifests with more rows than this")

@@ -1,6 +1,7 @@
 """The GPU benchmark's own command line at small configs, on this machine's CPU, so it cannot rot between the
 sessions that have a GPU: every model and cap gets a record, with the plan Kiln chose and measured figures, and
-every model its whole-card throughput against the plain loop."""
+every model its whole-card throughput against the plain loop, and the first model its speed-ups (attention kernels
+timed, compiled against eager)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,11 @@ def test_the_gpu_benchmark_runs_at_small_configs_and_writes_its_figures(tmp_path
         assert r["loop_images_per_second"] > 0 and r["kiln_over_loop"] > 0
         assert all(r[f"kiln_batch{b}_images_per_second"] > 0 for b in (1, 4, 8)), r
     assert "Kiln, batches of 8" in table
+    [speedups] = data["speedups"]  # the first model's: kernels timed at its attention shape, compile off and on
+    assert speedups["model"] == MODELS[0] and speedups["attention_tokens"] == 512 + 256
+    assert "native" in speedups["attention_ms"] and "_native_cudnn" not in speedups["attention_ms"]  # no CPU cuDNN
+    assert speedups["compile_off_plan"] == "bf16-resident" and speedups["compile_on_plan"] == "bf16-resident; compiled"
+    for compile in ("off", "on"):
+        assert speedups[f"compile_{compile}_seconds_per_image"] > 0 and f"compile_{compile}_error" not in speedups
+    assert speedups["compile_on_first_call_seconds"] > speedups["compile_off_first_call_seconds"]  # the warm-up
+    assert speedups["compile_speedup"] > 0 and "| speed-up | pays after |" in table

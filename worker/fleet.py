@@ -49,6 +49,7 @@ from worker.pipeline import weights_folder
 from worker.pull import pull_model
 from worker.render import LocalRenderer
 from worker.serving import ModelChooser, default_models, prepare_models
+from worker.speedups import check_attention
 from worker.upload import SignedUpload, fetch_reference
 
 log = logging.getLogger("kiln.worker")
@@ -98,6 +99,7 @@ class FleetWorker:
     def __init__(self, settings: KilnSettings, name: str) -> None:
         if not settings.broker_url:
             raise ConfigError("KILN_BROKER_URL is not set: a worker needs the fleet's Redis, e.g. redis://host:6379/0")
+        check_attention(settings.attention)  # a misnamed or uninstalled kernel fails here, before any work is taken
         self.settings, self.name = settings, name
         device, card = advertised_card(settings.device, settings.vram)
         names = ([m.strip() for m in settings.models.split(",") if m.strip()] if settings.models

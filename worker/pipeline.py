@@ -31,6 +31,14 @@ from schemas.plan import ENCODE_CHUNK, Plan  # noqa: E402
 from worker.checkpoints import TEXT_ENCODER_OUT_LAYERS, load_text_encoder, load_transformer, load_vae  # noqa: E402
 from worker.placement import slot, to_fp8  # noqa: E402
 from worker.prompts import PromptCache  # noqa: E402
+from worker.speedups import (  # noqa: E402
+    attention_tokens,
+    choose_attention,
+    compile_blocks,
+    compile_failure,
+    compile_reason,
+    uncompile_blocks,
+)
 from worker.tiny import ensure_tiny, ensure_tiny_small_decoder  # noqa: E402
 
 log = logging.getLogger("kiln.worker")
@@ -107,9 +115,16 @@ class LoadedModel:
     """One model loaded on one device as its plan says, with the prompt embeddings it has computed."""
 
     def __init__(self, spec: ModelSpec, folder: Path, plan: Plan, device: torch.device, cache: PromptCache,
-                 cache_dir: Path | None = None) -> None:
+                 cache_dir: Path | None = None, *, compile: str = "off", attention: str = "auto") -> None:
         self.spec, self.plan, self.device, self.cache, self.cache_dir = spec, plan, device, cache, cache_dir
         self.dtype = compute_dtype(spec)
+        self.attention_setting = attention
+        self.attention: str | None = None  # the backend set on the transformer (None: diffusers' default, SDPA)
+        self.attention_timings: dict[str, float] | None = None  # measured at the first call (auto on CUDA)
+        not_compiled = compile_reason(compile, device, plan)
+        self.compiled = not_compiled is None  # the transformer's repeated blocks are compiled
+        if compile == "on" and not_compiled:
+            log.warning("not compiling %s: %s", spec.name, not_compiled)
         staged, release = plan.strategy.staged, plan.release_staged
         parts = spec.parts
         vae = {"vae": load_vae(folder / "vae", parts.vae, self.dtype)} if parts and parts.vae else {}
@@ -138,7 +153,27 @@ class LoadedModel:
                                        self.dtype)
         if self.plan.fp8:
             transformer = to_fp8(transformer, self.plan.fp8, self.dtype, self.device)
+        if self.attention:
+            transformer.set_attention_backend(self.attention)
+        if self.compiled:
+            compile_blocks(transformer)  # compiled on its first call
         return transformer.eval()
+
+    def _choose_attention(self, transformer: Any, tokens: int) -> None:
+        """Set the attention backend, once per loaded model: timed at the first call's shape under auto."""
+        if self.attention_timings is not None:
+            return
+        self.attention, self.attention_timings = choose_attention(self.attention_setting, transformer, self.device,
+                                                                  self.dtype, tokens)
+        if self.attention:
+            transformer.set_attention_backend(self.attention)
+
+    def describe(self) -> str:
+        """How this model renders, for results and `kiln workers`: the plan, the attention kernel chosen when
+        not SDPA's own choice, and whether the transformer runs compiled."""
+        extras = ([f"attention {self.attention}"] if self.attention not in (None, "native") else []) \
+            + (["compiled"] if self.compiled else [])
+        return (self.plan.describe() + (f"; {', '.join(extras)}" if extras else ""))[:120]  # the plan columns' width
 
     def encode(self, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
         """Host-memory embeddings of `prompts` (and of "" when the model runs real CFG), from the cache or from
@@ -237,17 +272,32 @@ class LoadedModel:
         # The pipeline holds the transformer only during the call, so parking it (or releasing it) frees it.
         transformer = self.transformer.acquire()
         self.use_loras(transformer, loras)
-        self.pipe.register_modules(transformer=transformer, vae=self.vae(decoder))
-        try:
-            result = self.pipe(
+        self._choose_attention(transformer, attention_tokens(width, height, len(image) if image else 0))
+
+        def call() -> Any:
+            return self.pipe(
                 prompt_embeds=embeds, negative_prompt_embeds=negative, image=image, width=width, height=height,
                 num_inference_steps=steps, guidance_scale=guidance,
                 # one CPU generator per image: each job's seed alone decides its noise, batched or not, anywhere
                 generator=[torch.Generator("cpu").manual_seed(s) for s in seeds],
-                output_type=output_type, callback_on_step_end=step_end)
+                output_type=output_type, callback_on_step_end=step_end).images
+
+        self.pipe.register_modules(transformer=transformer, vae=self.vae(decoder))
+        try:
+            try:
+                return call()
+            except Exception as exc:
+                failure = compile_failure(exc) if self.compiled else None
+                if failure is None:
+                    raise
+            # Out of the except block, so the failed call's frames are gone before the eager call runs.
+            log.warning("torch.compile failed on this machine (%s): rendering %s without it; KILN_COMPILE=off "
+                        "skips trying", failure, self.spec.name)
+            uncompile_blocks(transformer)
+            self.compiled = False
+            return call()
         finally:
             self.pipe.register_modules(transformer=None, vae=self.vaes["full"])
-        return result.images
 
     def rest(self) -> None:
         """Put every component where the plan keeps it between calls: staged ones off the card. After an OOM,
@@ -262,15 +312,17 @@ class LoadedModel:
         self.encoder = self.transformer = None  # type: ignore[assignment]
 
 
-def load_model(spec: ModelSpec, cache_dir: Path, plan: Plan, device: torch.device, cache: PromptCache) -> LoadedModel:
-    """Load `spec` on `device` as `plan` says, or raise ModelError saying why not (an OOM while loading is raised
-    as torch.OutOfMemoryError, for the caller to treat like any other)."""
+def load_model(spec: ModelSpec, cache_dir: Path, plan: Plan, device: torch.device, cache: PromptCache, *,
+               compile: str = "off", attention: str = "auto") -> LoadedModel:
+    """Load `spec` on `device` as `plan` says, with the speed-ups `compile` and `attention` ask for (KILN_COMPILE,
+    KILN_ATTENTION), or raise ModelError saying why not (an OOM while loading is raised as torch.OutOfMemoryError,
+    for the caller to treat like any other)."""
     folder = weights_folder(spec, cache_dir)
     if device.type == "cpu" and compute_dtype(spec) != torch.float32:
         log.warning("rendering %s on the CPU: expect minutes per image; a CUDA GPU takes about a second", spec.name)
     try:
-        model = LoadedModel(spec, folder, plan, device, cache, cache_dir)
+        model = LoadedModel(spec, folder, plan, device, cache, cache_dir, compile=compile, attention=attention)
     except (OSError, ValueError) as exc:
         raise ModelError(f"cannot load {spec.name} from {folder}: {exc}") from None
-    log.info("loaded %s on %s: %s", spec.name, device, plan.describe())
+    log.info("loaded %s on %s: %s", spec.name, device, model.describe())
     return model

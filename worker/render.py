@@ -17,7 +17,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from schemas.capacity import need_tier
-from schemas.errors import KilnError, RenderError
+from schemas.errors import KilnError, RenderError, first_line
 from schemas.job import JobSpec, RenderResult
 from schemas.models import ModelSpec, resolve_model
 from schemas.plan import STAGES, Card, Plan, Shape, Stage, plan_for
@@ -28,6 +28,7 @@ from worker.device import cap_memory, device_name, free_cached, local_card, pick
 from worker.encode import encode
 from worker.pipeline import LoadedModel, load_model, quiet_libraries, weights_folder
 from worker.prompts import PromptCache
+from worker.speedups import check_attention
 from worker.writer import Writer
 
 log = logging.getLogger("kiln.worker")
@@ -49,6 +50,7 @@ class LocalRenderer:
         self.worker = worker
         self._storage = storage  # opened when first needed: a fleet worker writes only through signed uploads,
         # whatever KILN_STORAGE_URL its environment happens to hold
+        check_attention(settings.attention)
         self.device = pick_device(settings.device)
         self.card = card or local_card(self.device, settings.vram)
         cap_memory(self.device, self.card)
@@ -100,8 +102,8 @@ class LocalRenderer:
 
     @property
     def loaded_plan(self) -> str | None:
-        """How the model in memory is loaded, in words."""
-        return self._loaded.plan.describe() if self._loaded else None
+        """How the model in memory is loaded and runs, in words."""
+        return self._loaded.describe() if self._loaded else None
 
     def prepare(self, models: Sequence[ModelSpec]) -> None:
         """Make sure every model's weights are on this machine (download or build them) before any work starts."""
@@ -222,10 +224,10 @@ class LocalRenderer:
                 self.unserved[jobs[0].params.model] = str(error)
         else:
             seconds = (time.perf_counter() - started) / len(jobs)  # rendering only: storing is the writer's
-            target, done = storage or self.storage, plan
+            target, how = storage or self.storage, self.loaded_plan or plan.describe()
 
             def storing(job: JobSpec, image: np.ndarray) -> Callable[[], RenderResult]:
-                return lambda: self._store(job, image, seconds, target, done)
+                return lambda: self._store(job, image, seconds, target, how)
 
             return [storing(job, image) for job, image in zip(jobs, images, strict=True)]
         if len(jobs) > 1 and error.kind == "oom":  # find out which ones fit alone
@@ -241,7 +243,8 @@ class LocalRenderer:
         started = time.perf_counter()
         try:
             loaded, oom = _unless_out_of_memory(
-                lambda: load_model(spec, self.settings.cache_dir, plan, self.device, self.prompts))
+                lambda: load_model(spec, self.settings.cache_dir, plan, self.device, self.prompts,
+                                   compile=self.settings.compile, attention=self.settings.attention))
         except KilnError as exc:  # weights missing here: the worker's fault, not the job's
             raise RenderError(str(exc), "worker") from None
         except Exception as exc:  # weights that do not load (a broken download, a library mismatch): the same
@@ -296,22 +299,24 @@ class LocalRenderer:
         gc.collect()
         free_cached(self.device)
 
-    def _store(self, job: JobSpec, pixels: np.ndarray, seconds: float, storage: Storage, plan: Plan) -> RenderResult:
+    def _store(self, job: JobSpec, pixels: np.ndarray, seconds: float, storage: Storage, how: str) -> RenderResult:
+        """Encode and store one image; `how` it was made (the plan and speed-ups) goes into the file and result."""
         if not np.isfinite(pixels).all():
-            return self._failed(job, RenderError("the model produced NaN or infinite pixels", "nan"), seconds, plan)
+            return self._failed(job, RenderError("the model produced NaN or infinite pixels", "nan"), seconds, how)
         try:
-            data = encode(pixels, job, plan.describe())
+            data = encode(pixels, job, how)
             uri = storage.put(job.output_key, data, job.job_id)
         except KilnError as exc:  # a kind for the scheduler: another job's image at the key is bad input, say
-            return self._failed(job, RenderError(str(exc), getattr(exc, "kind", "error")), seconds, plan)
+            return self._failed(job, RenderError(str(exc), getattr(exc, "kind", "error")), seconds, how)
         return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=True, worker=self.worker, seconds=seconds,
                             uri=uri, sha256=hashlib.sha256(data).hexdigest(), md5=hashlib.md5(data).hexdigest(),
-                            bytes=len(data), plan=plan.describe())
+                            bytes=len(data), plan=how)
 
-    def _failed(self, job: JobSpec, exc: RenderError, seconds: float, plan: Plan | None) -> RenderResult:
+    def _failed(self, job: JobSpec, exc: RenderError, seconds: float, plan: Plan | str | None) -> RenderResult:
         log.warning("job %s (row %s) failed: %s", job.job_id, job.row_id, exc)
+        how = plan.describe() if isinstance(plan, Plan) else plan
         return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=self.worker, seconds=seconds,
-                            error=str(exc), error_kind=exc.kind, plan=plan.describe() if plan else None)
+                            error=str(exc), error_kind=exc.kind, plan=how)
 
     def _unload(self) -> None:
         if self._loaded is not None:
@@ -341,9 +346,3 @@ def _reference(path: str) -> Any:
             return img.convert("RGB")
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise RenderError(f"reference image {path} cannot be read: {exc}", "bad_input") from None
-
-
-def first_line(exc: BaseException) -> str:
-    """An error's first line, without the rest of a long library message."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else "(no message)"
