@@ -22,6 +22,7 @@ from torch._dynamo.utils import counters
 from dispatcher import runner, usecases
 from schemas.errors import ConfigError
 from schemas.job import JobSpec, RenderResult
+from schemas.models import tiny_path
 from schemas.plan import Card, Shape, plan_for
 from schemas.settings import COMPILE_MIN_IMAGES, load_settings
 from worker import pipeline
@@ -158,6 +159,25 @@ def test_auto_attention_times_the_kernels_that_run_here_and_match(monkeypatch: p
     # off CUDA, auto leaves the choice to SDPA and measures nothing; a named backend is taken as named
     assert choose_attention("auto", None, CPU, torch.float32, 600) == (None, {})
     assert choose_attention("_native_math", None, CPU, torch.float32, 600) == ("_native_math", {})
+
+
+def test_auto_attention_keeps_the_fastest_kernel_at_the_models_own_shape(
+        cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffusers import Flux2Transformer2DModel
+
+    transformer = Flux2Transformer2DModel.from_pretrained(tiny_path(cache_dir) / "transformer")
+    shapes = []
+    kernel = _AttentionBackendRegistry._backends[AttentionBackendName("_native_flash")]
+
+    def seen(**kw: Any) -> Any:
+        shapes.append(tuple(kw["query"].shape))
+        return kernel(**kw)
+
+    monkeypatch.setitem(_AttentionBackendRegistry._backends, AttentionBackendName("_native_flash"), seen)
+    chosen, timings = choose_attention("auto", transformer, CPU, torch.float32, 700, measure=True)
+    assert chosen == min(timings, key=timings.__getitem__) and "_native_flash" in timings
+    config = transformer.config
+    assert set(shapes) == {(1, 700, config.num_attention_heads, config.attention_head_dim)}
 
 
 @pytest.mark.parametrize(("name", "says"), [

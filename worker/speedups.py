@@ -93,13 +93,13 @@ def time_attention(device: torch.device, dtype: torch.dtype, heads: int, head_di
     return timings
 
 
-def choose_attention(setting: str, transformer: Any, device: torch.device, dtype: torch.dtype,
-                     tokens: int) -> tuple[str | None, dict[str, float]]:
+def choose_attention(setting: str, transformer: Any, device: torch.device, dtype: torch.dtype, tokens: int,
+                     measure: bool | None = None) -> tuple[str | None, dict[str, float]]:
     """The backend to set on `transformer` (None: leave diffusers' default, SDPA, which dispatches by itself) and
-    the timings it rests on."""
+    the timings it rests on. `auto` measures on CUDA (or where `measure` says)."""
     if setting != "auto":
         return setting, {}
-    if device.type != "cuda":
+    if not (device.type == "cuda" if measure is None else measure):
         return None, {}
     config = transformer.config
     timings = time_attention(device, dtype, config.num_attention_heads, config.attention_head_dim, tokens,
