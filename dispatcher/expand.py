@@ -288,12 +288,7 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
             values = {**variables, **combo, "id": row_id, "n": str(n), "variant": str(variant),
                       "seed": str(seed), "model": spec.name, "width": str(width), "height": str(height),
                       "batch": options.batch}
-            prompt = _fill("prompt", prompt_template, values)
-            if unstorable(prompt):  # a template or matrix value brought it in
-                raise _RowProblem(f"the prompt {unstorable(prompt)}")
-            if len(prompt) > MAX_PROMPT_CHARS:
-                raise _RowProblem(f"the prompt is {len(prompt)} characters after filling in the template; "
-                                  f"the limit is {MAX_PROMPT_CHARS}")
+            prompt = _prompt(prompt_template, values)
             key = _fill("output", output_template, values)
             key, fmt = _keyed(key, image_format)
             problem = output_key_problem(key)
@@ -306,16 +301,7 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                                   "or --format to webp or jpeg)")
             files = _files(_fill("reference", row.reference, values), options, REFERENCE_FILES) if row.reference else []
             first = files[0] if files else None
-            lora_files = _files(_fill("lora", row.lora, values), options, LORA_FILES) if row.lora else []
-            scales = row.lora_scale or (1.0,)
-            if len(scales) not in (1, len(lora_files)):
-                raise _RowProblem(f'column "lora_scale": {len(scales)} values for {len(lora_files)} LoRAs: give one '
-                                  "for all of them, or one per LoRA in the same order")
-            per_lora = scales if len(scales) == len(lora_files) else scales * len(lora_files)
-            loras = tuple(Lora(path=f.path, sha256=f.sha256, scale=s)
-                          for f, s in zip(lora_files, per_lora, strict=True))
-            for lora in loras:
-                _lora_fits(lora, spec)
+            loras = _loras(row, values, options, spec)
             params = RenderParams(model=spec.name, prompt=prompt, width=width, height=height, steps=steps,
                                   guidance=guidance, seed=seed, reference=first.path if first else None,
                                   reference_sha256=first.sha256 if first else None, more_references=tuple(files[1:]),
@@ -323,6 +309,32 @@ def _row_jobs(record: Record, row: RowFields, row_id: str, combos: list[dict[str
                                   loras=loras, decoder=options.decoder or row.decoder or "full")
             yield PlannedJob(params.job_id(key), params, key, record.number, record.line, row_id, variant,
                              {**row_data, **combo})
+
+
+def _prompt(template: str, values: dict[str, str]) -> str:
+    """A variant's prompt: the template filled in, then checked (a template or matrix value may bring in what the
+    row's own prompt was checked for)."""
+    prompt = _fill("prompt", template, values)
+    if unstorable(prompt):
+        raise _RowProblem(f"the prompt {unstorable(prompt)}")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise _RowProblem(f"the prompt is {len(prompt)} characters after filling in the template; "
+                          f"the limit is {MAX_PROMPT_CHARS}")
+    return prompt
+
+
+def _loras(row: RowFields, values: dict[str, str], options: Options, spec: ModelSpec) -> tuple[Lora, ...]:
+    """A variant's LoRAs, each with its scale (one for all, or one each), checked against the row's model."""
+    lora_files = _files(_fill("lora", row.lora, values), options, LORA_FILES) if row.lora else []
+    scales = row.lora_scale or (1.0,)
+    if len(scales) not in (1, len(lora_files)):
+        raise _RowProblem(f'column "lora_scale": {len(scales)} values for {len(lora_files)} LoRAs: give one '
+                          "for all of them, or one per LoRA in the same order")
+    per_lora = scales if len(scales) == len(lora_files) else scales * len(lora_files)
+    loras = tuple(Lora(path=f.path, sha256=f.sha256, scale=s) for f, s in zip(lora_files, per_lora, strict=True))
+    for lora in loras:
+        _lora_fits(lora, spec)
+    return loras
 
 
 def _keyed(key: str, image_format: ImageFormat | None) -> tuple[str, ImageFormat]:
