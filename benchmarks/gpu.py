@@ -22,8 +22,9 @@ gpu.json and as a second table in gpu.md.
 
 Last, the speed-ups, for the first model only (time): each exact attention kernel's time for one attention call of
 the model's shape on this card (what KILN_ATTENTION=auto measures and picks from), and regional torch.compile:
-Kiln's worker path with KILN_COMPILE=off and on, one image a call, giving the first call's seconds (the compile's
-warm-up), seconds per image after it, and the images after which the compile has paid for itself. Written as
+the model loaded once as Kiln's plan says, rendering eagerly, then with its transformer blocks compiled in place,
+one image a call, giving the first call's seconds (the compile's warm-up), seconds per image after it, and the
+images after which the compile has paid for itself. Written as
 "speedups" in gpu.json and a third table in gpu.md. `--sections` runs a subset (e.g. only `speedups`).
 """
 
@@ -53,7 +54,7 @@ from worker.device import GIB, cap_memory, free_cached, local_card
 from worker.pipeline import compute_dtype, load_model, quiet_libraries, weights_folder
 from worker.prompts import PromptCache
 from worker.render import LocalRenderer
-from worker.speedups import AUTO_CANDIDATES, attention_tokens, time_attention
+from worker.speedups import AUTO_CANDIDATES, attention_tokens, compile_blocks, compile_reason, time_attention
 from worker.storage import LocalStorage
 
 SECTIONS = ("caps", "throughput", "speedups")
@@ -269,7 +270,8 @@ def run_throughput(spec: ModelSpec, work: Path, pipe: Any, device: torch.device,
 
 def run_speedups(spec: ModelSpec, work: Path, device: torch.device, n: int, size: int,
                  steps: int) -> dict[str, Any]:
-    """The attention kernels' times at this model's shape, and Kiln's worker path compiled against not."""
+    """The attention kernels' times at this model's shape, and the loaded model eager against compiled (Kiln's
+    auto attention in both), one image a call with its own prompt."""
     from diffusers import Flux2Transformer2DModel
 
     figures: dict[str, Any] = {"model": spec.name.split(":")[-1]}
@@ -280,28 +282,35 @@ def run_speedups(spec: ModelSpec, work: Path, device: torch.device, n: int, size
     figures["attention_tokens"] = tokens
     figures["attention_ms"] = {name: round(seconds * 1e3, 3) for name, seconds in timings.items()}
     card = local_card(device, None)
-    with tempfile.TemporaryDirectory() as out:
+    plan = plan_for(spec.profile, card, Shape.of(size, size))
+    if plan is None:
+        return figures | {"compile_off_error": "no plan fits this card", "compile_on_error": "no plan fits this card"}
+    meter = Meter(device)
+    meter.reset(card)
+    model = None
+    try:  # one load: eager first, then the same transformer compiled in place (loading is not the compile's)
+        model = load_model(spec, work, plan, device, PromptCache(512 * 2**20), compile="off")
+        call: dict[str, Any] = dict(width=size, height=size, steps=steps, guidance=1.0)
         for compile in ("off", "on"):
-            meter = Meter(device)
-            meter.reset(card)
-            renderer = LocalRenderer(KilnSettings(cache_dir=work, device=device.type, compile=compile), "bench",
-                                     LocalStorage(Path(out)), card=card)
-            try:
-                renderer.load([job(spec, 0, prompts(1)[0], size, steps)])  # loading is not the compile's
-                begin = meter.sync()
-                [first] = renderer.render([job(spec, 10**6, prompts(1, offset=1000)[0], size, steps)])
-                figures[f"compile_{compile}_first_call_seconds"] = round(meter.sync() - begin, 2)
-                figures[f"compile_{compile}_plan"] = first.plan
-                begin = meter.sync()
-                results = [r for i, p in enumerate(prompts(n)) for r in renderer.render([job(spec, i, p, size, steps)])]
-                ok = all(r.ok for r in results) and first.ok
-                figures[f"compile_{compile}_seconds_per_image"] = round((meter.sync() - begin) / n, 3) if ok else None
-                if not ok:
-                    figures[f"compile_{compile}_error"] = next(r.error for r in [first, *results] if not r.ok)
-            except Exception as exc:  # a model that does not load on this card: the figures say so, the run goes on
-                figures[f"compile_{compile}_error"] = f"{type(exc).__name__}: {first_line(exc)}"
-            finally:
-                renderer._unload()
+            if compile == "on":
+                if compile_reason("on", device, plan):
+                    figures["compile_on_error"] = f"not compiled: {compile_reason('on', device, plan)}"
+                    break
+                compile_blocks(model.transformer.acquire())
+                model.compiled = True
+            begin = meter.sync()
+            model.generate(prompts(1, offset=1000 + len(compile)), seeds=[0], **call)
+            figures[f"compile_{compile}_first_call_seconds"] = round(meter.sync() - begin, 2)
+            begin = meter.sync()
+            for i, prompt in enumerate(prompts(n, offset=100 * len(compile))):
+                model.generate([prompt], seeds=[i], **call)
+            figures[f"compile_{compile}_seconds_per_image"] = round((meter.sync() - begin) / n, 3)
+            figures[f"compile_{compile}_plan"] = model.describe()
+    except Exception as exc:  # out of memory, or a compile that failed outright: the figures say so, the run goes on
+        figures["compile_error"] = f"{type(exc).__name__}: {first_line(exc)}"
+    finally:
+        if model is not None:
+            model.unload()
     off, on = figures.get("compile_off_seconds_per_image"), figures.get("compile_on_seconds_per_image")
     if off and on:
         figures["compile_speedup"] = round(off / on, 3)
@@ -311,8 +320,10 @@ def run_speedups(spec: ModelSpec, work: Path, device: torch.device, n: int, size
 
 
 def _compiled_cell(r: dict[str, Any], compile: str) -> str:
-    error, spi = r.get(f"compile_{compile}_error"), r.get(f"compile_{compile}_seconds_per_image")
-    return error or f"{r[f'compile_{compile}_first_call_seconds']:.1f} s, {spi:.3f} s"
+    spi = r.get(f"compile_{compile}_seconds_per_image")
+    if spi is None:
+        return r.get(f"compile_{compile}_error") or r.get("compile_error") or "-"
+    return f"{r[f'compile_{compile}_first_call_seconds']:.1f} s, {spi:.3f} s"
 
 
 def speedups_markdown(rows: list[dict[str, Any]]) -> str:

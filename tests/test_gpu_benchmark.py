@@ -52,5 +52,6 @@ def test_the_gpu_benchmark_runs_at_small_configs_and_writes_its_figures(tmp_path
     assert speedups["compile_off_plan"] == "bf16-resident" and speedups["compile_on_plan"] == "bf16-resident; compiled"
     for compile in ("off", "on"):
         assert speedups[f"compile_{compile}_seconds_per_image"] > 0 and f"compile_{compile}_error" not in speedups
+    assert "compile_error" not in speedups
     assert speedups["compile_on_first_call_seconds"] > speedups["compile_off_first_call_seconds"]  # the warm-up
     assert speedups["compile_speedup"] > 0 and "| speed-up | pays after |" in table
