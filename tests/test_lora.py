@@ -57,18 +57,20 @@ def lora_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_lora(tmp_path_factory.mktemp("lora"))
 
 
-@pytest.mark.parametrize(("model", "card", "plan"), [("tiny", None, "bf16-resident"),
-                                                    ("tiny:klein-4b", Card("cpu", 8.0), "fp8-staged")])
+@pytest.mark.parametrize(("model", "card", "plan", "compile"), [
+    ("tiny", None, "bf16-resident", "off"), ("tiny:klein-4b", Card("cpu", 8.0), "fp8-staged", "off"),
+    ("tiny", None, "bf16-resident; compiled", "on")])  # peft's layers inside compiled blocks: traced again
 def test_a_lora_changes_the_image_and_comes_off_leaving_the_base_weights_exactly(
-        cache_dir: Path, tmp_path: Path, lora_file: Path, model: str, card: Card | None, plan: str) -> None:
-    settings = load_settings(cache_dir=cache_dir, storage_url=str(tmp_path / "out"), device="cpu")
+        cache_dir: Path, tmp_path: Path, lora_file: Path, model: str, card: Card | None, plan: str,
+        compile: str) -> None:
+    settings = load_settings(cache_dir=cache_dir, storage_url=str(tmp_path / "out"), device="cpu", compile=compile)
     r = LocalRenderer(settings, "test:1", card=card)
     house = Lora(path=str(lora_file), sha256="a" * 64, scale=1.0)
     results = [*r.render([job(0, model=model)]), *r.render([job(1, (house,), model=model)]),
                *r.render([job(2, (house.model_copy(update={"scale": 0.5}),), model=model)]),
                *r.render([job(3, model=model)])]
     assert all(x.ok for x in results), [x.error for x in results]
-    assert all((x.plan or "").startswith(plan) for x in results), [x.plan for x in results]
+    assert all(x.plan == plan or (x.plan or "").startswith(plan + " (") for x in results), [x.plan for x in results]
     bare, styled, half, bare_again = (pixels(x.uri) for x in results)
     assert np.abs(styled - bare).mean() > 1, "the LoRA made no visible difference"
     assert np.abs(half - styled).mean() > 0.1 and np.abs(half - bare).mean() > 0.1  # the scale counts
