@@ -26,6 +26,7 @@ from schemas.models import tiny_path
 from schemas.plan import Card, Shape, plan_for
 from schemas.settings import COMPILE_MIN_IMAGES, load_settings
 from worker import pipeline
+from worker.placement import Parked
 from worker.render import LocalRenderer
 from worker.speedups import check_attention, choose_attention, compile_reason, compiled_blocks, time_attention
 
@@ -69,6 +70,27 @@ def test_compile_on_builds_the_blocks_kernels_and_renders_eagers_image(cache_dir
     assert np.abs(pixels(result) - pixels(eager)).max() <= 2  # the same image, to rounding
     [second] = compiled.render([job(1)])  # the same shape: the kernels built are reused
     assert second.ok and second.plan == result.plan
+
+
+def test_a_staged_transformer_keeps_its_compiled_kernels_while_it_is_parked_between_jobs(
+        cache_dir: Path, tmp_path: Path) -> None:
+    # A 12 GB discrete card's plan for klein-4b: the transformer waits in host memory while the encoder runs
+    card = Card("cuda", 12.0)
+    eager = LocalRenderer(load_settings(cache_dir=cache_dir, storage_url=str(tmp_path / "eager"), device="cpu",
+                                        compile="off"), "test:1", card=card)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = LocalRenderer(load_settings(cache_dir=cache_dir, storage_url=str(tmp_path / "compiled"), device="cpu",
+                                           compile="on"), "test:2", card=card)
+    graphs = []
+    for n in range(4):  # each job's new prompt parks the transformer for the encoder stage, then brings it back
+        [a] = eager.render([job(n, model="tiny:klein-4b")])
+        [b] = compiled.render([job(n, model="tiny:klein-4b")])
+        assert b.plan == "bf16-staged (encoder staged); compiled" and a.plan == "bf16-staged (encoder staged)"
+        assert np.abs(pixels(a) - pixels(b)).max() <= 2
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert compiled._loaded is not None and isinstance(compiled._loaded.transformer, Parked)
+    assert graphs[0] >= 2 and graphs == [graphs[0]] * 4  # traced once: parking changes no guard
 
 
 def test_a_compile_that_fails_here_falls_back_to_eager_and_the_job_renders(
