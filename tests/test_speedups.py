@@ -72,6 +72,17 @@ def test_compile_on_builds_the_blocks_kernels_and_renders_eagers_image(cache_dir
     assert second.ok and second.plan == result.plan
 
 
+def test_an_fp8_torchao_transformer_compiles_and_renders_eagers_image(cache_dir: Path, tmp_path: Path) -> None:
+    card = Card("cpu", 8.0, fp8_math=True)  # an 8 GB card with fp8 math: klein-4b's plan stores torchao float8
+    results = {}
+    for compile in ("off", "on"):
+        r = LocalRenderer(load_settings(cache_dir=cache_dir, storage_url=str(tmp_path / compile), device="cpu",
+                                        compile=compile), "test:1", card=card)
+        [results[compile]] = r.render([job(5, model="tiny:klein-4b")])
+    assert results["on"].plan == f"{results['off'].plan}; compiled" and "fp8 torchao" in (results["on"].plan or "")
+    assert np.abs(pixels(results["on"]) - pixels(results["off"])).max() <= 2
+
+
 def test_a_staged_transformer_keeps_its_compiled_kernels_while_it_is_parked_between_jobs(
         cache_dir: Path, tmp_path: Path) -> None:
     # A 12 GB discrete card's plan for klein-4b: the transformer waits in host memory while the encoder runs
