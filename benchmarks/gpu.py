@@ -54,7 +54,14 @@ from worker.device import GIB, cap_memory, free_cached, local_card
 from worker.pipeline import compute_dtype, load_model, quiet_libraries, weights_folder
 from worker.prompts import PromptCache
 from worker.render import LocalRenderer
-from worker.speedups import AUTO_CANDIDATES, attention_tokens, compile_blocks, compile_reason, time_attention
+from worker.speedups import (
+    AUTO_CANDIDATES,
+    TRIAL_CALLS,
+    attention_tokens,
+    compile_blocks,
+    compile_reason,
+    time_attention,
+)
 from worker.storage import LocalStorage
 
 SECTIONS = ("caps", "throughput", "speedups")
@@ -241,7 +248,8 @@ def run_throughput(spec: ModelSpec, work: Path, pipe: Any, device: torch.device,
         renderer = LocalRenderer(KilnSettings(cache_dir=work, device=device.type, compile=compile), "bench",
                                  LocalStorage(out), card=card)
         try:
-            renderer.render([job(spec, 10**6, prompts(1, offset=1000)[0], size, steps)])  # load and warm up
+            for i in range(2 * TRIAL_CALLS + 2):  # load, warm up, and let KILN_COMPILE=auto's trial decide, untimed
+                renderer.render([job(spec, 10**6 + i, prompts(1, offset=1000 + i)[0], size, steps)])
             figures["kiln_strategy"] = renderer.loaded_plan
             for batch in BATCHES:
                 jobs = [job(spec, 1000 * batch + i, prompt, size, steps) for i, prompt in enumerate(prompts(n))]

@@ -164,8 +164,8 @@ def _request(manifest: Path, params: dict[str, Any]) -> usecases.Request:
               "there [env KILN_VRAM; the whole card].")
 @click.option("--cache-dir", type=click.Path(path_type=Path), help="[env KILN_CACHE_DIR; ~/.cache/kiln]")
 @click.option("--compile", type=click.Choice(["auto", "on", "off"]),
-              help="Regional torch.compile of the transformer [env KILN_COMPILE; auto: on a CUDA card, for "
-                   f"{COMPILE_MIN_IMAGES}+ images].")
+              help="Regional torch.compile of the transformer [env KILN_COMPILE; auto: tried on a CUDA card for "
+                   f"{COMPILE_MIN_IMAGES}+ images, kept where faster].")
 @click.option("--attention", help="Attention kernel: a diffusers backend name [env KILN_ATTENTION; auto: the "
                                   "fastest exact one, timed on this card].")
 def render(manifest: Path, as_json: bool, **params: Any) -> None:

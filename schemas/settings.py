@@ -35,8 +35,9 @@ class KilnSettings(BaseSettings):
     models: str | None = Field(None, description="models a fleet worker serves, comma-separated (default: the "
                                                  "ones its card fits whose weights are here, else klein-4b)")
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="regional torch.compile of the transformer: auto on a CUDA card with Triton (for "
-                            f"`kiln render`, batches of {COMPILE_MIN_IMAGES}+ images), on anywhere, off")
+        "auto", description="regional torch.compile of the transformer: auto tries it on a CUDA card with Triton "
+                            f"(`kiln render`: batches of {COMPILE_MIN_IMAGES}+ images) and keeps it where it is "
+                            "faster; on anywhere; off")
     attention: str = Field("auto", description="attention kernel: auto times the exact ones this card has and "
                                                "keeps the fastest (CUDA), or a diffusers backend name")
     prompt_cache_mb: int = Field(512, ge=0, description="host memory for prompt embeddings kept between renders")

@@ -28,7 +28,14 @@ from schemas.settings import COMPILE_MIN_IMAGES, load_settings
 from worker import pipeline
 from worker.placement import Parked
 from worker.render import LocalRenderer
-from worker.speedups import check_attention, choose_attention, compile_reason, compiled_blocks, time_attention
+from worker.speedups import (
+    CompileTrial,
+    check_attention,
+    choose_attention,
+    compile_reason,
+    compiled_blocks,
+    time_attention,
+)
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -122,6 +129,51 @@ def test_a_compile_that_fails_here_falls_back_to_eager_and_the_job_renders(
     assert "no C compiler on this machine" in caplog.text
     [eager] = renderer(cache_dir, tmp_path / "eager", compile="off").render([job(2)])
     assert np.array_equal(pixels(result), pixels(eager))
+
+
+def test_a_compile_trial_times_eager_then_compiled_at_one_shape_and_keeps_the_faster() -> None:
+    shape, other = (1024, 1024, 1, 4, 0), (768, 1024, 1, 4, 0)
+    trial = CompileTrial()
+    steps = [trial.record(shape, 1.0), trial.record(other, 0.1), trial.record(shape, 1.0), trial.record(shape, 1.1)]
+    assert steps == [None, None, None, "compile"]  # a warm-up, another size (not counted), two timed eager calls
+    assert [trial.record(shape, 30.0), trial.record(shape, 0.8), trial.record(shape, 0.97)] == [None, None, "keep"]
+    assert str(trial) == "0.800 s an image compiled against 1.000 s eager"
+    slow = CompileTrial()
+    verdicts = [slow.record(shape, s) for s in (1.0, 1.0, 1.0, 30.0, 0.98, 0.99)]
+    assert verdicts[-1] == "eager"  # 2% faster does not pay for compiling every new size again
+
+
+class Scripted:
+    """A clock whose every pipeline call (two readings) lasts the next of `durations` seconds."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self.durations, self.now, self.reading = durations, 0.0, 0
+
+    def __call__(self) -> float:
+        if self.reading % 2:
+            self.now += self.durations.pop(0)
+        self.reading += 1
+        return self.now
+
+
+@pytest.mark.parametrize(("compiled_seconds", "kept"), [(0.5, True), (0.99, False)])
+def test_kiln_compile_auto_keeps_the_compile_only_where_the_trial_finds_it_faster(
+        compiled_seconds: float, kept: bool, cache_dir: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "compile_reason", lambda setting, device, plan: None)  # as on a CUDA card
+    r = renderer(cache_dir, tmp_path / "out", compile="auto")
+    loaded = r.load([job(0)])
+    loaded.clock = Scripted([1.0, 1.0, 1.0, 9.0, compiled_seconds, compiled_seconds])
+    results = [x for n in range(6) for x in r.render([job(n)])]
+    assert [x.plan for x in results] == ["bf16-resident"] * 3 + ["bf16-resident; compiled"] * 3  # eager, then tried
+    assert loaded.compile_verdict is kept and r.compile_verdicts == {"tiny": kept}
+    [after] = r.render([job(6)])
+    assert after.plan == ("bf16-resident; compiled" if kept else "bf16-resident")
+    assert loaded.trial is None and loaded.compiled is kept
+    assert (compiled_blocks(loaded.transformer.acquire()) > 0) is kept
+    r._unload()  # a reload here takes the verdict, with no trial again
+    again = r.load([job(7)])
+    assert again.trial is None and again.compiled is kept
 
 
 def test_compile_is_left_out_where_it_cannot_work_or_would_not_pay() -> None:

@@ -22,7 +22,8 @@ from schemas.settings import load_settings
 @click.option("--broker-url", help="[env KILN_BROKER_URL] The fleet's Redis.")
 @click.option("--cache-dir", type=click.Path(), help="[env KILN_CACHE_DIR; ~/.cache/kiln]")
 @click.option("--compile", type=click.Choice(["auto", "on", "off"]),
-              help="[env KILN_COMPILE; auto: on a CUDA card with Triton] Regional torch.compile of the transformer.")
+              help="[env KILN_COMPILE; auto: tried on a CUDA card with Triton, kept where faster] Regional "
+                   "torch.compile of the transformer.")
 @click.option("--attention", help="[env KILN_ATTENTION; auto: the fastest exact kernel, timed on this card] "
                                   "Attention backend, a diffusers name.")
 def command(name: str | None, **options: Any) -> None:

@@ -7,6 +7,7 @@ The only worker module that knows about the Hugging Face hub.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from worker.checkpoints import TEXT_ENCODER_OUT_LAYERS, load_text_encoder, load_
 from worker.placement import slot, to_fp8  # noqa: E402
 from worker.prompts import PromptCache  # noqa: E402
 from worker.speedups import (  # noqa: E402
+    CompileTrial,
     attention_tokens,
     choose_attention,
     compile_blocks,
@@ -122,7 +124,12 @@ class LoadedModel:
         self.attention: str | None = None  # the backend set on the transformer (None: diffusers' default, SDPA)
         self.attention_timings: dict[str, float] | None = None  # measured at the first call (auto on CUDA)
         not_compiled = compile_reason(compile, device, plan)
-        self.compiled = not_compiled is None  # the transformer's repeated blocks are compiled
+        self.compiled = not_compiled is None and compile == "on"  # the transformer's repeated blocks are compiled
+        # auto, where a compile can work: eager first, then compiled, and the faster kept (decided: the verdict)
+        self.trial = CompileTrial() if not_compiled is None and compile == "auto" else None
+        self.compile_verdict: bool | None = None  # whether this card keeps the compile, once a trial or failure says
+        self._verdict: str | None = None  # the trial's word after the last call, acted on before the next
+        self.clock = time.perf_counter
         if compile == "on" and not_compiled:
             log.warning("not compiling %s: %s", spec.name, not_compiled)
         staged, release = plan.strategy.staged, plan.release_staged
@@ -284,20 +291,47 @@ class LoadedModel:
 
         self.pipe.register_modules(transformer=transformer, vae=self.vae(decoder))
         try:
-            try:
-                return call()
-            except Exception as exc:
-                failure = compile_failure(exc) if self.compiled else None
-                if failure is None:
-                    raise
-            # Out of the except block, so the failed call's frames are gone before the eager call runs.
-            log.warning("torch.compile failed on this machine (%s): rendering %s without it; KILN_COMPILE=off "
-                        "skips trying", failure, self.spec.name)
-            uncompile_blocks(transformer)
-            self.compiled = False
-            return call()
+            return self._run(call, transformer, (width, height, len(seeds), steps, len(image) if image else 0))
         finally:
             self.pipe.register_modules(transformer=None, vae=self.vaes["full"])
+
+    def _run(self, call: Callable[[], Any], transformer: Any, shape: tuple[int, ...]) -> Any:
+        """One pipeline call. A compile that fails on this machine falls back to eager; under a compile trial the
+        call's seconds per image go to the trial, which may compile the blocks or put them back to eager."""
+        if self._verdict is not None:  # what the trial decided after the last call, before this one runs
+            self._judge(transformer, self._verdict)
+            self._verdict = None
+        started = self.clock()
+        try:
+            images = call()
+        except Exception as exc:
+            failure = compile_failure(exc) if self.compiled else None
+            if failure is None:
+                raise
+        else:
+            if self.trial is not None:  # acted on at the next call, so that describe() tells how this one ran
+                self._verdict = self.trial.record(shape, (self.clock() - started) / shape[2])
+                if self._verdict in ("keep", "eager"):
+                    self.compile_verdict = self._verdict == "keep"
+            return images
+        # Out of the except block, so the failed call's frames are gone before the eager call runs.
+        log.warning("torch.compile failed on this machine (%s): rendering %s without it; KILN_COMPILE=off "
+                    "skips trying", failure, self.spec.name)
+        uncompile_blocks(transformer)
+        self.compiled, self.trial, self.compile_verdict, self._verdict = False, None, False, None
+        return call()
+
+    def _judge(self, transformer: Any, verdict: str) -> None:
+        if verdict == "compile":
+            compile_blocks(transformer)
+            self.compiled = True
+            return
+        log.info("%s on this card: %s, %s", self.spec.name, self.trial,
+                 "keeping the compile" if verdict == "keep" else "back to eager")
+        if verdict == "eager":
+            uncompile_blocks(transformer)
+            self.compiled = False
+        self.trial = None
 
     def rest(self) -> None:
         """Put every component where the plan keeps it between calls: staged ones off the card. After an OOM,

@@ -65,6 +65,7 @@ class LocalRenderer:
         self.load_seconds: dict[str, float] = {}  # model -> how long its last load took
         self.loading_seconds = 0.0  # spent loading models here, in all (kept out of seconds per image)
         self.unserved: dict[str, str] = {}  # model -> why it cannot be loaded here (its jobs are not tried again)
+        self.compile_verdicts: dict[str, bool] = {}  # model -> whether a compile paid here (KILN_COMPILE=auto)
         self.broken: str | None = None  # why this device can render nothing more (it was lost)
         self.writer = Writer()  # stores images while the next ones render
 
@@ -224,12 +225,12 @@ class LocalRenderer:
                 self.unserved[jobs[0].params.model] = str(error)
         else:
             seconds = (time.perf_counter() - started) / len(jobs)  # rendering only: storing is the writer's
-            target, how = storage or self.storage, self.loaded_plan or plan.describe()
+            target = storage or self.storage
 
-            def storing(job: JobSpec, image: np.ndarray) -> Callable[[], RenderResult]:
+            def storing(job: JobSpec, image: np.ndarray, how: str) -> Callable[[], RenderResult]:
                 return lambda: self._store(job, image, seconds, target, how)
 
-            return [storing(job, image) for job, image in zip(jobs, images, strict=True)]
+            return [storing(job, image, how) for job, (image, how) in zip(jobs, images, strict=True)]
         if len(jobs) > 1 and error.kind == "oom":  # find out which ones fit alone
             return [r for job in jobs for r in self._render([job], on_step, storage)]
         return [self._failed(job, error, time.perf_counter() - started, plan) for job in jobs]
@@ -244,7 +245,7 @@ class LocalRenderer:
         try:
             loaded, oom = _unless_out_of_memory(
                 lambda: load_model(spec, self.settings.cache_dir, plan, self.device, self.prompts,
-                                   compile=self.settings.compile, attention=self.settings.attention))
+                                   compile=self._compile_setting(spec.name), attention=self.settings.attention))
         except KilnError as exc:  # weights missing here: the worker's fault, not the job's
             raise RenderError(str(exc), "worker") from None
         except Exception as exc:  # weights that do not load (a broken download, a library mismatch): the same
@@ -261,20 +262,26 @@ class LocalRenderer:
         self._lower_ceiling(plan, *STAGES)
         raise RenderError(f"out of memory loading {spec.name} ({plan.describe()}) on {self.device_name}", "oom")
 
+    def _compile_setting(self, model: str) -> str:
+        """KILN_COMPILE for loading `model`; under auto, what an earlier trial of it here found, once one has."""
+        verdict = self.compile_verdicts.get(model) if self.settings.compile == "auto" else None
+        return self.settings.compile if verdict is None else ("on" if verdict else "off")
+
     def _generate(self, jobs: Sequence[JobSpec], plan: Plan, per_call: int,
-                  on_step: StepCallback | None) -> list[np.ndarray]:
+                  on_step: StepCallback | None) -> list[tuple[np.ndarray, str]]:
         lead = jobs[0].params
         model = self._model(resolve_model(lead.model), plan)
         image = [_reference(f.path) for f in lead.reference_files] or None
 
-        def denoise() -> list[np.ndarray]:
-            images: list[np.ndarray] = []
+        def denoise() -> list[tuple[np.ndarray, str]]:
+            images: list[tuple[np.ndarray, str]] = []  # each image, and how the call that made it ran
             for i in range(0, len(jobs), per_call):
                 chunk = jobs[i:i + per_call]
-                images.extend(model.generate(
+                made = model.generate(
                     [j.params.prompt for j in chunk], width=lead.width, height=lead.height, steps=lead.steps,
                     guidance=lead.guidance, seeds=[j.params.seed for j in chunk], image=image, on_step=on_step,
-                    embeddings=embeddings, loras=lead.loras, decoder=lead.decoder))
+                    embeddings=embeddings, loras=lead.loras, decoder=lead.decoder)
+                images.extend((pixels, model.describe()) for pixels in made)
                 log.info("%d image%s of %s at %dx%d in one pipeline call", len(chunk), "s" * (len(chunk) > 1),
                          lead.model, lead.width, lead.height)
             return images
@@ -284,6 +291,8 @@ class LocalRenderer:
         if not oom:
             images, oom = _unless_out_of_memory(denoise)
             stage = "denoise"
+            if model.compile_verdict is not None:  # a reload of this model here needs no trial
+                self.compile_verdicts[model.spec.name] = model.compile_verdict
             if not oom:
                 return images  # type: ignore[return-value]
         model.rest()

@@ -6,11 +6,13 @@ its cuDNN, flash and memory-efficient kernels forced; flash-attn 2 and 3 when in
 a CUDA card, and keeps the fastest whose output matches SDPA's; elsewhere SDPA is left to choose. A named backend
 (any of diffusers' `AttentionBackendName`, approximate ones such as sage included) is used as named.
 
-KILN_COMPILE=auto compiles on CUDA (with Triton) when the plan computes without per-layer hooks (layerwise fp8
-casting moves weights inside forward, which a full graph cannot hold) and, for `kiln render`, when the batch has
-at least COMPILE_MIN_IMAGES images: on this project's CPU the tiny model's compile took 28 s and saved 10% an
-image (break-even after some 1,400 images), so a CPU compiles only when told to (`on`). A compile that fails on
-this machine (no compiler, a kernel Triton cannot build) falls back to eager with one warning; the job renders.
+KILN_COMPILE=auto tries a compile on CUDA (with Triton) when the plan computes without per-layer hooks (layerwise
+fp8 casting moves weights inside forward, which a full graph cannot hold) and, for `kiln render`, when the batch
+has at least COMPILE_MIN_IMAGES images: the first jobs are timed eagerly, then compiled, and the compile is kept
+only where it renders at least COMPILE_MIN_GAIN faster on this card (CompileTrial). On this project's CPU the tiny
+model's compile took 28 s and saved 10% an image (break-even after some 1,400 images), so a CPU compiles only when
+told to (`on`). A compile that fails on this machine (no compiler, a kernel Triton cannot build) falls back to
+eager with one warning; the job renders.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import logging
 import statistics
 import time
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 
@@ -32,6 +35,8 @@ AUTO_CANDIDATES = ("native", "_native_cudnn", "_native_flash", "_native_efficien
 MATCH_TOLERANCE = 0.05  # largest difference from SDPA's output, relative to its largest value, a kernel may show
 TIMED_CALLS = 5
 TEXT_TOKENS = 512  # the pipeline pads every prompt to this many tokens
+TRIAL_CALLS = 2  # timed calls of each way in a compile trial (the fastest counts)
+COMPILE_MIN_GAIN = 0.03  # a compile is kept when it renders at least this much faster: new sizes compile again
 
 
 def check_attention(name: str) -> None:
@@ -110,6 +115,42 @@ def choose_attention(setting: str, transformer: Any, device: torch.device, dtype
     log.info("attention on this card at %d tokens: %s; using %s", tokens,
              ", ".join(f"{n} {s * 1e3:.2f} ms" for n, s in sorted(timings.items(), key=lambda t: t[1])), fastest)
     return fastest, timings
+
+
+@dataclass
+class CompileTrial:
+    """KILN_COMPILE=auto on a card where a compile can work: the first shape rendered is timed eagerly, then with
+    the transformer's blocks compiled, and the faster way is kept. Each phase's first call warms up (kernels; the
+    compile itself) and is not counted; calls of other shapes do not count either."""
+
+    shape: tuple[int, ...] | None = None
+    eager: list[float] = field(default_factory=list)  # seconds per image, timed calls
+    compiled: list[float] = field(default_factory=list)
+    warm: bool = False  # this phase's first call is done
+
+    def record(self, shape: tuple[int, ...], seconds: float) -> Literal["compile", "keep", "eager"] | None:
+        """Count one call's seconds per image; what to do now: compile (eager is timed), keep the compile or go
+        back to eager (both are timed: the trial is over), or nothing yet."""
+        if self.shape is None:
+            self.shape = shape
+        if shape != self.shape:
+            return None
+        if not self.warm:
+            self.warm = True
+            return None
+        timings = self.eager if len(self.eager) < TRIAL_CALLS else self.compiled
+        timings.append(seconds)
+        if timings is self.eager:
+            if len(self.eager) < TRIAL_CALLS:
+                return None
+            self.warm = False
+            return "compile"
+        if len(self.compiled) < TRIAL_CALLS:
+            return None
+        return "keep" if min(self.compiled) <= (1 - COMPILE_MIN_GAIN) * min(self.eager) else "eager"
+
+    def __str__(self) -> str:
+        return f"{min(self.compiled):.3f} s an image compiled against {min(self.eager):.3f} s eager"
 
 
 def compile_reason(setting: str, device: torch.device, plan: Plan) -> str | None:
