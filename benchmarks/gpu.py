@@ -58,7 +58,6 @@ from worker.speedups import (
     AUTO_CANDIDATES,
     TRIAL_CALLS,
     attention_tokens,
-    compile_blocks,
     compile_reason,
     time_attention,
 )
@@ -304,8 +303,7 @@ def run_speedups(spec: ModelSpec, work: Path, device: torch.device, n: int, size
                 if compile_reason("on", device, plan):
                     figures["compile_on_error"] = f"not compiled: {compile_reason('on', device, plan)}"
                     break
-                compile_blocks(model.transformer.acquire())
-                model.compiled = True
+                model.compile_transformer()
             begin = meter.sync()
             model.generate(prompts(1, offset=1000 + len(compile)), seeds=[0], **call)
             figures[f"compile_{compile}_first_call_seconds"] = round(meter.sync() - begin, 2)

@@ -74,9 +74,8 @@ class Dashboard:
         self.templates.env.filters["urlquote"] = lambda s: quote(str(s), safe="")
         self.thumbs = Thumbnails(images)
 
-    @property
     def app(self) -> Starlette:
-        """The ASGI app."""
+        """The ASGI app serving these routes."""
         routes = [
             Route("/", self.index), Route("/batches/{batch_id}", self.batch), Route("/workers", self.workers),
             Route("/thumbs/{job_id}.jpg", self.thumb), Route("/images/{job_id}", self.image),
@@ -233,7 +232,7 @@ class Dashboard:
 def create_app(sessions: sessionmaker[Session], images: StoredImages, clock: Callable[[], datetime],
                worker_timeout: timedelta, token: str | None = None) -> Starlette:
     """The dashboard as an ASGI app. `token`: None for read-only; else the secret that unlocks batch control."""
-    return Dashboard(sessions, images, clock, worker_timeout, token).app
+    return Dashboard(sessions, images, clock, worker_timeout, token).app()
 
 
 def _duration(value: timedelta | None) -> str:

@@ -321,10 +321,14 @@ class LoadedModel:
         self.compiled, self.trial, self.compile_verdict, self._verdict = False, None, False, None
         return call()
 
+    def compile_transformer(self) -> None:
+        """Compile the transformer's repeated blocks in place (they build their kernels on the next call)."""
+        compile_blocks(self.transformer.acquire())
+        self.compiled = True
+
     def _judge(self, transformer: Any, verdict: str) -> None:
         if verdict == "compile":
-            compile_blocks(transformer)
-            self.compiled = True
+            self.compile_transformer()
             return
         log.info("%s on this card: %s, %s", self.spec.name, self.trial,
                  "keeping the compile" if verdict == "keep" else "back to eager")

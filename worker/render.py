@@ -233,7 +233,8 @@ class LocalRenderer:
             return [storing(job, image, how) for job, (image, how) in zip(jobs, images, strict=True)]
         if len(jobs) > 1 and error.kind == "oom":  # find out which ones fit alone
             return [r for job in jobs for r in self._render([job], on_step, storage)]
-        return [self._failed(job, error, time.perf_counter() - started, plan) for job in jobs]
+        how = plan.describe() if plan else None
+        return [self._failed(job, error, time.perf_counter() - started, how) for job in jobs]
 
     def _model(self, spec: ModelSpec, plan: Plan) -> LoadedModel:
         loaded = self._loaded
@@ -321,9 +322,8 @@ class LocalRenderer:
                             uri=uri, sha256=hashlib.sha256(data).hexdigest(), md5=hashlib.md5(data).hexdigest(),
                             bytes=len(data), plan=how)
 
-    def _failed(self, job: JobSpec, exc: RenderError, seconds: float, plan: Plan | str | None) -> RenderResult:
+    def _failed(self, job: JobSpec, exc: RenderError, seconds: float, how: str | None) -> RenderResult:
         log.warning("job %s (row %s) failed: %s", job.job_id, job.row_id, exc)
-        how = plan.describe() if isinstance(plan, Plan) else plan
         return RenderResult(job_id=job.job_id, attempt=job.attempt, ok=False, worker=self.worker, seconds=seconds,
                             error=str(exc), error_kind=exc.kind, plan=how)
 
